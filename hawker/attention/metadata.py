@@ -1,0 +1,33 @@
+"""Per-step attention inputs, built by the model runner and passed explicitly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """A run of ``length`` query tokens of one sequence starting at ``start_pos``."""
+
+    query_start: int  # row of the first token in the flat batch
+    length: int
+    start_pos: int  # tokens of this sequence already in the cache
+    block_table: torch.Tensor  # [num_blocks] block ids
+
+    @property
+    def context_len(self) -> int:
+        return self.start_pos + self.length
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """The flat batch holds ``num_decodes`` single-token decodes first, then prefill chunks."""
+
+    slot_mapping: torch.Tensor  # [T] cache slot of each token
+    num_decodes: int
+    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks]
+    decode_context_lens: torch.Tensor  # [num_decodes]
+    decode_max_context: int
+    prefills: tuple[PrefillChunk, ...]

@@ -1,0 +1,86 @@
+"""Paged attention in plain PyTorch (CPU, and the GPU reference).
+
+New keys/values of the whole step are written into the cache first, so any
+read after that sees every token of the step. Decodes are batched into one
+padded SDPA call; prefill chunks run one SDPA call each (their lengths vary
+too much to pad together cheaply).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hawker.attention.metadata import AttentionMetadata, PrefillChunk
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+) -> None:
+    heads, dim = k_cache.shape[-2:]
+    k_cache.view(-1, heads, dim).index_copy_(0, slots, k)
+    v_cache.view(-1, heads, dim).index_copy_(0, slots, v)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """q: [T, H, D]; k, v: [T, Hkv, D]; caches: [blocks, block_size, Hkv, D]."""
+    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    out = torch.empty_like(q)
+    if meta.num_decodes:
+        out[: meta.num_decodes] = _decode(q[: meta.num_decodes], k_cache, v_cache, meta, scale)
+    for chunk in meta.prefills:
+        rows = slice(chunk.query_start, chunk.query_start + chunk.length)
+        out[rows] = _prefill(q[rows], k[rows], v[rows], k_cache, v_cache, chunk, scale)
+    return out
+
+
+def _gather(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
+    """[..., blocks] tables -> [..., Hkv, length, D] keys or values."""
+    blocks = cache[block_tables]  # [..., nb, bs, Hkv, D]
+    flat = blocks.flatten(-4, -3)[..., :length, :, :]
+    return flat.transpose(-3, -2)
+
+
+def _decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    length = meta.decode_max_context
+    keys = _gather(k_cache, meta.decode_block_tables, length)
+    values = _gather(v_cache, meta.decode_block_tables, length)
+    positions = torch.arange(length, device=q.device)
+    mask = (positions.unsqueeze(0) < meta.decode_context_lens.unsqueeze(1))[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.squeeze(2)
+
+
+def _prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    chunk: PrefillChunk,
+    scale: float,
+) -> torch.Tensor:
+    query = q.transpose(0, 1)
+    if chunk.start_pos == 0:
+        out = F.scaled_dot_product_attention(
+            query, k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale, enable_gqa=True
+        )
+        return out.transpose(0, 1)
+    length = chunk.context_len
+    keys = _gather(k_cache, chunk.block_table, length)
+    values = _gather(v_cache, chunk.block_table, length)
+    key_pos = torch.arange(length, device=q.device)
+    query_pos = torch.arange(chunk.start_pos, length, device=q.device)
+    mask = key_pos.unsqueeze(0) <= query_pos.unsqueeze(1)
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(0, 1)

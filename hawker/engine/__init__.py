@@ -1,0 +1,1 @@
+"""Engine core: requests, scheduler, KV cache manager, model runner, sampler."""

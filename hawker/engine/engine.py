@@ -1,0 +1,294 @@
+"""Engine: add_request / step / abort over scheduler + model runner.
+
+One step is schedule -> execute -> update. A user request with ``n > 1``
+is a group of ``n`` sequences; siblings reuse the first one's prompt blocks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from hawker.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    resolve_dtype,
+)
+from hawker.engine.detokenizer import IncrementalDetokenizer
+from hawker.engine.kv_cache import KVCacheManager
+from hawker.engine.model_runner import ModelOutput, ModelRunner, build_model
+from hawker.engine.request import Request, RequestStatus
+from hawker.engine.scheduler import Scheduler, SchedulerOutput
+from hawker.loader.checkpoint import open_checkpoint
+from hawker.loader.tokenizer import load_tokenizer
+from hawker.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from hawker.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """User-facing engine options (the offline API and CLI flags map onto these)."""
+
+    model: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    kv_cache_memory_gb: float = 2.0
+    num_kv_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 128
+    seed: int = 0
+    device: str = "cpu"
+
+
+@dataclass
+class _Group:
+    """The sequences of one user request and what is reported back."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Request]
+    detokenizers: list[IncrementalDetokenizer]
+    finished: list[bool] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        num_blocks = config.cache.blocks_for(config.model, config.parallel.tensor_parallel_size)
+        self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.eos_token_id = _eos_id(config.model, tokenizer)
+        self.runner = ModelRunner(config, model, num_blocks, self.eos_token_id)
+        self.groups: dict[str, _Group] = {}
+        self._arrivals = itertools.count()
+        logger.info(
+            "engine ready: %s, %d KV blocks of %d tokens",
+            config.model.architecture,
+            num_blocks,
+            config.cache.block_size,
+        )
+
+    @classmethod
+    def from_options(cls, options: EngineOptions) -> Engine:
+        checkpoint = open_checkpoint(options.model)
+        device = torch.device(options.device)
+        model_config = ModelConfig.from_hf(checkpoint.hf_config, resolve_dtype(options.dtype, device))
+        config = EngineConfig(
+            model_path=str(checkpoint.path),
+            model=model_config,
+            cache=CacheConfig(
+                block_size=options.block_size,
+                kv_cache_memory_bytes=int(options.kv_cache_memory_gb * 1024**3),
+                num_blocks=options.num_kv_blocks,
+                enable_prefix_caching=options.enable_prefix_caching,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_batched_tokens=options.max_num_batched_tokens,
+                max_num_seqs=options.max_num_seqs,
+                max_model_len=_max_model_len(options.max_model_len, model_config),
+            ),
+            parallel=ParallelConfig(),
+            device=options.device,
+            seed=options.seed,
+        )
+        model = build_model(config, checkpoint)
+        return cls(config, model, load_tokenizer(Path(checkpoint.path)))
+
+    # ------------------------------------------------------------- requests
+    @property
+    def max_model_len(self) -> int:
+        return self.config.scheduler.max_model_len
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+    ) -> None:
+        """Validate and queue a request. A rejected request allocates nothing."""
+        if request_id in self.groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        max_tokens = self._validate(prompt_token_ids, params)
+        seqs: list[Request] = []
+        for index in range(params.n):
+            seqs.append(
+                Request(
+                    request_id=request_id if params.n == 1 else f"{request_id}#{index}",
+                    prompt_token_ids=list(prompt_token_ids),
+                    sampling_params=params,
+                    max_tokens=max_tokens,
+                    arrival_index=next(self._arrivals),
+                    parent_id=request_id,
+                    sample_index=index,
+                    prefix_donor_id=seqs[0].request_id if index else None,
+                )
+            )
+        detoks = [
+            IncrementalDetokenizer.for_prompt(
+                self.tokenizer,
+                prompt_token_ids,
+                params.skip_special_tokens,
+                params.stop,
+                params.include_stop_str_in_output,
+            )
+            for _ in seqs
+        ]
+        self.groups[request_id] = _Group(request_id, prompt, list(prompt_token_ids), seqs, detoks, [False] * len(seqs))
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def _validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        num_prompt = len(prompt_token_ids)
+        if num_prompt == 0:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        vocab = self.config.model.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        limit = self.max_model_len
+        if num_prompt >= limit:
+            raise ValueError(
+                f"the prompt has {num_prompt} tokens; max_model_len is {limit}, so at most {limit - 1} fit"
+            )
+        max_tokens = params.max_tokens if params.max_tokens is not None else limit - num_prompt
+        if num_prompt + max_tokens > limit:
+            raise ValueError(
+                f"the prompt has {num_prompt} tokens and max_tokens is {max_tokens}: "
+                f"{num_prompt + max_tokens} exceeds max_model_len {limit}"
+            )
+        needed = self.kv.blocks_needed(num_prompt + max_tokens)
+        if needed > self.kv.num_blocks:
+            raise ValueError(
+                f"the request needs {needed} KV blocks ({num_prompt} prompt + {max_tokens} new tokens) "
+                f"but the pool has only {self.kv.num_blocks}"
+            )
+        return max_tokens
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request at any point; every block it holds returns to the pool."""
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return
+        for seq in group.seqs:
+            self.scheduler.finish(seq.request_id, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.groups)
+
+    # ----------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        """Run one schedule -> execute -> update round; returns outputs of requests that changed."""
+        scheduled = self.scheduler.schedule()
+        if scheduled.empty:
+            return []
+        model_output = self.runner.execute(scheduled)
+        return self._update(scheduled, model_output)
+
+    def _update(self, scheduled: SchedulerOutput, model_output: ModelOutput) -> list[RequestOutput]:
+        for seq in scheduled.seqs:
+            result = model_output.results.get(seq.request_id)
+            request = self.scheduler.requests.get(seq.request_id)
+            if result is not None and result.prompt_logprobs and request is not None:
+                _record_prompt_logprobs(request, seq.start_pos, result.prompt_logprobs)
+        touched: dict[str, _Group] = {}
+        for request in self.scheduler.commit_step(scheduled):
+            result = model_output.results[request.request_id]
+            if result.token_id is None:
+                continue
+            group = self.groups[request.parent_id or request.request_id]
+            request.append_token(result.token_id)
+            if result.logprobs is not None:
+                request.logprobs.append(result.logprobs)
+            self._check_stop(group, request, result.token_id)
+            touched[group.request_id] = group
+        return [self._output(group) for group in touched.values()]
+
+    def _check_stop(self, group: _Group, request: Request, token: int) -> None:
+        params = request.sampling_params
+        detok = group.detokenizers[request.sample_index]
+        stop_string = detok.add_token(token)
+        status: RequestStatus | None = None
+        reason: int | str | None = None
+        under_min = request.num_output_tokens < params.min_tokens
+        if stop_string is not None and not under_min:
+            status, reason = RequestStatus.FINISHED_STOPPED, stop_string
+        elif not under_min and token == self.eos_token_id and not params.ignore_eos:
+            status = RequestStatus.FINISHED_STOPPED
+        elif not under_min and token in params.stop_token_ids:
+            status, reason = RequestStatus.FINISHED_STOPPED, token
+        elif request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            self.scheduler.finish(request.request_id, status, reason)
+            group.finished[request.sample_index] = True
+
+    def _output(self, group: _Group) -> RequestOutput:
+        completions = [
+            CompletionOutput(
+                index=seq.sample_index,
+                text=detok.text,
+                token_ids=list(seq.output_token_ids),
+                logprobs=list(seq.logprobs) if seq.sampling_params.logprobs is not None else None,
+                finish_reason=seq.status.value if seq.finished else None,
+                stop_reason=seq.stop_reason,
+            )
+            for seq, detok in zip(group.seqs, group.detokenizers, strict=True)
+        ]
+        finished = all(group.finished)
+        first = group.seqs[0]
+        if finished:
+            del self.groups[group.request_id]
+        return RequestOutput(
+            request_id=group.request_id,
+            prompt=group.prompt,
+            prompt_token_ids=group.prompt_token_ids,
+            outputs=completions,
+            prompt_logprobs=list(first.prompt_logprobs) if first.wants_prompt_logprobs else None,
+            finished=finished,
+            num_cached_tokens=first.num_cached_tokens,
+        )
+
+
+def _record_prompt_logprobs(request: Request, start_pos: int, entries: list[PositionLogprobs]) -> None:
+    """Store logprobs of prompt tokens start_pos+1 ...; a recompute after preemption adds nothing twice."""
+    if not request.prompt_logprobs:
+        request.prompt_logprobs.append(None)  # the first prompt token has no context
+    for offset, entry in enumerate(entries):
+        if start_pos + 1 + offset == len(request.prompt_logprobs):
+            request.prompt_logprobs.append(entry)
+
+
+def _eos_id(model: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> int | None:
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.eos_token_id
+
+
+def _max_model_len(requested: int | None, model: ModelConfig) -> int:
+    limit = model.max_position_embeddings
+    if model.sliding_window is not None:
+        # Sliding-window attention is not implemented: stay inside the window,
+        # where full attention is exactly what the model computes.
+        limit = min(limit, model.sliding_window)
+    if requested is None:
+        return limit
+    if requested > limit:
+        raise ValueError(f"max_model_len {requested} exceeds the model's limit of {limit} positions")
+    return requested

@@ -1,0 +1,180 @@
+"""Paged KV cache bookkeeping: block pool, block tables, prefix cache.
+
+This module never touches tensors: it hands out block ids; the model runner
+owns the storage. Full blocks are keyed by a hash chain over their tokens so
+that a new request can reuse every cached full block of its prefix. Blocks
+nobody references stay cached in an LRU free queue until the pool needs them.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from hawker.engine.request import Request
+
+# A block's identity in the prefix cache: the previous block's key hash and
+# this block's tokens. The dict compares the token tuples exactly, so only
+# a 64-bit collision in the chained parent hash could alias two prefixes.
+BlockKey = tuple[int, tuple[int, ...]]
+_ROOT_HASH = 0
+
+
+@dataclass
+class PrefixCacheStats:
+    queried_tokens: int = 0
+    hit_tokens: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_keys: list[BlockKey | None] = [None] * num_blocks
+        self.cached: dict[BlockKey, int] = {}
+        # Blocks with ref count 0, least recently used first. Cached blocks
+        # stay here (reusable) until popped for a new allocation.
+        self.free_queue: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.block_tables: dict[str, list[int]] = {}
+        self.stats = PrefixCacheStats()
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def blocks_of(self, request_id: str) -> list[int]:
+        return self.block_tables.get(request_id, [])
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ------------------------------------------------------------ prefix cache
+    def update_block_hashes(self, request: Request) -> None:
+        """Extend ``request.block_hashes`` to cover every full block of its tokens."""
+        bs = self.block_size
+        hashes = request.block_hashes
+        for i in range(len(hashes), request.num_tokens // bs):
+            parent = hashes[-1] if hashes else _ROOT_HASH
+            hashes.append(hash((parent, tuple(request.token_ids[i * bs : (i + 1) * bs]))))
+
+    def _key(self, request: Request, index: int) -> BlockKey:
+        bs = self.block_size
+        parent = request.block_hashes[index - 1] if index else _ROOT_HASH
+        return parent, tuple(request.token_ids[index * bs : (index + 1) * bs])
+
+    def find_cached_prefix(self, request: Request) -> list[int]:
+        """Cached blocks covering the longest prefix, leaving >= 1 token to compute."""
+        if not self.enable_prefix_caching or request.wants_prompt_logprobs:
+            return []
+        self.update_block_hashes(request)
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        found: list[int] = []
+        for i in range(min(max_blocks, len(request.block_hashes))):
+            block = self.cached.get(self._key(request, i))
+            if block is None:
+                break
+            found.append(block)
+        return found
+
+    def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        self.stats.queried_tokens += num_tokens
+        self.stats.hit_tokens += num_hit_tokens
+
+    def cache_full_blocks(self, request: Request) -> None:
+        """Register the request's computed full blocks in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        self.update_block_hashes(request)
+        table = self.block_tables.get(request.request_id, [])
+        num_full = min(request.num_computed_tokens // self.block_size, len(table), len(request.block_hashes))
+        for i in range(num_full):
+            block = table[i]
+            if self.block_keys[block] is not None:
+                continue
+            key = self._key(request, i)
+            if key in self.cached:
+                continue  # the same content already lives in another block
+            self.block_keys[block] = key
+            self.cached[key] = block
+
+    # -------------------------------------------------------------- allocation
+    def allocate(self, request: Request, num_new_tokens: int, computed_blocks: Sequence[int] = ()) -> bool:
+        """Give the request blocks for ``num_computed_tokens + num_new_tokens``.
+
+        ``computed_blocks`` (prefix-cache hits or a sibling's prompt blocks)
+        are prepended to a new request's table. Returns False and changes
+        nothing when the pool cannot cover the request.
+        """
+        table = self.block_tables.get(request.request_id, [])
+        have = len(table) + len(computed_blocks)
+        num_cached_tokens = len(computed_blocks) * self.block_size
+        total = request.num_computed_tokens + num_cached_tokens + num_new_tokens
+        need = self.blocks_needed(total) - have
+        revived = sum(1 for b in computed_blocks if self.ref_counts[b] == 0)
+        if need > self.num_free_blocks - revived:
+            return False
+        for block in computed_blocks:
+            self._take(block)
+        new_blocks = [self._pop_free() for _ in range(max(0, need))]
+        self.block_tables[request.request_id] = [*table, *computed_blocks, *new_blocks]
+        return True
+
+    def free(self, request: Request) -> None:
+        """Return every block of the request; tail blocks are evicted first."""
+        table = self.block_tables.pop(request.request_id, [])
+        for block in reversed(table):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] < 0:
+                raise RuntimeError(f"block {block} freed twice (request {request.request_id})")
+            if self.ref_counts[block] == 0:
+                self.free_queue[block] = None
+                if self.block_keys[block] is None:
+                    # Uncached blocks hold nothing reusable: hand them out first.
+                    self.free_queue.move_to_end(block, last=False)
+
+    def reset_prefix_cache(self) -> None:
+        for key, block in list(self.cached.items()):
+            if self.ref_counts[block] == 0:
+                del self.cached[key]
+                self.block_keys[block] = None
+
+    def _take(self, block: int) -> None:
+        if self.ref_counts[block] == 0:
+            del self.free_queue[block]
+        self.ref_counts[block] += 1
+
+    def _pop_free(self) -> int:
+        block, _ = self.free_queue.popitem(last=False)
+        key = self.block_keys[block]
+        if key is not None:  # evict the least recently used cached block
+            del self.cached[key]
+            self.block_keys[block] = None
+        self.ref_counts[block] = 1
+        return block
+
+    # --------------------------------------------------------------- checking
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the pool's books do not balance."""
+        counts = [0] * self.num_blocks
+        for table in self.block_tables.values():
+            for block in table:
+                counts[block] += 1
+        assert counts == self.ref_counts, "ref counts disagree with block tables"
+        free = set(self.free_queue)
+        assert len(free) == len(self.free_queue)
+        for block in range(self.num_blocks):
+            assert (block in free) == (self.ref_counts[block] == 0), f"block {block} free-list mismatch"
+        for key, block in self.cached.items():
+            assert self.block_keys[block] == key, f"cached block {block} key mismatch"

@@ -1,0 +1,162 @@
+"""Turns a SchedulerOutput into flat tensors, runs the model, samples.
+
+The runner owns the model weights and the KV cache storage; it makes no
+scheduling decisions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hawker.attention.metadata import AttentionMetadata, PrefillChunk
+from hawker.config import EngineConfig
+from hawker.engine.sampler import Sampler, SampleRow, gather_logprobs, trim_top
+from hawker.engine.scheduler import ScheduledSeq, SchedulerOutput
+from hawker.layers.parallel import TPInfo
+from hawker.loader.checkpoint import Checkpoint
+from hawker.models.registry import model_class
+from hawker.outputs import PositionLogprobs
+
+# Called with the ids of the sampled sequences and their float32 logits.
+LogitsObserver = Callable[[list[str], torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class SeqResult:
+    token_id: int | None  # None when this step did not sample (mid-prefill)
+    logprobs: PositionLogprobs | None
+    prompt_logprobs: list[PositionLogprobs] | None
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    results: dict[str, SeqResult]
+
+
+@dataclass(frozen=True)
+class _Batch:
+    order: list[ScheduledSeq]  # decodes first, then prefill chunks
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    row_ends: list[int]  # exclusive end row of each seq in `order`
+
+
+def build_model(config: EngineConfig, checkpoint: Checkpoint) -> nn.Module:
+    cls = model_class(config.model.architecture)
+    tp = TPInfo(config.parallel.tensor_parallel_rank, config.parallel.tensor_parallel_size)
+    max_positions = max(config.scheduler.max_model_len, config.model.max_position_embeddings)
+    with torch.device(config.device):
+        model = cls(config.model, tp, max_positions)
+    model.load_weights(checkpoint.weights())
+    return model.eval()
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model: nn.Module, num_blocks: int, eos_token_id: int | None) -> None:
+        self.config = config
+        self.model = model
+        self.device = torch.device(config.device)
+        self.block_size = config.cache.block_size
+        self.kv_caches = self._allocate_kv_cache(num_blocks)
+        self.sampler = Sampler(eos_token_id, seed=config.seed, device=self.device)
+        self.logits_observer: LogitsObserver | None = None
+
+    def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        cfg = self.config.model
+        kv_heads = cfg.num_kv_heads // self.config.parallel.tensor_parallel_size
+        shape = (num_blocks, self.block_size, kv_heads, cfg.head_dim)
+        return [
+            (
+                torch.zeros(shape, dtype=cfg.dtype, device=self.device),
+                torch.zeros(shape, dtype=cfg.dtype, device=self.device),
+            )
+            for _ in range(cfg.num_layers)
+        ]
+
+    # -------------------------------------------------------------- execute
+    @torch.inference_mode()
+    def execute(self, step: SchedulerOutput) -> ModelOutput:
+        batch = self._prepare(step.seqs)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        return self._sample(batch, hidden)
+
+    def _prepare(self, seqs: Sequence[ScheduledSeq]) -> _Batch:
+        decodes = [s for s in seqs if s.num_tokens == 1 and s.start_pos > 0]
+        prefills = [s for s in seqs if not (s.num_tokens == 1 and s.start_pos > 0)]
+        order = decodes + prefills
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        row_ends: list[int] = []
+        chunks: list[PrefillChunk] = []
+        for index, seq in enumerate(order):
+            start_row = len(ids)
+            span = range(seq.start_pos, seq.start_pos + seq.num_tokens)
+            ids.extend(seq.token_ids)
+            positions.extend(span)
+            slots.extend(seq.block_table[p // bs] * bs + p % bs for p in span)
+            row_ends.append(len(ids))
+            if index >= len(decodes):
+                table = torch.tensor(seq.block_table, dtype=torch.long, device=self.device)
+                chunks.append(PrefillChunk(start_row, seq.num_tokens, seq.start_pos, table))
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            num_decodes=len(decodes),
+            decode_block_tables=self._padded_tables([s.block_table for s in decodes]),
+            decode_context_lens=torch.tensor([s.start_pos + 1 for s in decodes], dtype=torch.long, device=self.device),
+            decode_max_context=max((s.start_pos + 1 for s in decodes), default=0),
+            prefills=tuple(chunks),
+        )
+        return _Batch(
+            order=order,
+            input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
+            positions=torch.tensor(positions, dtype=torch.long, device=self.device),
+            meta=meta,
+            row_ends=row_ends,
+        )
+
+    def _padded_tables(self, tables: list[tuple[int, ...]]) -> torch.Tensor:
+        width = max((len(t) for t in tables), default=0)
+        padded = [list(t) + [0] * (width - len(t)) for t in tables]
+        return torch.tensor(padded, dtype=torch.long, device=self.device).reshape(len(tables), width)
+
+    def _sample(self, batch: _Batch, hidden: torch.Tensor) -> ModelOutput:
+        sampled = [(seq, end - 1) for seq, end in zip(batch.order, batch.row_ends, strict=True) if seq.sample]
+        results: dict[str, SeqResult] = {}
+        prompt_lps = self._prompt_logprobs(batch, hidden)
+        if sampled:
+            rows = torch.tensor([row for _, row in sampled], dtype=torch.long, device=self.device)
+            logits = self.model.compute_logits(hidden[rows]).float()
+            if self.logits_observer is not None:
+                self.logits_observer([seq.request_id for seq, _ in sampled], logits)
+            sample_rows = [
+                SampleRow(s.sampling_params, s.sample_index, s.output_index, s.history, s.num_prompt_tokens)
+                for s, _ in sampled
+            ]
+            out = self.sampler(logits, sample_rows)
+            for (seq, _), token, lps in zip(sampled, out.token_ids, out.logprobs, strict=True):
+                results[seq.request_id] = SeqResult(token, lps, prompt_lps.get(seq.request_id))
+        for seq in batch.order:
+            if seq.request_id not in results:
+                results[seq.request_id] = SeqResult(None, None, prompt_lps.get(seq.request_id))
+        return ModelOutput(results=results)
+
+    def _prompt_logprobs(self, batch: _Batch, hidden: torch.Tensor) -> dict[str, list[PositionLogprobs]]:
+        found: dict[str, list[PositionLogprobs]] = {}
+        for seq, end in zip(batch.order, batch.row_ends, strict=True):
+            targets = seq.prompt_logprob_targets
+            if not targets:
+                continue
+            first = end - seq.num_tokens
+            logits = self.model.compute_logits(hidden[first : first + len(targets)]).float()
+            chosen = torch.tensor(targets, dtype=torch.long, device=self.device)
+            k = seq.sampling_params.prompt_logprobs or 0
+            entries = gather_logprobs(torch.log_softmax(logits, dim=-1), chosen, k)
+            found[seq.request_id] = [trim_top(e, t, k) for e, t in zip(entries, targets, strict=True)]
+        return found

@@ -1,0 +1,188 @@
+"""Batched logits processing and sampling.
+
+All requests of a step are processed together in tensor operations. The
+only per-row Python work is drawing the random noise of seeded rows, so that
+a seeded request's samples depend only on its seed and its own position,
+never on the rest of the batch (nor on preemption).
+
+Sampling uses the exponential race: argmax(p / E) with E ~ Exp(1) is a draw
+from the categorical distribution p, which needs no sort or cumsum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from hawker.outputs import Logprob, PositionLogprobs
+from hawker.sampling_params import SamplingParams
+
+_NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class SampleRow:
+    params: SamplingParams
+    sample_index: int
+    output_index: int
+    history: tuple[int, ...]  # all tokens so far (only when penalties are on)
+    num_prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class SamplerResult:
+    token_ids: list[int]
+    logprobs: list[PositionLogprobs | None]
+
+
+def seeded_generator(seed: int, sample_index: int, output_index: int, device: torch.device) -> torch.Generator:
+    """A generator whose state depends only on (seed, sample, position)."""
+    mixed = hash((seed, sample_index, output_index)) & 0x7FFF_FFFF_FFFF_FFFF
+    return torch.Generator(device=device).manual_seed(mixed)
+
+
+class Sampler:
+    def __init__(self, eos_token_id: int | None, seed: int = 0, device: torch.device | None = None) -> None:
+        self.eos_token_id = eos_token_id
+        self.device = device or torch.device("cpu")
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> SamplerResult:
+        logits = logits.float()
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in rows) else None
+        logits = self._apply_penalties(logits, rows)
+        logits = self._apply_min_tokens(logits, rows)
+        token_ids = self._sample(logits, rows)
+        logprobs: list[PositionLogprobs | None] = [None] * len(rows)
+        if raw_logprobs is not None:
+            wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+            index = torch.tensor(wanted, dtype=torch.long, device=logits.device)
+            top = max(rows[i].params.logprobs or 0 for i in wanted)
+            found = gather_logprobs(raw_logprobs[index], token_ids[index], top)
+            for row, entry in zip(wanted, found, strict=True):
+                k = rows[row].params.logprobs or 0
+                logprobs[row] = trim_top(entry, int(token_ids[row]), k)
+        return SamplerResult(token_ids=token_ids.tolist(), logprobs=logprobs)
+
+    # ------------------------------------------------------------ processors
+    def _apply_penalties(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+        penalized = [i for i, r in enumerate(rows) if r.params.uses_penalties]
+        if not penalized:
+            return logits
+        vocab = logits.shape[-1]
+        device = logits.device
+        sub = logits[penalized]
+        width = max(len(rows[i].history) for i in penalized)
+        history = torch.full((len(penalized), width), vocab, dtype=torch.long, device=device)
+        is_output = torch.zeros((len(penalized), width), dtype=torch.bool, device=device)
+        for j, i in enumerate(penalized):
+            row = rows[i]
+            history[j, : len(row.history)] = torch.tensor(row.history, dtype=torch.long)
+            is_output[j, row.num_prompt_tokens : len(row.history)] = True
+        # One extra column absorbs the padding id `vocab`.
+        seen = torch.zeros((len(penalized), vocab + 1), device=device)
+        seen.scatter_(1, history, 1.0)
+        out_counts = torch.zeros((len(penalized), vocab + 1), device=device)
+        out_counts.scatter_add_(1, history, is_output.float())
+        seen, out_counts = seen[:, :vocab] > 0, out_counts[:, :vocab]
+
+        def column(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, device=device).unsqueeze(1)
+
+        rep = column([rows[i].params.repetition_penalty for i in penalized])
+        rep_applied = torch.where(sub > 0, sub / rep, sub * rep)
+        sub = torch.where(seen, rep_applied, sub)
+        sub = sub - column([rows[i].params.frequency_penalty for i in penalized]) * out_counts
+        sub = sub - column([rows[i].params.presence_penalty for i in penalized]) * (out_counts > 0).float()
+        logits = logits.clone()
+        logits[penalized] = sub
+        return logits
+
+    def _apply_min_tokens(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+        blocked = [(i, self._stop_ids(r.params)) for i, r in enumerate(rows) if r.output_index < r.params.min_tokens]
+        blocked = [(i, ids) for i, ids in blocked if ids]
+        if not blocked:
+            return logits
+        logits = logits.clone()
+        for i, ids in blocked:  # rare: only rows still under min_tokens
+            logits[i, list(ids)] = _NEG_INF
+        return logits
+
+    def _stop_ids(self, params: SamplingParams) -> set[int]:
+        ids = set(params.stop_token_ids)
+        if self.eos_token_id is not None and not params.ignore_eos:
+            ids.add(self.eos_token_id)
+        return ids
+
+    # -------------------------------------------------------------- sampling
+    def _sample(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+        greedy_tokens = logits.argmax(dim=-1)
+        random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if not random_rows:
+            return greedy_tokens
+        sub = logits[random_rows]
+        params = [rows[i].params for i in random_rows]
+        sub = sub / torch.tensor([p.temperature for p in params], device=sub.device).unsqueeze(1)
+        sub = _top_k_top_p(sub, [p.top_k for p in params], [p.top_p for p in params])
+        probs = torch.softmax(sub, dim=-1)
+        probs = _min_p(probs, [p.min_p for p in params])
+        noise = self._exponential_noise(probs.shape, [rows[i] for i in random_rows])
+        greedy_tokens[random_rows] = (probs / noise).argmax(dim=-1)
+        return greedy_tokens
+
+    def _exponential_noise(self, shape: torch.Size, rows: Sequence[SampleRow]) -> torch.Tensor:
+        noise = torch.empty(shape, device=self.device)
+        noise.exponential_(generator=self.generator)
+        for j, row in enumerate(rows):
+            if row.params.seed is not None:
+                gen = seeded_generator(row.params.seed, row.sample_index, row.output_index, self.device)
+                noise[j].exponential_(generator=gen)
+        # exponential_ can return exactly 0; p / 0 would be inf or nan.
+        return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+
+
+def _top_k_top_p(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    if all(k == -1 or k >= vocab for k in top_ks) and all(p >= 1.0 for p in top_ps):
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
+    k = torch.tensor([vocab if k == -1 else min(k, vocab) for k in top_ks], device=logits.device).unsqueeze(1)
+    drop = ranks >= k
+    p = torch.tensor(top_ps, device=logits.device).unsqueeze(1)
+    sorted_probs = torch.softmax(sorted_logits.masked_fill(drop, _NEG_INF), dim=-1)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    drop |= mass_before >= p
+    sorted_logits = sorted_logits.masked_fill(drop, _NEG_INF)
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _min_p(probs: torch.Tensor, min_ps: list[float]) -> torch.Tensor:
+    if all(m <= 0.0 for m in min_ps):
+        return probs
+    threshold = torch.tensor(min_ps, device=probs.device).unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+    return probs.masked_fill(probs < threshold, 0.0)
+
+
+def gather_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, top: int) -> list[PositionLogprobs]:
+    """Top-``top`` entries plus the chosen token for each row, with ranks (1 = best)."""
+    chosen_lp = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1)
+    chosen_rank = (logprobs > chosen_lp.unsqueeze(1)).sum(dim=1) + 1
+    top_lp, top_ids = logprobs.topk(top, dim=-1) if top > 0 else (logprobs[:, :0], chosen[:, None][:, :0])
+    result: list[PositionLogprobs] = []
+    rows = zip(
+        chosen.tolist(), chosen_lp.tolist(), chosen_rank.tolist(), top_ids.tolist(), top_lp.tolist(), strict=True
+    )
+    for token, lp, rank, ids, lps in rows:
+        entry = {tid: Logprob(logprob=v, rank=r + 1) for r, (tid, v) in enumerate(zip(ids, lps, strict=True))}
+        entry[token] = Logprob(logprob=lp, rank=rank)
+        result.append(entry)
+    return result
+
+
+def trim_top(entry: PositionLogprobs, chosen: int, k: int) -> PositionLogprobs:
+    """Keep the chosen token and the best ``k`` others of a gathered entry."""
+    return {tid: lp for tid, lp in entry.items() if tid == chosen or lp.rank <= k}

@@ -1,0 +1,122 @@
+"""Offline API with vLLM's shape: ``LLM(...).generate(prompts, SamplingParams(...))``."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from hawker.engine.engine import Engine, EngineOptions
+from hawker.loader.tokenizer import render_chat
+from hawker.outputs import RequestOutput
+from hawker.sampling_params import SamplingParams
+
+Prompt = str | list[int] | dict[str, Any]
+Message = dict[str, Any]
+
+
+class LLM:
+    """Loads a model once and runs batches of prompts through the engine.
+
+    ``model`` is a HF directory or a .gguf file; None means the default
+    SmolLM2-135M-Instruct GGUF. Keyword options are those of ``EngineOptions``
+    (dtype, max_model_len, block_size, kv_cache_memory_gb, num_kv_blocks,
+    enable_prefix_caching, max_num_batched_tokens, max_num_seqs, seed, device).
+    """
+
+    def __init__(self, model: str | None = None, **options: Any) -> None:
+        known = set(EngineOptions.__dataclass_fields__)
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown LLM option(s): {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+        self.engine = Engine.from_options(EngineOptions(model=model, **options))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in input order."""
+        batch = _as_prompt_list(prompts)
+        params = _as_params_list(sampling_params, len(batch))
+        request_ids: list[str] = []
+        try:
+            for prompt, p in zip(batch, params, strict=True):
+                request_ids.append(self._add(prompt, p))
+        except ValueError:
+            for request_id in request_ids:  # a bad prompt leaves nothing queued
+                self.engine.abort(request_id)
+            raise
+        return self._run(request_ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one or more conversations and generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts: list[Prompt] = []
+        for conversation in conversations:
+            text = render_chat(self.engine.tokenizer, conversation, add_generation_prompt, chat_template)  # type: ignore[arg-type]
+            ids = self.engine.tokenizer(text, add_special_tokens=False).input_ids
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _add(self, prompt: Prompt, params: SamplingParams) -> str:
+        text, ids = self._tokenize(prompt)
+        request_id = str(next(self._ids))
+        self.engine.add_request(request_id, ids, params, prompt=text)
+        return request_id
+
+    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.engine.tokenizer(prompt).input_ids
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            return self._tokenize(prompt["prompt"])
+        return None, list(prompt)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        wanted = set(request_ids)
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Generating", disable=not use_tqdm or len(request_ids) < 2)
+        with bar:
+            while len(finished) < len(wanted) and self.engine.has_unfinished_requests():
+                for output in self.engine.step():
+                    if output.finished and output.request_id in wanted:
+                        finished[output.request_id] = output
+                        bar.update(1)
+        return [finished[request_id] for request_id in request_ids]
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str | dict):
+        return [prompts]
+    items = list(prompts)
+    if items and all(isinstance(t, int) for t in items):
+        return [items]  # a single prompt of token ids
+    return items
+
+
+def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None, count: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * count
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    items = list(params)
+    if len(items) != count:
+        raise ValueError(f"got {len(items)} sampling params for {count} prompts")
+    return items

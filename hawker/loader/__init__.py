@@ -1,0 +1,1 @@
+"""Checkpoint loading: HF directories (safetensors) and GGUF files."""

@@ -1,0 +1,28 @@
+"""Tokenizers and chat templates through transformers (offline, local files only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+
+def load_tokenizer(model_path: Path) -> PreTrainedTokenizerBase:
+    """Tokenizer of a HF directory, or the one embedded in a GGUF file's metadata."""
+    if model_path.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(str(model_path.parent), gguf_file=model_path.name, local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(model_path), local_files_only=True)
+
+
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool = True,
+    chat_template: str | None = None,
+) -> str:
+    if chat_template is None and tokenizer.chat_template is None:
+        raise ValueError("this model has no chat template; pass chat_template=... or use generate()")
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template
+    )

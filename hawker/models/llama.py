@@ -1,0 +1,177 @@
+"""Llama-family decoder (Llama, Mistral); Qwen2/Qwen3 subclass it.
+
+Q/K/V and gate/up projections are fused so a layer runs three matmuls
+instead of five. Checkpoint names are Hugging Face's; ``load_weights`` maps
+the unfused tensors into the fused shards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hawker.attention.metadata import AttentionMetadata
+from hawker.config import ModelConfig
+from hawker.layers.activation import silu_and_mul
+from hawker.layers.attention import PagedAttention
+from hawker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from hawker.layers.linear import ColumnParallelLinear, RowParallelLinear
+from hawker.layers.norm import RMSNorm
+from hawker.layers.parallel import TPInfo
+from hawker.layers.rotary import RotaryEmbedding
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+# checkpoint projection name -> (fused module name, shard index)
+_FUSED: dict[str, tuple[str, int]] = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+@dataclass(frozen=True)
+class FamilyOptions:
+    """What distinguishes the members of the family."""
+
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, opts: FamilyOptions, tp: TPInfo, max_positions: int) -> None:
+        super().__init__()
+        self.num_heads = tp.shard(cfg.num_heads)
+        self.num_kv_heads = tp.shard(cfg.num_kv_heads)
+        self.head_dim = cfg.head_dim
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, (q_size, kv_size, kv_size), opts.qkv_bias, tp, cfg.dtype)
+        self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, opts.o_bias, tp, cfg.dtype)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.dtype) if opts.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.dtype) if opts.qk_norm else None
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, cfg.head_dim)
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split(
+            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
+            dim=-1,
+        )
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn(q, k, v, kv_cache, meta)
+        return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPInfo) -> None:
+        super().__init__()
+        size = cfg.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, (size, size), False, tp, cfg.dtype)
+        self.down_proj = RowParallelLinear(size, cfg.hidden_size, False, tp, cfg.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, opts: FamilyOptions, tp: TPInfo, max_positions: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+        self.self_attn = LlamaAttention(cfg, opts, tp, max_positions)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+        self.mlp = LlamaMLP(cfg, tp)
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), kv_cache, meta)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, opts: FamilyOptions, tp: TPInfo, max_positions: int) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, cfg.dtype)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, opts, tp, max_positions) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata
+    ) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden = layer(positions, hidden, kv_cache, meta)
+        return self.norm(hidden)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPInfo | None = None, max_positions: int | None = None) -> None:
+        super().__init__()
+        tp = tp or TPInfo()
+        self.config = cfg
+        self.model = LlamaModel(cfg, self.family_options(cfg), tp, max_positions or cfg.max_position_embeddings)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, cfg.dtype)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @classmethod
+    def family_options(cls, cfg: ModelConfig) -> FamilyOptions:
+        return FamilyOptions(qkv_bias=cfg.attention_bias, o_bias=cfg.attention_bias)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.logits(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named tensors; raises if the checkpoint leaves a parameter unset."""
+        modules = dict(self.named_modules())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            module_name, param = name.rsplit(".", 1)
+            prefix, _, leaf = module_name.rpartition(".")
+            shard = 0
+            if leaf in _FUSED:
+                fused, shard = _FUSED[leaf]
+                module_name = f"{prefix}.{fused}"
+            module = modules.get(module_name)
+            if module is None or not hasattr(module, "load"):
+                raise ValueError(f"checkpoint tensor {name!r} does not match any parameter of {type(self).__name__}")
+            module.load(param, tensor, shard)
+            loaded.add(f"{module_name}.{param}#{shard}")
+        self._check_all_loaded(loaded)
+
+    def _check_all_loaded(self, loaded: set[str]) -> None:
+        expected: set[str] = set()
+        for name, module in self.named_modules():
+            if not hasattr(module, "load"):
+                continue
+            if module is self.lm_head and self.config.tie_word_embeddings:
+                continue
+            shards = len(module.local_sizes) if isinstance(module, ColumnParallelLinear) else 1
+            for param_name, _ in module.named_parameters(recurse=False):
+                expected.update(f"{name}.{param_name}#{s}" for s in range(shards))
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[:5]}")

