@@ -1,0 +1,175 @@
+"""Logit parity with transformers on tiny random-weight models (float32).
+
+Tolerance: at every generated position, max |hawker - transformers| over the
+vocabulary must be <= 1e-4 * max |transformers logits| of that position
+(relative to the logit scale), and greedy tokens must be identical.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from hawker import LLM, SamplingParams
+from tests.tiny_models import ARCHITECTURES, VOCAB_SIZE, load_reference
+
+NUM_NEW_TOKENS = 32
+RELATIVE_TOLERANCE = 1e-4
+PROMPT_LENGTHS = (3, 9, 17, 24, 33, 41, 50, 64)
+
+
+@dataclass(frozen=True)
+class Reference:
+    prompts: list[list[int]]
+    tokens: list[list[int]]  # greedy continuation of each prompt
+    logits: list[torch.Tensor]  # [NUM_NEW_TOKENS, vocab] for each prompt
+
+
+def make_prompts(seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, VOCAB_SIZE) for _ in range(n)] for n in PROMPT_LENGTHS]
+
+
+def reference_generate(directory: Path, prompts: list[list[int]]) -> Reference:
+    model = load_reference(directory)
+    tokens, logits = [], []
+    with torch.no_grad():
+        for prompt in prompts:
+            out = model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=NUM_NEW_TOKENS,
+                min_new_tokens=NUM_NEW_TOKENS,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+                pad_token_id=0,
+            )
+            tokens.append(out.sequences[0, len(prompt) :].tolist())
+            logits.append(torch.cat(out.logits, dim=0).float())
+    return Reference(prompts, tokens, logits)
+
+
+@pytest.fixture(scope="module")
+def references(tiny_checkpoints: dict[str, Path]) -> dict[str, Reference]:
+    prompts = make_prompts()
+    return {arch: reference_generate(path, prompts) for arch, path in tiny_checkpoints.items()}
+
+
+def run_hawker(llm: LLM, prompts: list[list[int]]) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Greedy generation of all prompts in one batch; returns tokens and per-step logits."""
+    seen: dict[str, list[torch.Tensor]] = defaultdict(list)
+
+    def observe(ids: list[str], logits: torch.Tensor) -> None:
+        for request_id, row in zip(ids, logits, strict=True):
+            seen[request_id].append(row.clone())
+
+    llm.engine.runner.logits_observer = observe
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
+    try:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        llm.engine.runner.logits_observer = None
+    tokens = [o.outputs[0].token_ids for o in outputs]
+    logits = [torch.stack(seen[o.request_id]) for o in outputs]
+    return tokens, logits
+
+
+def assert_parity(ref: Reference, tokens: list[list[int]], logits: list[torch.Tensor]) -> float:
+    worst = 0.0
+    for i, prompt in enumerate(ref.prompts):
+        assert tokens[i] == ref.tokens[i], f"greedy tokens differ for prompt {i} (length {len(prompt)})"
+        assert logits[i].shape == ref.logits[i].shape
+        diff = (logits[i] - ref.logits[i]).abs().amax(dim=-1)
+        scale = ref.logits[i].abs().amax(dim=-1)
+        ratio = (diff / scale).max().item()
+        worst = max(worst, ratio)
+        assert ratio <= RELATIVE_TOLERANCE, f"prompt {i}: relative logit error {ratio:.2e}"
+    return worst
+
+
+def assert_pool_full(llm: LLM) -> None:
+    llm.engine.kv.check_invariants()
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_batched_greedy_parity(arch: str, tiny_checkpoints: dict[str, Path], references: dict[str, Reference]) -> None:
+    llm = LLM(str(tiny_checkpoints[arch]), dtype="float32")
+    tokens, logits = run_hawker(llm, references[arch].prompts)
+    assert_parity(references[arch], tokens, logits)
+    assert_pool_full(llm)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_parity_with_chunked_prefill(
+    arch: str, tiny_checkpoints: dict[str, Path], references: dict[str, Reference]
+) -> None:
+    # A 16-token budget splits every prompt longer than 16 into chunks, and
+    # mixes those chunks with the decodes of other requests.
+    llm = LLM(str(tiny_checkpoints[arch]), dtype="float32", max_num_batched_tokens=16, block_size=4)
+    tokens, logits = run_hawker(llm, references[arch].prompts)
+    assert_parity(references[arch], tokens, logits)
+    assert_pool_full(llm)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_parity_with_prefix_cache_hit(
+    arch: str, tiny_checkpoints: dict[str, Path], references: dict[str, Reference]
+) -> None:
+    ref = references[arch]
+    llm = LLM(str(tiny_checkpoints[arch]), dtype="float32", block_size=4)
+    # Warm the cache with the longest prompt, then run every prompt: the
+    # longest one hits its own cached blocks, and the continuation of a
+    # finished request shares its full blocks too.
+    llm.generate([ref.prompts[-1]], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    hits_before = llm.engine.kv.stats.hit_tokens
+    tokens, logits = run_hawker(llm, ref.prompts)
+    assert llm.engine.kv.stats.hit_tokens - hits_before >= (len(ref.prompts[-1]) // 4 - 1) * 4
+    assert_parity(ref, tokens, logits)
+    assert_pool_full(llm)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_parity_under_preemption(
+    arch: str, tiny_checkpoints: dict[str, Path], references: dict[str, Reference]
+) -> None:
+    # 26 blocks of 4 tokens: the longest request alone needs 24, so the
+    # batch cannot all stay resident and requests are preempted and recomputed.
+    llm = LLM(str(tiny_checkpoints[arch]), dtype="float32", block_size=4, num_kv_blocks=26)
+    tokens, logits = run_hawker(llm, references[arch].prompts)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert_parity(references[arch], tokens, logits)
+    assert_pool_full(llm)
+
+
+def test_n_samples_share_prompt_blocks(tiny_checkpoints: dict[str, Path], references: dict[str, Reference]) -> None:
+    ref = references["llama"]
+    llm = LLM(str(tiny_checkpoints["llama"]), dtype="float32", block_size=4, enable_prefix_caching=False)
+    prompt = ref.prompts[-1]  # 64 tokens = 16 blocks
+    scheduled_prompt_tokens = []
+    schedule = llm.engine.scheduler.schedule
+
+    def counting_schedule():  # type: ignore[no-untyped-def]
+        out = schedule()
+        scheduled_prompt_tokens.extend(
+            len([p for p in range(s.start_pos, s.start_pos + s.num_tokens) if p < s.num_prompt_tokens])
+            for s in out.seqs
+        )
+        return out
+
+    llm.engine.scheduler.schedule = counting_schedule  # type: ignore[method-assign]
+    params = SamplingParams(n=3, temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
+    out = llm.generate([prompt], params, use_tqdm=False)
+    assert [c.index for c in out[0].outputs] == [0, 1, 2]
+    for completion in out[0].outputs:
+        assert completion.token_ids == ref.tokens[-1]
+    # The first sample computes all 64 prompt tokens; each sibling reuses its
+    # 15 full blocks (60 tokens) and recomputes only the last 4.
+    assert sum(scheduled_prompt_tokens) == 64 + 2 * 4
+    assert_pool_full(llm)
