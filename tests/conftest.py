@@ -11,7 +11,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from tests.tiny_models import ARCHITECTURES, build_tiny_checkpoint  # noqa: E402
+from tests.tiny_models import ARCHITECTURES, build_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")

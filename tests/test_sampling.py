@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hawker import LLM, SamplingParams
-from hawker.engine.sampler import SampleRow, Sampler
+from hawker.engine.sampler import Sampler, SampleRow
 from tests.tiny_models import VOCAB_SIZE
 
 
@@ -41,8 +41,8 @@ def test_seeded_sample_is_independent_of_batch(llm: LLM, params: SamplingParams)
         SamplingParams(temperature=1.0, seed=None if i % 2 else 100 + i, max_tokens=rng.randint(8, 40), ignore_eos=True)
         for i in range(16)
     ]
-    batch = others[:7] + [target] + others[7:]
-    batch_params = other_params[:7] + [params] + other_params[7:]
+    batch = [*others[:7], target, *others[7:]]
+    batch_params = [*other_params[:7], params, *other_params[7:]]
     outputs = llm.generate(batch, batch_params, use_tqdm=False)
     assert outputs[7].outputs[0].token_ids == alone
     # Different seeds really give different samples (the test can fail).
