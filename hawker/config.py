@@ -22,8 +22,9 @@ DTYPES: dict[str, torch.dtype] = {
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """Map a user-facing dtype name to a torch dtype.
 
-    ``auto`` is bfloat16 on both CPU (bf16 matmuls are ~4x faster than fp32
-    on CPUs with AVX512-BF16/AMX) and GPU.
+    ``auto`` is bfloat16 on both CPU and GPU: half the weight and KV bytes of
+    float32, and on CPUs with AMX several times the matmul rate (on AVX512-BF16
+    without AMX the matmul rate is below float32's; see benchmarks/RESULTS.md).
     """
     if name == "auto":
         return torch.bfloat16

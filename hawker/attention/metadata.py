@@ -15,6 +15,7 @@ class PrefillChunk:
     length: int
     start_pos: int  # tokens of this sequence already in the cache
     block_table: torch.Tensor  # [num_blocks] block ids
+    context_slots: torch.Tensor | None  # [context_len] cache slots when start_pos > 0
 
     @property
     def context_len(self) -> int:
@@ -27,7 +28,10 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] cache slot of each token
     num_decodes: int
-    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks]
     decode_context_lens: torch.Tensor  # [num_decodes]
     decode_max_context: int
+    # [num_decodes * decode_max_context] cache slot of every key position of
+    # every decode (padding points at slot 0 and is masked out). Computed
+    # once per step and shared by all layers.
+    decode_slots: torch.Tensor
     prefills: tuple[PrefillChunk, ...]

@@ -42,19 +42,20 @@ def paged_attention(
     return out
 
 
-def _gather(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
-    """[..., blocks] tables -> [..., Hkv, length, D] keys or values."""
-    blocks = cache[block_tables]  # [..., nb, bs, Hkv, D]
-    flat = blocks.flatten(-4, -3)[..., :length, :, :]
-    return flat.transpose(-3, -2)
+def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Keys or values at ``slots`` as [..., Hkv, len, D] (one index_select, then a view)."""
+    heads, dim = cache.shape[-2:]
+    rows = cache.view(-1, heads, dim).index_select(0, slots.reshape(-1))
+    return rows.view(*slots.shape, heads, dim).transpose(-3, -2)
 
 
 def _decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     length = meta.decode_max_context
-    keys = _gather(k_cache, meta.decode_block_tables, length)
-    values = _gather(v_cache, meta.decode_block_tables, length)
+    slots = meta.decode_slots.view(meta.num_decodes, length)
+    keys = _gather(k_cache, slots)
+    values = _gather(v_cache, slots)
     positions = torch.arange(length, device=q.device)
     mask = (positions.unsqueeze(0) < meta.decode_context_lens.unsqueeze(1))[:, None, None, :]
     out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
@@ -77,8 +78,9 @@ def _prefill(
         )
         return out.transpose(0, 1)
     length = chunk.context_len
-    keys = _gather(k_cache, chunk.block_table, length)
-    values = _gather(v_cache, chunk.block_table, length)
+    assert chunk.context_slots is not None
+    keys = _gather(k_cache, chunk.context_slots)
+    values = _gather(v_cache, chunk.context_slots)
     key_pos = torch.arange(length, device=q.device)
     query_pos = torch.arange(chunk.start_pos, length, device=q.device)
     mask = key_pos.unsqueeze(0) <= query_pos.unsqueeze(1)

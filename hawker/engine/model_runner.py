@@ -104,13 +104,17 @@ class ModelRunner:
             row_ends.append(len(ids))
             if index >= len(decodes):
                 table = torch.tensor(seq.block_table, dtype=torch.long, device=self.device)
-                chunks.append(PrefillChunk(start_row, seq.num_tokens, seq.start_pos, table))
+                context = self._slots(table.unsqueeze(0), seq.start_pos + seq.num_tokens)[0] if seq.start_pos else None
+                chunks.append(PrefillChunk(start_row, seq.num_tokens, seq.start_pos, table, context))
+        decode_max_context = max((s.start_pos + 1 for s in decodes), default=0)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             num_decodes=len(decodes),
-            decode_block_tables=self._padded_tables([s.block_table for s in decodes]),
             decode_context_lens=torch.tensor([s.start_pos + 1 for s in decodes], dtype=torch.long, device=self.device),
-            decode_max_context=max((s.start_pos + 1 for s in decodes), default=0),
+            decode_max_context=decode_max_context,
+            decode_slots=self._slots(
+                self._padded_tables([s.block_table for s in decodes]), decode_max_context
+            ).flatten(),
             prefills=tuple(chunks),
         )
         return _Batch(
@@ -120,6 +124,12 @@ class ModelRunner:
             meta=meta,
             row_ends=row_ends,
         )
+
+    def _slots(self, tables: torch.Tensor, length: int) -> torch.Tensor:
+        """[B, blocks] block tables -> [B, length] cache slots of positions 0..length-1."""
+        offsets = torch.arange(self.block_size, device=self.device)
+        slots = (tables.unsqueeze(-1) * self.block_size + offsets).flatten(1)
+        return slots[:, :length]
 
     def _padded_tables(self, tables: list[tuple[int, ...]]) -> torch.Tensor:
         width = max((len(t) for t in tables), default=0)
