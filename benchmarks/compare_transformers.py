@@ -69,7 +69,13 @@ def run_transformers(items: list[WorkItem], batch_size: int, pad_id: int) -> Thr
 
 
 def pick_batch_size(items: list[WorkItem], pad_id: int) -> dict[int, float]:
-    """Output tokens/s of one batch of each size, on the head of the workload."""
+    """Output tokens/s of one batch of each size, on the head of the workload.
+
+    Sizes are tried in increasing order; once a size is under half the best
+    rate so far, larger ones (each a longer batch, padded to its longest
+    prompt and output) are not timed: on a 2-core CPU one batch of 64 takes
+    tens of minutes at that point.
+    """
     model = _load_hf_model()
     hf_generate_batch(model, items[:2], pad_id)
     rates: dict[int, float] = {}
@@ -78,6 +84,9 @@ def pick_batch_size(items: list[WorkItem], pad_id: int) -> dict[int, float]:
         produced = hf_generate_batch(model, items[:size], pad_id)
         rates[size] = produced / (time.perf_counter() - start)
         print(f"  transformers calibration: batch {size}: {rates[size]:.1f} output tok/s", flush=True)
+        if rates[size] < 0.5 * max(rates.values()):
+            print(f"  transformers calibration: stopping, batch {size} is under half the best rate", flush=True)
+            break
     return rates
 
 
@@ -115,14 +124,15 @@ def main() -> None:
     del llm
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batch_size = args.batch_size or max((rates := pick_batch_size(items, pad_id)), key=rates.__getitem__)
+    rates = {} if args.batch_size else pick_batch_size(items, pad_id)
+    batch_size = args.batch_size or max(rates, key=rates.__getitem__)
     reference = run_transformers(items, batch_size, pad_id)
     print(reference.summary())
     ratio = hawker.output_tokens_per_s / reference.output_tokens_per_s
     print(f"ratio hawker / transformers (output tok/s): {ratio:.2f}x")
     if args.json_out:
         results = [json.loads(hawker.to_json()), json.loads(reference.to_json())]
-        args.json_out.write_text(json.dumps({"results": results, "ratio": ratio}, indent=2))
+        args.json_out.write_text(json.dumps({"results": results, "ratio": ratio, "calibration": rates}, indent=2))
 
 
 if __name__ == "__main__":

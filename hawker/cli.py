@@ -1,9 +1,11 @@
-"""Command line: `hawker generate | chat | bench throughput`."""
+"""Command line: `hawker serve | generate | chat | bench throughput | bench serve`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -11,17 +13,45 @@ from typing import Any
 from hawker.engine.engine import EngineOptions
 
 
-def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+def _add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = False) -> None:
     defaults = EngineOptions()
-    parser.add_argument("--model", default=None, help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", default=defaults.dtype, choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--block-size", type=int, default=defaults.block_size)
-    parser.add_argument("--kv-cache-memory-gb", type=float, default=defaults.kv_cache_memory_gb)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens)
-    parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
-    parser.add_argument("--no-prefix-caching", action="store_true")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    model_help = "HF directory (config.json + safetensors) or .gguf file; default: SmolLM2-135M-Instruct"
+    if model_positional:
+        parser.add_argument("model", nargs="?", default=None, help=model_help)
+    else:
+        parser.add_argument("--model", default=None, help=model_help)
+    parser.add_argument(
+        "--dtype",
+        default=defaults.dtype,
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and activations dtype; auto = bfloat16 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-model-len", type=int, default=None, help="longest prompt + output in tokens (default: the model's)"
+    )
+    parser.add_argument(
+        "--block-size", type=int, default=defaults.block_size, help="tokens per KV block (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--kv-cache-memory-gb",
+        type=float,
+        default=defaults.kv_cache_memory_gb,
+        help="memory budget of the KV cache pool in GiB (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=defaults.max_num_batched_tokens,
+        help="token budget of one engine step, prefill chunks + decodes (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=defaults.max_num_seqs,
+        help="most sequences running concurrently (default: %(default)s)",
+    )
+    parser.add_argument("--no-prefix-caching", action="store_true", help="turn automatic prefix caching off")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of unseeded sampling (default: 0)")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -106,9 +136,144 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+    import math
+    from pathlib import Path
+
+    from hawker.bench.serve import ServeBenchConfig, load_dataset, run_serve_bench
+    from hawker.bench.workload import WorkloadSpec, make_workload
+
+    if args.dataset:
+        items: list = load_dataset(Path(args.dataset))
+    else:
+        from hawker.loader.checkpoint import open_checkpoint
+        from hawker.loader.tokenizer import load_tokenizer
+
+        # Random token-id prompts need the server's vocabulary: read it from the tokenizer.
+        tokenizer = load_tokenizer(Path(open_checkpoint(args.tokenizer).path))
+        spec = WorkloadSpec(num_prompts=args.num_prompts, seed=args.workload_seed)
+        items = make_workload(spec, len(tokenizer), set(tokenizer.all_special_ids))
+    results = []
+    for rate in args.request_rate:
+        config = ServeBenchConfig(
+            base_url=args.url,
+            model=args.served_model,
+            request_rate=rate,
+            arrival_seed=args.workload_seed,
+            api_key=args.api_key or os.environ.get("HAWKER_API_KEY") or None,
+        )
+        result = asyncio.run(run_serve_bench(config, items))
+        print(result.report(), flush=True)
+        results.append(result.to_dict())
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"url": args.url, "results": results}, indent=2, default=str))
+    return 0 if all(r["failed"] == 0 for r in results) and not math.isnan(results[0]["ttft_s"]["mean"]) else 1
+
+
+def _add_bench_serve_parser(bench_sub: argparse._SubParsersAction) -> None:
+    serve = bench_sub.add_parser(
+        "serve",
+        help="latency/throughput of an OpenAI-compatible server under Poisson arrivals",
+        description="Send the standard workload (or a JSON file of prompts) to an OpenAI-compatible server as "
+        "streamed /v1/completions requests; report TTFT, TPOT, ITL and end-to-end latency percentiles and throughput.",
+    )
+    serve.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default: %(default)s)")
+    serve.add_argument("--served-model", default=None, help="model name to send (default: the server's first)")
+    serve.add_argument(
+        "--request-rate",
+        type=float,
+        nargs="+",
+        default=[math.inf],
+        help="requests per second, Poisson arrivals; several values run one after another; inf = all at once",
+    )
+    serve.add_argument("--num-prompts", type=int, default=128, help="prompts of the standard workload")
+    serve.add_argument("--workload-seed", type=int, default=0, help="seed of prompts and arrivals")
+    serve.add_argument(
+        "--dataset", default=None, help='JSON list of {"prompt": text or token ids, "max_tokens": n} instead'
+    )
+    serve.add_argument(
+        "--tokenizer", default=None, help="checkpoint whose vocabulary random prompts use (default: default model)"
+    )
+    serve.add_argument("--api-key", default=None, help="sent as a bearer token (also HAWKER_API_KEY)")
+    serve.add_argument("--json-out", default=None, help="write the results as JSON here")
+    serve.set_defaults(func=_cmd_bench_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from hawker.engine.engine import EngineOptions
+    from hawker.server.serve import ServeOptions, run
+
+    logging.getLogger().setLevel(args.log_level.upper())
+    options = ServeOptions(
+        engine=EngineOptions(model=args.model, **_engine_kwargs(args)),
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("HAWKER_API_KEY") or None,
+        served_model_name=args.served_model_name,
+        max_waiting_requests=args.max_waiting_requests,
+        max_request_body_mb=args.max_request_body_mb,
+        shutdown_grace_s=args.shutdown_grace_s,
+        log_level=args.log_level,
+        inject_fault_token_id=args.inject_fault_token_id,
+        inject_fatal_token_id=args.inject_fatal_token_id,
+    )
+    return run(options)
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="serve a model behind an OpenAI-compatible HTTP API",
+        description="Serve a model behind an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+        "/v1/models, /health, /metrics, /tokenize, /detokenize).",
+    )
+    _add_engine_args(serve, model_positional=True)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    serve.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' (also read from HAWKER_API_KEY); /health and /metrics stay open",
+    )
+    serve.add_argument(
+        "--served-model-name", default=None, help="model name clients use (default: the checkpoint's name)"
+    )
+    serve.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=1024,
+        help="waiting requests beyond this get 429 with Retry-After (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-request-body-mb",
+        type=float,
+        default=16.0,
+        help="larger request bodies get 413 (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--shutdown-grace-s",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, how long in-flight requests may finish before they are aborted (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log level (default: %(default)s)",
+    )
+    # Test hooks, not for users: a prompt containing the token fails / kills the engine loop.
+    serve.add_argument("--inject-fault-token-id", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--inject-fatal-token-id", type=int, default=None, help=argparse.SUPPRESS)
+    serve.set_defaults(func=_cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hawker", description="Hawker LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve_parser(sub)
 
     gen = sub.add_parser("generate", help="generate a completion for one prompt")
     gen.add_argument("prompt")
@@ -130,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--workload-seed", type=int, default=0)
     _add_engine_args(tp)
     tp.set_defaults(func=_cmd_bench_throughput)
+    _add_bench_serve_parser(bench_sub)
     return parser
 
 

@@ -22,7 +22,7 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     logprobs: list[PositionLogprobs] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: int | str | None = None
 
     @property
@@ -39,4 +39,7 @@ class RequestOutput:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     finished: bool = False
     num_cached_tokens: int = 0
+    # arrival_time, first_scheduled_time, first_token_time (time.monotonic), when known.
     metrics: dict[str, float] = field(default_factory=dict)
+    # Why the engine failed this request (finish_reason "error"), else None.
+    error: str | None = None

@@ -30,6 +30,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # (token id, bias) pairs added to the logits before sampling (OpenAI's logit_bias).
+    logit_bias: tuple[tuple[int, float], ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __init__(self, **kwargs: Any) -> None:
@@ -43,6 +45,8 @@ class SamplingParams:
                 value = _as_str_tuple(value)
             elif name == "stop_token_ids":
                 value = tuple(int(t) for t in (value or ()))
+            elif name == "logit_bias":
+                value = _as_bias_pairs(value)
             object.__setattr__(self, name, value)
         object.__setattr__(self, "extra", {})
         self._validate()
@@ -79,6 +83,9 @@ class SamplingParams:
             _check(value is None or 0 <= value <= 20, name, f"must be None or in [0, 20], got {value}")
         _check(all(s for s in self.stop), "stop", "must not contain empty strings")
         _check(self.seed is None or isinstance(self.seed, int), "seed", f"must be an integer, got {self.seed!r}")
+        for token_id, bias in self.logit_bias:
+            _check(token_id >= 0, "logit_bias", f"keys must be token ids >= 0, got {token_id}")
+            _check(-100.0 <= bias <= 100.0, "logit_bias", f"values must be in [-100, 100], got {bias} for {token_id}")
 
     @property
     def greedy(self) -> bool:
@@ -95,6 +102,16 @@ def _as_str_tuple(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         return (value,)
     return tuple(str(v) for v in value)
+
+
+def _as_bias_pairs(value: Any) -> tuple[tuple[int, float], ...]:
+    if not value:
+        return ()
+    items = value.items() if isinstance(value, dict) else value
+    try:
+        return tuple(sorted((int(token), float(bias)) for token, bias in items))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"logit_bias must map token ids to numbers: {error}") from None
 
 
 def _check(ok: bool, name: str, message: str) -> None:

@@ -70,6 +70,12 @@ _CORPUS = [
     "0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ",
 ] * 20
 
+# A minimal chat template, so the server's chat endpoint can be tested.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<s>{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+)
+
 
 def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE())
@@ -81,14 +87,16 @@ def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(_CORPUS, trainer)
-    return transformers.PreTrainedTokenizerFast(
+    fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
     )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
 
 
-def build_tiny_checkpoint(arch: str, directory: Path) -> Path:
+def build_tiny_checkpoint(arch: str, directory: Path, max_positions: int = 256) -> Path:
     config_cls, extra = _VARIANTS[arch]
-    config = config_cls(**_COMMON, **extra)
+    config = config_cls(**(_COMMON | {"max_position_embeddings": max_positions}), **extra)
     model = _MODEL_CLASSES[arch](config).to(torch.float32).eval()
     model.save_pretrained(directory, safe_serialization=True)
     build_tokenizer().save_pretrained(directory)

@@ -57,6 +57,20 @@ class IncrementalDetokenizer:
         self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
         return self._append_text(new_text)
 
+    def streamable_text(self) -> str:
+        """The text minus a tail that could still become the start of a stop string.
+
+        Streaming only this keeps every delta final: a stop string found later
+        always starts at or after this point, so nothing sent is taken back.
+        """
+        held = 0
+        for stop in self.stop_strings:
+            for size in range(min(len(stop) - 1, len(self.text)), held, -1):
+                if self.text.endswith(stop[:size]):
+                    held = size
+                    break
+        return self.text[: len(self.text) - held]
+
     def _append_text(self, new_text: str) -> str | None:
         search_from = len(self.text)
         self.text += new_text

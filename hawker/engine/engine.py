@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,9 +26,9 @@ from hawker.config import (
 )
 from hawker.engine.detokenizer import IncrementalDetokenizer
 from hawker.engine.kv_cache import KVCacheManager
-from hawker.engine.model_runner import ModelOutput, ModelRunner, build_model
+from hawker.engine.model_runner import ModelOutput, ModelRunner, SeqResult, build_model
 from hawker.engine.request import Request, RequestStatus
-from hawker.engine.scheduler import Scheduler, SchedulerOutput
+from hawker.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from hawker.loader.checkpoint import open_checkpoint
 from hawker.loader.tokenizer import load_tokenizer
 from hawker.outputs import CompletionOutput, PositionLogprobs, RequestOutput
@@ -52,6 +54,39 @@ class EngineOptions:
     device: str = "cpu"
 
 
+class EngineFatalError(RuntimeError):
+    """A failure after which no step can be trusted (the engine loop must stop)."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's gauges and counters (for /metrics)."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    prompt_tokens: int
+    generation_tokens: int
+    num_steps: int
+    num_failed_requests: int
+
+
+# A hook run before each forward pass with the sequences it is about to run;
+# raising from it fails them exactly as a model error would (tests inject faults).
+StepHook = Callable[[tuple[ScheduledSeq, ...]], None]
+
+
+@dataclass
+class _Counters:
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    num_steps: int = 0
+    num_failed_requests: int = 0
+
+
 @dataclass
 class _Group:
     """The sequences of one user request and what is reported back."""
@@ -75,6 +110,8 @@ class Engine:
         self.runner = ModelRunner(config, model, num_blocks, self.eos_token_id)
         self.groups: dict[str, _Group] = {}
         self._arrivals = itertools.count()
+        self.counters = _Counters()
+        self.pre_execute_hooks: list[StepHook] = []
         logger.info(
             "engine ready: %s, %d KV blocks of %d tokens",
             config.model.architecture,
@@ -119,11 +156,13 @@ class Engine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         prompt: str | None = None,
+        arrival_time: float | None = None,
     ) -> None:
         """Validate and queue a request. A rejected request allocates nothing."""
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
-        max_tokens = self._validate(prompt_token_ids, params)
+        max_tokens = self.validate(prompt_token_ids, params)
+        arrived = time.monotonic() if arrival_time is None else arrival_time
         seqs: list[Request] = []
         for index in range(params.n):
             seqs.append(
@@ -136,6 +175,7 @@ class Engine:
                     parent_id=request_id,
                     sample_index=index,
                     prefix_donor_id=seqs[0].request_id if index else None,
+                    arrival_time=arrived,
                 )
             )
         detoks = [
@@ -152,7 +192,11 @@ class Engine:
         for seq in seqs:
             self.scheduler.add(seq)
 
-    def _validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Check a request against the model and pool; returns its max_tokens.
+
+        Reads only configuration, so another thread may call it while a step runs.
+        """
         num_prompt = len(prompt_token_ids)
         if num_prompt == 0:
             raise ValueError("the prompt is empty: at least one token is needed")
@@ -160,6 +204,9 @@ class Engine:
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        bad = [t for t, _ in params.logit_bias if t >= vocab]
+        if bad:
+            raise ValueError(f"logit_bias token id {bad[0]} is outside the vocabulary [0, {vocab})")
         limit = self.max_model_len
         if num_prompt >= limit:
             raise ValueError(
@@ -179,13 +226,19 @@ class Engine:
             )
         return max_tokens
 
-    def abort(self, request_id: str) -> None:
-        """Abort a request at any point; every block it holds returns to the pool."""
-        group = self.groups.pop(request_id, None)
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Abort a request at any point; every block it holds returns to the pool.
+
+        Returns its final output (finish_reason "abort" for the sequences still
+        running), or None if the request is unknown or already finished.
+        """
+        group = self.groups.get(request_id)
         if group is None:
-            return
+            return None
         for seq in group.seqs:
             self.scheduler.finish(seq.request_id, RequestStatus.FINISHED_ABORTED)
+        group.finished = [True] * len(group.seqs)
+        return self._output(group)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.groups)
@@ -194,14 +247,91 @@ class Engine:
     def num_unfinished_requests(self) -> int:
         return len(self.groups)
 
+    def stats(self) -> EngineStats:
+        kv = self.kv
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=1.0 - kv.num_free_blocks / kv.num_blocks,
+            prefix_cache_queries=kv.stats.queried_tokens,
+            prefix_cache_hits=kv.stats.hit_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens=self.counters.prompt_tokens,
+            generation_tokens=self.counters.generation_tokens,
+            num_steps=self.counters.num_steps,
+            num_failed_requests=self.counters.num_failed_requests,
+        )
+
     # ----------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
-        """Run one schedule -> execute -> update round; returns outputs of requests that changed."""
+        """Run one schedule -> execute -> update round; returns outputs of requests that changed.
+
+        If the forward pass raises, the step's sequences are run again one at
+        a time, so that only the requests that fail alone are failed (with
+        finish_reason "error"); the others continue. ``EngineFatalError`` is
+        not contained: it propagates to the caller.
+        """
         scheduled = self.scheduler.schedule()
         if scheduled.empty:
             return []
-        model_output = self.runner.execute(scheduled)
+        self.counters.num_steps += 1
+        now = time.monotonic()
+        for seq in scheduled.seqs:
+            request = self.scheduler.requests[seq.request_id]
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+        try:
+            model_output = self._execute(scheduled.seqs)
+        except EngineFatalError:
+            raise
+        except Exception as error:  # isolate the requests that cause it
+            logger.warning("step of %d sequences failed (%s); retrying them one by one", len(scheduled.seqs), error)
+            return self._step_isolated(scheduled)
         return self._update(scheduled, model_output)
+
+    def _execute(self, seqs: tuple[ScheduledSeq, ...]) -> ModelOutput:
+        for hook in self.pre_execute_hooks:
+            hook(seqs)
+        return self.runner.execute(SchedulerOutput(seqs=seqs))
+
+    def _step_isolated(self, scheduled: SchedulerOutput) -> list[RequestOutput]:
+        """Run each sequence alone; fail the groups whose sequence still fails."""
+        results: dict[str, SeqResult] = {}
+        failed: list[RequestOutput] = []
+        kept: list[ScheduledSeq] = []
+        for seq in scheduled.seqs:
+            group = self._group_of(seq.request_id)
+            if group is None:  # a sibling failed earlier in this loop
+                continue
+            try:
+                results.update(self._execute((seq,)).results)
+            except EngineFatalError:
+                raise
+            except Exception as error:
+                logger.exception("request %s failed in the model", group.request_id)
+                failed.append(self.fail(group.request_id, f"{type(error).__name__}: {error}"))
+                continue
+            kept.append(seq)
+        survivors = SchedulerOutput(seqs=tuple(s for s in kept if s.request_id in self.scheduler.requests))
+        outputs = self._update(survivors, ModelOutput(results=results))
+        return failed + outputs
+
+    def _group_of(self, seq_id: str) -> _Group | None:
+        request = self.scheduler.requests.get(seq_id)
+        if request is None:
+            return None
+        return self.groups.get(request.parent_id or request.request_id)
+
+    def fail(self, request_id: str, reason: str) -> RequestOutput:
+        """Finish every sequence of a request with finish_reason "error"; returns its final output."""
+        group = self.groups[request_id]
+        for seq in group.seqs:
+            self.scheduler.finish(seq.request_id, RequestStatus.FINISHED_ERROR)
+        group.finished = [True] * len(group.seqs)
+        self.counters.num_failed_requests += 1
+        output = self._output(group)
+        output.error = reason
+        return output
 
     def _update(self, scheduled: SchedulerOutput, model_output: ModelOutput) -> list[RequestOutput]:
         for seq in scheduled.seqs:
@@ -209,13 +339,20 @@ class Engine:
             request = self.scheduler.requests.get(seq.request_id)
             if result is not None and result.prompt_logprobs and request is not None:
                 _record_prompt_logprobs(request, seq.start_pos, result.prompt_logprobs)
+        self.counters.prompt_tokens += sum(
+            max(0, min(s.start_pos + s.num_tokens, s.num_prompt_tokens) - s.start_pos) for s in scheduled.seqs
+        )
         touched: dict[str, _Group] = {}
+        now = time.monotonic()
         for request in self.scheduler.commit_step(scheduled):
             result = model_output.results[request.request_id]
             if result.token_id is None:
                 continue
             group = self.groups[request.parent_id or request.request_id]
             request.append_token(result.token_id)
+            self.counters.generation_tokens += 1
+            if request.first_token_time is None:
+                request.first_token_time = now
             if result.logprobs is not None:
                 request.logprobs.append(result.logprobs)
             self._check_stop(group, request, result.token_id)
@@ -245,7 +382,7 @@ class Engine:
         completions = [
             CompletionOutput(
                 index=seq.sample_index,
-                text=detok.text,
+                text=detok.text if seq.finished else detok.streamable_text(),
                 token_ids=list(seq.output_token_ids),
                 logprobs=list(seq.logprobs) if seq.sampling_params.logprobs is not None else None,
                 finish_reason=seq.status.value if seq.finished else None,
@@ -265,7 +402,17 @@ class Engine:
             prompt_logprobs=list(first.prompt_logprobs) if first.wants_prompt_logprobs else None,
             finished=finished,
             num_cached_tokens=first.num_cached_tokens,
+            metrics=_timings(first),
         )
+
+
+def _timings(request: Request) -> dict[str, float]:
+    times = {
+        "arrival_time": request.arrival_time,
+        "first_scheduled_time": request.first_scheduled_time,
+        "first_token_time": request.first_token_time,
+    }
+    return {name: value for name, value in times.items() if value is not None}
 
 
 def _record_prompt_logprobs(request: Request, start_pos: int, entries: list[PositionLogprobs]) -> None:

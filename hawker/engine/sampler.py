@@ -53,6 +53,7 @@ class Sampler:
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in rows) else None
         logits = self._apply_penalties(logits, rows)
+        logits = _apply_logit_bias(logits, rows)
         logits = self._apply_min_tokens(logits, rows)
         token_ids = self._sample(logits, rows)
         logprobs: list[PositionLogprobs | None] = [None] * len(rows)
@@ -186,3 +187,19 @@ def gather_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, top: int) -> l
 def trim_top(entry: PositionLogprobs, chosen: int, k: int) -> PositionLogprobs:
     """Keep the chosen token and the best ``k`` others of a gathered entry."""
     return {tid: lp for tid, lp in entry.items() if tid == chosen or lp.rank <= k}
+
+
+def _apply_logit_bias(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+    """Add every row's (token, bias) pairs in one scatter."""
+    pairs = [(i, token, bias) for i, r in enumerate(rows) for token, bias in r.params.logit_bias]
+    if not pairs:
+        return logits
+    row_index, token_index, bias = zip(*pairs, strict=True)
+    device = logits.device
+    logits = logits.clone()
+    logits.index_put_(
+        (torch.tensor(row_index, device=device), torch.tensor(token_index, device=device)),
+        torch.tensor(bias, dtype=logits.dtype, device=device),
+        accumulate=True,
+    )
+    return logits

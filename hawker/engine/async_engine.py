@@ -1,0 +1,334 @@
+"""AsyncEngine: the engine loop on a background thread, one async stream per request.
+
+The event loop (HTTP) never runs a step: it validates a request, hands it to
+the loop thread through a command queue and awaits the request's own
+``asyncio.Queue``. The loop thread applies queued commands (add, abort)
+between steps, runs ``Engine.step()`` and posts each step's outputs back to
+the event loop in one ``call_soon_threadsafe``. Only the event loop touches
+the streams; only the loop thread touches the engine (``Engine.validate``
+reads configuration alone and is safe from either side).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from hawker.engine.engine import Engine, EngineStats
+from hawker.outputs import RequestOutput
+from hawker.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# How long the idle loop thread sleeps before it looks at the stop flag again.
+_IDLE_POLL_S = 0.05
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has stopped; no request can be served."""
+
+
+class EngineBusyError(RuntimeError):
+    """Too many requests are waiting; the client should retry later."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed on this request (other requests are unaffected)."""
+
+    def __init__(self, request_id: str, reason: str) -> None:
+        super().__init__(f"request {request_id} failed in the engine: {reason}")
+        self.request_id = request_id
+        self.reason = reason
+
+
+class RequestObserver:
+    """Receives every output as it reaches the event loop (metrics hook); all no-ops here."""
+
+    def on_output(self, output: RequestOutput, now: float, previous: StreamProgress | None) -> None:
+        del output, now, previous
+
+    def on_step(self, seconds: float) -> None:
+        del seconds
+
+    def on_client_gone(self, request_id: str) -> None:
+        del request_id
+
+
+@dataclass(frozen=True)
+class StreamProgress:
+    """What a request's stream has delivered so far."""
+
+    num_tokens: int
+    time: float
+
+
+@dataclass(frozen=True)
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None
+    arrival_time: float
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    def __init__(
+        self,
+        engine: Engine,
+        max_waiting_requests: int = 1024,
+        observer: RequestObserver | None = None,
+    ) -> None:
+        self.engine = engine
+        # The loop thread decodes with engine.tokenizer; HTTP handlers encode
+        # with this copy, because a fast tokenizer's encode mutates its
+        # padding/truncation state and must not run concurrently with it.
+        self.tokenizer: PreTrainedTokenizerBase = copy.deepcopy(engine.tokenizer)
+        self.max_waiting_requests = max_waiting_requests
+        self.observer = observer or RequestObserver()
+        self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}
+        self._progress: dict[str, StreamProgress] = {}
+        self._pending_adds = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stats_lock = threading.Lock()
+        self._stats = engine.stats()
+        self.dead_reason: str | None = None
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the loop thread; call from the event loop that will consume outputs."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="hawker-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._commands.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def is_healthy(self) -> bool:
+        return self.dead_reason is None and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests whose streams are still open."""
+        return len(self._streams)
+
+    def stats(self) -> EngineStats:
+        with self._stats_lock:
+            return self._stats
+
+    # -------------------------------------------------------------- requests
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError for a request the engine would reject (nothing is queued)."""
+        self.engine.validate(prompt_token_ids, params)
+
+    def submit(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+    ) -> RequestStream:
+        """Validate and queue a request now; returns the stream of its outputs.
+
+        Raises ``ValueError`` (bad request), ``EngineBusyError`` (waiting queue
+        full) or ``EngineDeadError`` before anything is queued. Closing the
+        stream before its last output aborts the request.
+        """
+        if not self.is_healthy:
+            raise EngineDeadError(f"the engine is not running: {self.dead_reason or 'not started'}")
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.engine.validate(prompt_token_ids, params)
+        waiting = self.stats().num_waiting + self._pending_adds
+        if waiting >= self.max_waiting_requests:
+            raise EngineBusyError(f"{waiting} requests are waiting (limit {self.max_waiting_requests}); retry later")
+        stream = RequestStream(request_id, self._release)
+        self._streams[request_id] = stream
+        self._pending_adds += 1
+        self._commands.put(_Add(request_id, list(prompt_token_ids), params, prompt, time.monotonic()))
+        return stream
+
+    def _release(self, stream: RequestStream) -> None:
+        """A stream closed: forget it; abort its request unless it finished."""
+        self._streams.pop(stream.request_id, None)
+        self._progress.pop(stream.request_id, None)
+        if not stream.finished:
+            self.abort(stream.request_id)
+            self.observer.on_client_gone(stream.request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (its blocks return to the pool after the current step)."""
+        self._commands.put(_Abort(request_id))
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight; False if the timeout came first."""
+        deadline = time.monotonic() + timeout
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return not self._streams
+
+    def abort_all(self) -> list[str]:
+        ids = list(self._streams)
+        for request_id in ids:
+            self.abort(request_id)
+        return ids
+
+    # ------------------------------------------------------- the loop thread
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._apply_commands(block=not self.engine.has_unfinished_requests())
+                if self._stop.is_set() or not self.engine.has_unfinished_requests():
+                    continue
+                start = time.perf_counter()
+                outputs = self.engine.step()
+                seconds = time.perf_counter() - start
+                self._publish_stats()
+                self._post(lambda outs=outputs, s=seconds: self._deliver(outs, s))
+        except BaseException as error:
+            self.dead_reason = f"{type(error).__name__}: {error}"
+            logger.exception("the engine loop died")
+            dead = EngineDeadError(f"the engine loop died: {self.dead_reason}")
+            self._post(lambda: self._fail_all(dead))
+
+    def _apply_commands(self, block: bool) -> None:
+        command: _Add | _Abort | None
+        try:
+            command = self._commands.get(timeout=_IDLE_POLL_S) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+        self._publish_stats()
+
+    def _apply(self, command: _Add | _Abort | None) -> None:
+        if isinstance(command, _Abort):
+            # An abort can reach a request that finished meanwhile: then it is a no-op.
+            final = self.engine.abort(command.request_id)
+            if final is not None:
+                logger.info("aborted request %s", command.request_id)
+                self._post(lambda: self._deliver([final], None))
+        elif isinstance(command, _Add):
+            self._post(self._added)
+            try:
+                self.engine.add_request(
+                    command.request_id,
+                    command.prompt_token_ids,
+                    command.params,
+                    prompt=command.prompt,
+                    arrival_time=command.arrival_time,
+                )
+            except ValueError as error:  # checked before queueing; only a race lands here
+                self._post(lambda rid=command.request_id, e=error: self._deliver_error(rid, e))
+
+    def _publish_stats(self) -> None:
+        stats = self.engine.stats()
+        with self._stats_lock:
+            self._stats = stats
+
+    def _post(self, callback: Callable[[], None]) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed between the check and the call
+                loop.call_soon_threadsafe(callback)
+
+    # ------------------------------------------------- event-loop callbacks
+    def _added(self) -> None:
+        self._pending_adds -= 1
+
+    def _deliver(self, outputs: list[RequestOutput], step_seconds: float | None) -> None:
+        if step_seconds is not None:
+            self.observer.on_step(step_seconds)
+        now = time.monotonic()
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue  # the client left; its abort is queued
+            self.observer.on_output(output, now, self._progress.get(output.request_id))
+            self._progress[output.request_id] = StreamProgress(sum(len(c.token_ids) for c in output.outputs), now)
+            if output.error is not None:
+                stream.push(RequestFailedError(output.request_id, output.error))
+            else:
+                stream.push(output)
+
+    def _deliver_error(self, request_id: str, error: BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.push(error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for stream in self._streams.values():
+            stream.push(error)
+
+
+class RequestStream:
+    """The outputs of one request, in order; iterate with ``async for``.
+
+    An engine error arrives as an exception from the iteration. ``close()``
+    (idempotent; also run when iteration ends or is cancelled) aborts the
+    request in the engine if it has not finished.
+    """
+
+    def __init__(self, request_id: str, release: Callable[[RequestStream], None]) -> None:
+        self.request_id = request_id
+        self.finished = False
+        self._release = release
+        self._queue: asyncio.Queue[RequestOutput | BaseException | None] = asyncio.Queue()
+        self._closed = False
+
+    def push(self, item: RequestOutput | BaseException) -> None:
+        self._queue.put_nowait(item)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._release(self)
+        self._queue.put_nowait(None)  # wakes a pending iteration, which then ends
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while not self.finished:
+                item = await self._queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    self.finished = True  # the engine no longer holds it
+                    raise item
+                self.finished = item.finished
+                yield item
+        finally:
+            self.close()
+
+    async def final(self) -> RequestOutput:
+        """Consume the stream; returns its last output."""
+        last: RequestOutput | None = None
+        async for output in self:
+            last = output
+        if last is None or not last.finished:
+            raise asyncio.CancelledError(f"request {self.request_id} was closed before it finished")
+        return last

@@ -1,0 +1,426 @@
+"""The OpenAI-compatible HTTP API over an AsyncEngine (FastAPI)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from jinja2 import TemplateError
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from hawker.engine.async_engine import AsyncEngine, EngineBusyError, EngineDeadError, RequestFailedError, RequestStream
+from hawker.loader.tokenizer import render_chat
+from hawker.outputs import RequestOutput
+from hawker.sampling_params import SamplingParams
+from hawker.server.errors import (
+    RETRY_AFTER_S,
+    APIError,
+    error_body,
+    error_response,
+    from_engine_error,
+    from_value_error,
+    install_error_handlers,
+)
+from hawker.server.formatting import TokenText
+from hawker.server.metrics import ServerMetrics
+from hawker.server.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from hawker.server.responders import ChatResponder, CompletionResponder
+
+logger = logging.getLogger(__name__)
+
+# Paths that stay open without an API key (probes and scrapers).
+OPEN_PATHS = frozenset({"/health", "/metrics"})
+_ENGINE_ERRORS = (EngineBusyError, EngineDeadError, RequestFailedError)
+
+Responder = CompletionResponder | ChatResponder
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    served_model_name: str
+    api_key: str | None = None
+    max_request_body_bytes: int = 16 * 1024 * 1024
+    shutdown_grace_s: float = 30.0
+
+
+class ServerState:
+    """Everything the routes of one app share (kept on ``app.state``, never global)."""
+
+    def __init__(self, engine: AsyncEngine, settings: ServerSettings, metrics: ServerMetrics) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.metrics = metrics
+        self.token_text = TokenText(engine.tokenizer)
+        self.draining = False
+
+    def check_serving(self, model: str | None) -> None:
+        if model is not None and model != self.settings.served_model_name:
+            message = f"the model {model!r} does not exist; this server serves {self.settings.served_model_name!r}"
+            raise APIError(404, message, param="model", code="model_not_found")
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="shutting_down", retry_after=RETRY_AFTER_S)
+        if not self.engine.is_healthy:
+            raise from_engine_error(EngineDeadError(f"the engine is not running: {self.engine.dead_reason}"))
+
+    def submit_all(self, base_id: str, prompts: list[tuple[str | None, list[int]]], params: SamplingParams) -> list:
+        """Validate every prompt, then queue them all; a failure queues none."""
+        try:
+            for _, ids in prompts:
+                self.engine.validate(ids, params)
+        except ValueError as error:
+            raise from_value_error(error) from None
+        streams: list[RequestStream] = []
+        try:
+            for index, (text, ids) in enumerate(prompts):
+                request_id = base_id if len(prompts) == 1 else f"{base_id}-{index}"
+                streams.append(self.engine.submit(request_id, ids, params, prompt=text))
+        except ValueError as error:
+            _close(streams)
+            raise from_value_error(error) from None
+        except _ENGINE_ERRORS as error:
+            _close(streams)
+            raise from_engine_error(error) from None
+        return streams
+
+
+def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
+    metrics = ServerMetrics(engine.stats, lambda: engine.is_healthy)
+    engine.observer = metrics
+    state = ServerState(engine, settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="Hawker", description="OpenAI-compatible LLM inference server", lifespan=lifespan)
+    app.state.hawker = state
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, limit=settings.max_request_body_bytes)
+    if settings.api_key:
+        app.add_middleware(ApiKeyAuth, api_key=settings.api_key)
+    _add_routes(app, state)
+    return app
+
+
+def _add_routes(app: FastAPI, state: ServerState) -> None:
+    engine = state.engine
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.is_healthy:
+            message = f"the engine is not running: {engine.dead_reason or 'not started'}"
+            return error_response(APIError(503, message, code="engine_dead", retry_after=RETRY_AFTER_S))
+        if state.draining:
+            return error_response(APIError(503, "the server is shutting down", retry_after=RETRY_AFTER_S))
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        card = {
+            "id": state.settings.served_model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "hawker",
+            "max_model_len": engine.engine.max_model_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        state.check_serving(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+        if body.messages is not None:
+            _, ids = _chat_prompt(engine, body.messages, body.add_generation_prompt)
+        else:
+            ids = engine.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens).input_ids
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.engine.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        state.check_serving(body.model)
+        vocab = engine.engine.config.model.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens")
+        return {"prompt": engine.tokenizer.decode(body.tokens)}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        state.check_serving(body.model)
+        _log_ignored(body.ignored_fields())
+        params = _sampling_params(body.sampling_params)
+        prompts = _completion_prompts(engine, body)
+        response_id = f"cmpl-{uuid.uuid4().hex}"
+        streams = state.submit_all(response_id, prompts, params)
+        responder = CompletionResponder(
+            response_id=response_id,
+            model=state.settings.served_model_name,
+            n=params.n,
+            token_text=state.token_text,
+            echo=body.echo,
+            logprobs=body.logprobs,
+            prompt_texts=[text or engine.tokenizer.decode(ids) for text, ids in prompts],
+        )
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if body.stream:
+            return await _streamed(request, streams, responder, include_usage)
+        return await _whole(request, streams, responder)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        state.check_serving(body.model)
+        _log_ignored(body.ignored_fields())
+        params = _sampling_params(body.sampling_params)
+        prompt = _chat_prompt(engine, body.messages, body.add_generation_prompt)
+        response_id = f"chatcmpl-{uuid.uuid4().hex}"
+        streams = state.submit_all(response_id, [prompt], params)
+        responder = ChatResponder(
+            response_id=response_id,
+            model=state.settings.served_model_name,
+            n=params.n,
+            token_text=state.token_text,
+            top_logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        )
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if body.stream:
+            return await _streamed(request, streams, responder, include_usage)
+        return await _whole(request, streams, responder)
+
+
+# --------------------------------------------------------------- prompts
+def _sampling_params(build: Callable[[], SamplingParams]) -> SamplingParams:
+    try:
+        return build()
+    except ValueError as error:
+        raise from_value_error(error) from None
+
+
+def _completion_prompts(engine: AsyncEngine, body: CompletionRequest) -> list[tuple[str | None, list[int]]]:
+    prompts = body.prompts()
+    if not prompts:
+        raise APIError(400, "prompt is empty: give a string, a list of strings or token ids", param="prompt")
+    # Strings are tokenized exactly as LLM.generate does, so both give the same tokens.
+    return [(p, engine.tokenizer(p).input_ids) if isinstance(p, str) else (None, list(p)) for p in prompts]
+
+
+def _chat_prompt(
+    engine: AsyncEngine, messages: list[ChatMessage], add_generation_prompt: bool
+) -> tuple[str, list[int]]:
+    try:
+        text = render_chat(engine.tokenizer, [m.as_template_message() for m in messages], add_generation_prompt)
+    except (TemplateError, ValueError) as error:
+        raise APIError(400, f"the messages do not fit the chat template: {error}", param="messages") from None
+    # As LLM.chat: the template already holds the special tokens.
+    return text, engine.tokenizer(text, add_special_tokens=False).input_ids
+
+
+def _log_ignored(fields: list[str]) -> None:
+    if fields:
+        logger.warning("ignoring unsupported request field(s): %s", ", ".join(fields))
+
+
+# ------------------------------------------------------------- responses
+async def _whole(request: Request, streams: list[RequestStream], responder: Responder) -> Response:
+    """Wait for every stream's last output; a client that leaves aborts them all."""
+    work = asyncio.ensure_future(asyncio.gather(*(stream.final() for stream in streams)))
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if work not in done:
+            logger.info("client left; aborting %s", ", ".join(s.request_id for s in streams))
+            work.cancel()
+            return Response(status_code=499)
+        finals: list[RequestOutput] = work.result()
+    except _ENGINE_ERRORS as error:
+        raise from_engine_error(error) from None
+    finally:
+        watcher.cancel()
+        _close(streams)
+    return JSONResponse(responder.full(finals))
+
+
+async def _streamed(
+    request: Request, streams: list[RequestStream], responder: Responder, include_usage: bool
+) -> Response:
+    """Server-sent events. The first output is awaited before the 200 goes out,
+    so a request that fails at once still gets its HTTP error status."""
+    merged = _merge(streams)
+    try:
+        first = await anext(merged)
+    except _ENGINE_ERRORS as error:
+        _close(streams)
+        raise from_engine_error(error) from None
+    except StopAsyncIteration:
+        _close(streams)
+        raise APIError(503, "the request ended before producing output", retry_after=RETRY_AFTER_S) from None
+
+    async def events() -> AsyncIterator[str]:
+        watcher = asyncio.ensure_future(_close_on_disconnect(request, streams))
+        finals: dict[int, RequestOutput] = {}
+        try:
+            for body in responder.begin():
+                yield _sse(body)
+            item: tuple[int, RequestOutput] | None = first
+            while item is not None:
+                prompt_index, output = item
+                for body in responder.chunks(prompt_index, output):
+                    yield _sse(body)
+                if output.finished:
+                    finals[prompt_index] = output
+                item = await anext(merged, None)
+            if include_usage and len(finals) == len(streams):
+                yield _sse(responder.usage_chunk([finals[i] for i in sorted(finals)]))
+        except _ENGINE_ERRORS as error:
+            api_error = from_engine_error(error)
+            yield _sse(error_body(api_error.status, api_error.message, code=api_error.code))
+        finally:
+            watcher.cancel()
+            _close(streams)
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave the outputs of several streams as they come, tagged with the stream's index."""
+    if len(streams) == 1:
+        async for output in streams[0]:
+            yield 0, output
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: RequestStream) -> None:
+        try:
+            async for output in stream:
+                queue.put_nowait((index, output))
+        except Exception as error:
+            queue.put_nowait((index, error))
+        finally:
+            queue.put_nowait((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        _close(streams)
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone (after the body was read, receive() only reports that)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _close_on_disconnect(request: Request, streams: list[RequestStream]) -> None:
+    await _disconnected(request)
+    logger.info("client left; aborting %s", ", ".join(s.request_id for s in streams))
+    _close(streams)
+
+
+def _close(streams: list[RequestStream]) -> None:
+    for stream in streams:
+        stream.close()
+
+
+def _sse(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+# ----------------------------------------------------------- middleware
+ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
+
+
+class ApiKeyAuth:
+    """Require ``Authorization: Bearer <key>`` on every path but the probes."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers") or []).get(b"authorization", b"")
+        if not hmac.compare_digest(given, self.expected):
+            error = APIError(
+                401, "missing or invalid API key (send Authorization: Bearer <key>)", code="invalid_api_key"
+            )
+            await error_response(error)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+class BodySizeLimit:
+    """413 for a request body over ``limit`` bytes, declared or streamed."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._reject(scope, receive, send)
+            return
+        received = 0
+        too_large = False
+
+        async def counting_receive() -> dict:
+            nonlocal received, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    too_large = True
+                    return {"type": "http.disconnect"}  # the app stops reading
+            return message
+
+        async def guarded_send(message: dict) -> None:
+            if not too_large:
+                await send(message)
+
+        await self.app(scope, counting_receive, guarded_send)
+        if too_large:
+            await self._reject(scope, receive, send)
+
+    async def _reject(self, scope: dict, receive: Callable, send: Callable) -> None:
+        message = f"the request body is larger than the limit of {self.limit} bytes"
+        await error_response(APIError(413, message, code="request_too_large"))(scope, receive, send)

@@ -1,0 +1,116 @@
+"""Every error leaves the server in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+import re
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from hawker.engine.async_engine import EngineBusyError, EngineDeadError, RequestFailedError
+
+# Seconds a client is told to wait when the server is busy or not serving.
+RETRY_AFTER_S = 1
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "internal_server_error",
+    503: "service_unavailable",
+}
+
+
+class APIError(Exception):
+    """An error with an HTTP status, raised by route handlers."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.retry_after = retry_after
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": _TYPES.get(status, "error"), "param": param, "code": code}}
+
+
+def error_response(error: APIError) -> JSONResponse:
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
+    return JSONResponse(error_body(error.status, error.message, error.param, error.code), error.status, headers)
+
+
+def from_value_error(error: ValueError) -> APIError:
+    """A ValueError from request validation; its message starts with the field name when it has one."""
+    message = str(error)
+    match = re.match(r"(\w+) ", message)
+    param = match.group(1) if match and match.group(1) in _PARAM_NAMES else None
+    code = "context_length_exceeded" if "max_model_len" in message else None
+    return APIError(400, message, param=param, code=code)
+
+
+_PARAM_NAMES = {
+    "n",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "max_tokens",
+    "min_tokens",
+    "logprobs",
+    "prompt_logprobs",
+    "stop",
+    "seed",
+    "logit_bias",
+    "top_logprobs",
+}
+
+
+def from_engine_error(error: Exception) -> APIError:
+    if isinstance(error, EngineBusyError):
+        return APIError(429, str(error), code="queue_full", retry_after=RETRY_AFTER_S)
+    if isinstance(error, EngineDeadError):
+        return APIError(503, str(error), code="engine_dead", retry_after=RETRY_AFTER_S)
+    if isinstance(error, RequestFailedError):
+        return APIError(500, str(error), code="engine_error")
+    raise error
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, error: APIError) -> JSONResponse:
+        return error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {}
+        location = [str(part) for part in first.get("loc", ()) if part != "body"]
+        if first.get("type") == "json_invalid":
+            message = f"the request body is not valid JSON: {first.get('msg', '')}"
+            return error_response(APIError(400, message, code="invalid_json"))
+        param = ".".join(location) or None
+        message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+        return error_response(APIError(400, message, param=location[0] if location else None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        message = str(error.detail) if error.detail else HTTPStatus(error.status_code).phrase
+        return error_response(APIError(error.status_code, message))

@@ -1,0 +1,143 @@
+"""Engine outputs -> OpenAI response bodies: choices, streamed deltas, logprobs, usage."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from hawker.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+
+
+@dataclass
+class ChoiceCursor:
+    """How much of one choice a stream has already sent."""
+
+    text_len: int = 0
+    num_tokens: int = 0
+    role_sent: bool = False
+    finished: bool = False
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+    token_ids: list[int]
+    logprobs: list[PositionLogprobs] | None
+    finish_reason: str | None
+
+
+@dataclass
+class StreamState:
+    """Per-choice cursors of one streamed response (choice index -> cursor)."""
+
+    cursors: dict[int, ChoiceCursor] = field(default_factory=dict)
+
+    def delta(self, choice_index: int, completion: CompletionOutput) -> Delta | None:
+        """What is new in ``completion`` since the last call; None when nothing is."""
+        cursor = self.cursors.setdefault(choice_index, ChoiceCursor())
+        if cursor.finished:
+            return None
+        text = completion.text[cursor.text_len :]
+        token_ids = completion.token_ids[cursor.num_tokens :]
+        logprobs = completion.logprobs[cursor.num_tokens :] if completion.logprobs is not None else None
+        cursor.text_len = len(completion.text)
+        cursor.num_tokens = len(completion.token_ids)
+        cursor.finished = completion.finish_reason is not None
+        if not text and not token_ids and completion.finish_reason is None:
+            return None
+        return Delta(text, token_ids, logprobs, completion.finish_reason)
+
+
+def usage(outputs: list[RequestOutput]) -> dict[str, int]:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    cached = sum(o.num_cached_tokens for o in outputs)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+class TokenText:
+    """Token id -> its text and bytes, as logprobs report them.
+
+    A token that holds only part of a UTF-8 character decodes to U+FFFD, so many
+    such tokens would share one text and collapse in ``top_logprobs`` dicts. Like
+    OpenAI's API, they are shown as ``bytes:\\xNN...`` with their real bytes.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self._tokenizer = tokenizer
+        self._byte_decoder = {char: byte for byte, char in bytes_to_unicode().items()}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._tokenizer.decode([token_id])
+        if "\ufffd" not in text:
+            return text
+        raw = self.token_bytes(token_id)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{byte:02x}" for byte in raw)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes a token stands for (byte-level BPE, byte-fallback pieces, or its decoded text)."""
+        piece = self._tokenizer.convert_ids_to_tokens(token_id)
+        byte_fallback = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+        if byte_fallback:
+            return bytes([int(byte_fallback.group(1), 16)])
+        if piece and all(char in self._byte_decoder for char in piece):
+            return bytes(self._byte_decoder[char] for char in piece)
+        return self._tokenizer.decode([token_id]).encode("utf-8")
+
+
+def completion_logprobs(
+    token_ids: list[int],
+    logprobs: list[PositionLogprobs | None],
+    token_text: TokenText,
+    text_offset: int,
+) -> dict[str, Any]:
+    """The legacy completions ``logprobs`` object: tokens, token_logprobs, top_logprobs, text_offset."""
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    for token_id, entry in zip(token_ids, logprobs, strict=True):
+        text = token_text(token_id)
+        tokens.append(text)
+        offsets.append(text_offset)
+        text_offset += len(text)
+        if entry is None:  # the first prompt token has no context
+            token_logprobs.append(None)
+            top_logprobs.append(None)
+            continue
+        token_logprobs.append(entry[token_id].logprob)
+        ranked = sorted(entry.items(), key=lambda item: item[1].rank)
+        top_logprobs.append({token_text(tid): lp.logprob for tid, lp in ranked})
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+
+
+def chat_logprobs(
+    token_ids: list[int], logprobs: list[PositionLogprobs], token_text: TokenText, top: int
+) -> dict[str, Any]:
+    """The chat ``logprobs`` object: one entry per generated token with its top alternatives."""
+    content = []
+    for token_id, entry in zip(token_ids, logprobs, strict=True):
+        ranked = sorted((item for item in entry.items() if item[1].rank <= top), key=lambda item: item[1].rank)
+        content.append(
+            {
+                **_token_logprob(token_id, entry[token_id].logprob, token_text),
+                "top_logprobs": [_token_logprob(tid, lp.logprob, token_text) for tid, lp in ranked[:top]],
+            }
+        )
+    return {"content": content}
+
+
+def _token_logprob(token_id: int, logprob: float, token_text: TokenText) -> dict[str, Any]:
+    return {"token": token_text(token_id), "logprob": logprob, "bytes": list(token_text.token_bytes(token_id))}

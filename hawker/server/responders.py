@@ -1,0 +1,169 @@
+"""Response bodies of /v1/completions and /v1/chat/completions, whole and streamed.
+
+A response covers one or more engine requests (one per prompt); choice
+``index`` is ``prompt_index * n + sample_index``, as in OpenAI's API.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from hawker.outputs import CompletionOutput, RequestOutput
+from hawker.server.formatting import Delta, StreamState, TokenText, chat_logprobs, completion_logprobs, usage
+
+
+@dataclass
+class _Base:
+    response_id: str
+    model: str
+    n: int
+    token_text: TokenText
+    created: int = field(default_factory=lambda: int(time.time()))
+    stream_state: StreamState = field(default_factory=StreamState)
+
+    def choice_index(self, prompt_index: int, completion: CompletionOutput) -> int:
+        return prompt_index * self.n + completion.index
+
+    def _envelope(self, kind: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.response_id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+    chunk_kind = ""
+
+    def usage_chunk(self, finals: list[RequestOutput]) -> dict[str, Any]:
+        """The last streamed chunk when the client asked for usage: no choices, the usage."""
+        return self._envelope(self.chunk_kind, []) | {"usage": usage(finals)}
+
+    def deltas(self, prompt_index: int, output: RequestOutput) -> list[tuple[int, Delta]]:
+        found = []
+        for completion in output.outputs:
+            index = self.choice_index(prompt_index, completion)
+            delta = self.stream_state.delta(index, completion)
+            if delta is not None:
+                found.append((index, delta))
+        return found
+
+
+@dataclass
+class CompletionResponder(_Base):
+    echo: bool = False
+    logprobs: int | None = None
+    prompt_texts: list[str] = field(default_factory=list)
+
+    kind = "text_completion"
+    chunk_kind = "text_completion"
+
+    def begin(self) -> list[dict[str, Any]]:
+        return []
+
+    def chunks(self, prompt_index: int, output: RequestOutput) -> list[dict[str, Any]]:
+        bodies = []
+        for index, delta in self.deltas(prompt_index, output):
+            cursor = self.stream_state.cursors[index]
+            first = cursor.num_tokens == len(delta.token_ids)  # nothing was sent before this delta
+            text = delta.text
+            logprobs = None
+            if self.echo and first:
+                text = self.prompt_texts[prompt_index] + text
+            if self.logprobs is not None and delta.logprobs is not None:
+                logprobs = self._logprobs(prompt_index, output, delta, first)
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": delta.finish_reason}
+            bodies.append(self._envelope(self.chunk_kind, [choice]))
+        return bodies
+
+    def _logprobs(self, prompt_index: int, output: RequestOutput, delta: Delta, first: bool) -> dict[str, Any]:
+        token_ids = list(delta.token_ids)
+        entries: list = list(delta.logprobs or [])
+        if self.echo and first and output.prompt_logprobs is not None:
+            token_ids = output.prompt_token_ids + token_ids
+            entries = list(output.prompt_logprobs) + entries
+        return completion_logprobs(token_ids, entries, self.token_text, 0)
+
+    def full(self, finals: list[RequestOutput]) -> dict[str, Any]:
+        choices = []
+        for prompt_index, output in enumerate(finals):
+            prefix = self.prompt_texts[prompt_index] if self.echo else ""
+            for completion in output.outputs:
+                logprobs = None
+                if self.logprobs is not None and completion.logprobs is not None:
+                    token_ids, entries = list(completion.token_ids), list(completion.logprobs)
+                    if self.echo and output.prompt_logprobs is not None:
+                        token_ids = output.prompt_token_ids + token_ids
+                        entries = list(output.prompt_logprobs) + entries
+                    logprobs = completion_logprobs(token_ids, entries, self.token_text, 0)
+                choices.append(
+                    {
+                        "index": self.choice_index(prompt_index, completion),
+                        "text": prefix + completion.text,
+                        "logprobs": logprobs,
+                        "finish_reason": completion.finish_reason,
+                        "stop_reason": completion.stop_reason,
+                    }
+                )
+        choices.sort(key=lambda choice: choice["index"])
+        return self._envelope(self.kind, choices) | {"usage": usage(finals)}
+
+
+@dataclass
+class ChatResponder(_Base):
+    top_logprobs: int | None = None  # None: no logprobs
+    num_prompts: int = 1
+
+    kind = "chat.completion"
+    chunk_kind = "chat.completion.chunk"
+
+    def begin(self) -> list[dict[str, Any]]:
+        """OpenAI streams open every choice with a delta holding only the role."""
+        return [
+            self._envelope(
+                self.chunk_kind,
+                [
+                    {
+                        "index": index,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ],
+            )
+            for index in range(self.n * self.num_prompts)
+        ]
+
+    def chunks(self, prompt_index: int, output: RequestOutput) -> list[dict[str, Any]]:
+        bodies = []
+        for index, delta in self.deltas(prompt_index, output):
+            logprobs = None
+            if self.top_logprobs is not None and delta.logprobs is not None:
+                logprobs = chat_logprobs(delta.token_ids, delta.logprobs, self.token_text, self.top_logprobs)
+            content = {"content": delta.text} if delta.text else {}
+            choice = {"index": index, "delta": content, "logprobs": logprobs, "finish_reason": delta.finish_reason}
+            bodies.append(self._envelope(self.chunk_kind, [choice]))
+        return bodies
+
+    def full(self, finals: list[RequestOutput]) -> dict[str, Any]:
+        choices = []
+        for prompt_index, output in enumerate(finals):
+            for completion in output.outputs:
+                logprobs = None
+                if self.top_logprobs is not None and completion.logprobs is not None:
+                    logprobs = chat_logprobs(
+                        completion.token_ids, completion.logprobs, self.token_text, self.top_logprobs
+                    )
+                choices.append(
+                    {
+                        "index": self.choice_index(prompt_index, completion),
+                        "message": {"role": "assistant", "content": completion.text},
+                        "logprobs": logprobs,
+                        "finish_reason": completion.finish_reason,
+                        "stop_reason": completion.stop_reason,
+                    }
+                )
+        choices.sort(key=lambda choice: choice["index"])
+        return self._envelope(self.kind, choices) | {"usage": usage(finals)}
