@@ -1,9 +1,9 @@
 .PHONY: run test bench lint
 
-# Install everything and generate from the default model.
+# Install everything and serve the default model on http://127.0.0.1:8000.
 run:
 	bash scripts/setup.sh
-	.venv/bin/hawker generate "What is the capital of France?" --chat --max-tokens 64
+	.venv/bin/hawker serve
 
 # Install everything (with test tools) and run the whole test suite.
 test:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from hawker import LLM, SamplingParams
+from hawker.engine import model_runner
 from tests.tiny_models import ARCHITECTURES, VOCAB_SIZE, load_reference
 
 NUM_NEW_TOKENS = 32
@@ -116,6 +117,38 @@ def test_parity_with_chunked_prefill(
     tokens, logits = run_hawker(llm, references[arch].prompts)
     assert_parity(references[arch], tokens, logits)
     assert_pool_full(llm)
+
+
+def test_parity_with_decode_groups(
+    tiny_checkpoints: dict[str, Path], references: dict[str, Reference], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With groups of any size allowed, the 8 prompts (3..64 tokens) decode in
+    # several length groups per step; the result must not change.
+    monkeypatch.setattr(model_runner, "DECODE_GROUP_MIN_ROWS", 1)
+    group_counts: list[int] = []
+    original = model_runner.ModelRunner._decode_groups
+
+    def spy(self, decodes):  # type: ignore[no-untyped-def]
+        groups = original(self, decodes)
+        group_counts.append(len(groups))
+        return groups
+
+    monkeypatch.setattr(model_runner.ModelRunner, "_decode_groups", spy)
+    llm = LLM(str(tiny_checkpoints["llama"]), dtype="float32")
+    tokens, logits = run_hawker(llm, references["llama"].prompts)
+    assert max(group_counts) >= 3
+    assert_parity(references["llama"], tokens, logits)
+    assert_pool_full(llm)
+
+
+def test_split_by_length_bounds_padding(monkeypatch: pytest.MonkeyPatch) -> None:
+    lens = [800, 700, 500, 480, 300, 100, 90, 10, 9]
+    monkeypatch.setattr(model_runner, "DECODE_GROUP_MIN_ROWS", 2)
+    # A new group starts below 60% of the group's longest, once the group has 2 rows.
+    assert model_runner.split_by_length(lens) == [(0, 4), (4, 2), (6, 2), (8, 1)]
+    monkeypatch.setattr(model_runner, "DECODE_GROUP_MIN_ROWS", 100)
+    assert model_runner.split_by_length(lens) == [(0, len(lens))]
+    assert model_runner.split_by_length([]) == []
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

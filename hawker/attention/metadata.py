@@ -23,15 +23,28 @@ class PrefillChunk:
 
 
 @dataclass(frozen=True)
+class DecodeGroup:
+    """Decodes of similar context length, attended in one padded SDPA call.
+
+    Padding every decode to the longest context of the step wastes most of the
+    gather (a memory-bound copy) when lengths differ a lot, so the runner sorts
+    decodes by context length and splits them into groups.
+    """
+
+    first_row: int
+    num_rows: int
+    max_context: int
+    # [num_rows * max_context] cache slot of every key position (padding
+    # points at slot 0 and is masked out). Computed once per step, shared by all layers.
+    slots: torch.Tensor
+    mask: torch.Tensor  # [num_rows, 1, 1, max_context] True where a key position is real
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     """The flat batch holds ``num_decodes`` single-token decodes first, then prefill chunks."""
 
     slot_mapping: torch.Tensor  # [T] cache slot of each token
     num_decodes: int
-    decode_context_lens: torch.Tensor  # [num_decodes]
-    decode_max_context: int
-    # [num_decodes * decode_max_context] cache slot of every key position of
-    # every decode (padding points at slot 0 and is masked out). Computed
-    # once per step and shared by all layers.
-    decode_slots: torch.Tensor
+    decode_groups: tuple[DecodeGroup, ...]
     prefills: tuple[PrefillChunk, ...]

@@ -1,9 +1,9 @@
 """Paged attention in plain PyTorch (CPU, and the GPU reference).
 
 New keys/values of the whole step are written into the cache first, so any
-read after that sees every token of the step. Decodes are batched into one
-padded SDPA call; prefill chunks run one SDPA call each (their lengths vary
-too much to pad together cheaply).
+read after that sees every token of the step. Decodes are batched into a few
+padded SDPA calls, grouped by context length; prefill chunks run one SDPA
+call each (their lengths vary too much to pad together cheaply).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hawker.attention.metadata import AttentionMetadata, PrefillChunk
+from hawker.attention.metadata import AttentionMetadata, DecodeGroup, PrefillChunk
 
 
 def write_kv(
@@ -52,13 +52,24 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 def _decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    length = meta.decode_max_context
-    slots = meta.decode_slots.view(meta.num_decodes, length)
+    if len(meta.decode_groups) == 1:
+        return _decode_group(q, k_cache, v_cache, meta.decode_groups[0], scale)
+    parts = [
+        _decode_group(q[group.first_row : group.first_row + group.num_rows], k_cache, v_cache, group, scale)
+        for group in meta.decode_groups
+    ]
+    return torch.cat(parts)
+
+
+def _decode_group(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup, scale: float
+) -> torch.Tensor:
+    slots = group.slots.view(group.num_rows, group.max_context)
     keys = _gather(k_cache, slots)
     values = _gather(v_cache, slots)
-    positions = torch.arange(length, device=q.device)
-    mask = (positions.unsqueeze(0) < meta.decode_context_lens.unsqueeze(1))[:, None, None, :]
-    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), keys, values, attn_mask=group.mask, scale=scale, enable_gqa=True
+    )
     return out.squeeze(2)
 
 
@@ -71,18 +82,25 @@ def _prefill(
     chunk: PrefillChunk,
     scale: float,
 ) -> torch.Tensor:
-    query = q.transpose(0, 1)
+    # SDPA's CPU flash kernel takes only 4-D inputs; 3-D ones fall back to the
+    # much slower math path, so every call here carries a batch dim of 1.
+    query = q.transpose(0, 1).unsqueeze(0)
     if chunk.start_pos == 0:
         out = F.scaled_dot_product_attention(
-            query, k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale, enable_gqa=True
+            query,
+            k.transpose(0, 1).unsqueeze(0),
+            v.transpose(0, 1).unsqueeze(0),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=True,
         )
-        return out.transpose(0, 1)
+        return out[0].transpose(0, 1)
     length = chunk.context_len
     assert chunk.context_slots is not None
-    keys = _gather(k_cache, chunk.context_slots)
-    values = _gather(v_cache, chunk.context_slots)
+    keys = _gather(k_cache, chunk.context_slots.unsqueeze(0))
+    values = _gather(v_cache, chunk.context_slots.unsqueeze(0))
     key_pos = torch.arange(length, device=q.device)
     query_pos = torch.arange(chunk.start_pos, length, device=q.device)
-    mask = key_pos.unsqueeze(0) <= query_pos.unsqueeze(1)
+    mask = (key_pos.unsqueeze(0) <= query_pos.unsqueeze(1))[None, None]
     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)

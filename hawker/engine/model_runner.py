@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hawker.attention.metadata import AttentionMetadata, PrefillChunk
+from hawker.attention.metadata import AttentionMetadata, DecodeGroup, PrefillChunk
 from hawker.config import EngineConfig
 from hawker.engine.sampler import Sampler, SampleRow, gather_logprobs, trim_top
 from hawker.engine.scheduler import ScheduledSeq, SchedulerOutput
@@ -44,6 +44,26 @@ class _Batch:
     positions: torch.Tensor
     meta: AttentionMetadata
     row_ends: list[int]  # exclusive end row of each seq in `order`
+
+
+# A decode joins the current group while its context is at least this fraction
+# of the group's longest; padded work per group is then at most 1/0.6 of real.
+DECODE_GROUP_MIN_FILL = 0.6
+# Smaller groups are merged into the one before: per-call overhead beats padding there.
+DECODE_GROUP_MIN_ROWS = 8
+
+
+def split_by_length(context_lens: Sequence[int]) -> list[tuple[int, int]]:
+    """(first, count) runs of ``context_lens`` (sorted longest first) of similar length."""
+    runs: list[tuple[int, int]] = []
+    first = 0
+    for index, length in enumerate(context_lens):
+        if length < DECODE_GROUP_MIN_FILL * context_lens[first] and index - first >= DECODE_GROUP_MIN_ROWS:
+            runs.append((first, index - first))
+            first = index
+    if context_lens:
+        runs.append((first, len(context_lens) - first))
+    return runs
 
 
 def build_model(config: EngineConfig, checkpoint: Checkpoint) -> nn.Module:
@@ -86,7 +106,8 @@ class ModelRunner:
         return self._sample(batch, hidden)
 
     def _prepare(self, seqs: Sequence[ScheduledSeq]) -> _Batch:
-        decodes = [s for s in seqs if s.num_tokens == 1 and s.start_pos > 0]
+        # Longest context first, so that decode groups of similar length are contiguous rows.
+        decodes = sorted((s for s in seqs if s.num_tokens == 1 and s.start_pos > 0), key=lambda s: -s.start_pos)
         prefills = [s for s in seqs if not (s.num_tokens == 1 and s.start_pos > 0)]
         order = decodes + prefills
         bs = self.block_size
@@ -106,15 +127,10 @@ class ModelRunner:
                 table = torch.tensor(seq.block_table, dtype=torch.long, device=self.device)
                 context = self._slots(table.unsqueeze(0), seq.start_pos + seq.num_tokens)[0] if seq.start_pos else None
                 chunks.append(PrefillChunk(start_row, seq.num_tokens, seq.start_pos, table, context))
-        decode_max_context = max((s.start_pos + 1 for s in decodes), default=0)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             num_decodes=len(decodes),
-            decode_context_lens=torch.tensor([s.start_pos + 1 for s in decodes], dtype=torch.long, device=self.device),
-            decode_max_context=decode_max_context,
-            decode_slots=self._slots(
-                self._padded_tables([s.block_table for s in decodes]), decode_max_context
-            ).flatten(),
+            decode_groups=self._decode_groups(decodes),
             prefills=tuple(chunks),
         )
         return _Batch(
@@ -124,6 +140,20 @@ class ModelRunner:
             meta=meta,
             row_ends=row_ends,
         )
+
+    def _decode_groups(self, decodes: Sequence[ScheduledSeq]) -> tuple[DecodeGroup, ...]:
+        """``decodes`` (longest context first) split into groups, each padded to its own longest context."""
+        context_lens = [s.start_pos + 1 for s in decodes]
+        groups: list[DecodeGroup] = []
+        for first, count in split_by_length(context_lens):
+            members = decodes[first : first + count]
+            lens = torch.tensor(context_lens[first : first + count], dtype=torch.long, device=self.device)
+            longest = context_lens[first]
+            table = self._padded_tables([s.block_table for s in members])
+            mask = torch.arange(longest, device=self.device).unsqueeze(0) < lens.unsqueeze(1)
+            slots = self._slots(table, longest).flatten()
+            groups.append(DecodeGroup(first, count, longest, slots, mask[:, None, None, :]))
+        return tuple(groups)
 
     def _slots(self, tables: torch.Tensor, length: int) -> torch.Tensor:
         """[B, blocks] block tables -> [B, length] cache slots of positions 0..length-1."""
