@@ -17,6 +17,8 @@ import pytest
 import torch
 
 from hawker import LLM, SamplingParams
+from hawker.bench.serve import ServeBenchConfig, run_serve_bench
+from hawker.bench.workload import WorkItem
 from tests.server_process import API_KEY, ServerProcess, launch, wait_ready
 from tests.tiny_models import VOCAB_SIZE, build_tiny_checkpoint
 
@@ -417,9 +419,28 @@ def test_tokenize_detokenize_models_openapi(main: ServerProcess, offline: LLM) -
     _assert_error_shape(httpx.post(f"{url}/detokenize", json={"tokens": [10**6]}), 400)
     models = httpx.get(f"{url}/v1/models").json()
     assert models["data"][0]["id"] == "llama" and models["data"][0]["max_model_len"] == MAX_POSITIONS
+    assert abs(models["data"][0]["created"] - time.time()) < 3600  # a unix time, as OpenAI's cards have
     paths = httpx.get(f"{url}/openapi.json").json()["paths"]
     for path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/tokenize"):
         assert path in paths
+
+
+def test_bench_serve_measures_a_live_server(main: ServerProcess) -> None:
+    rng = random.Random(77)
+    items: list = [WorkItem(_prompt_ids(rng, 40), 6) for _ in range(5)]
+    config = ServeBenchConfig(main.base_url, None, request_rate=20.0, arrival_seed=1)
+    cold = asyncio.run(run_serve_bench(config, items))
+    assert (cold.completed, cold.failed) == (5, 0)
+    assert cold.output_tokens == 30 and cold.input_tokens == 200
+    assert cold.cached_input_tokens == 0
+    assert 0 < cold.ttft_s.p50 <= cold.e2e_s.p50 and cold.tpot_s.mean > 0
+    # The same prompts again: the server's prefix cache serves their full blocks, and the report says so.
+    warm = asyncio.run(run_serve_bench(config, items))
+    # The servers use 4-token blocks: 10 full blocks per 40-token prompt, of which the last is
+    # recomputed because a step needs at least one prompt token to produce logits from.
+    assert warm.cached_input_tokens == 5 * 36
+    assert "180 from the prefix cache" in warm.report()
+    _assert_healthy(main)
 
 
 # ------------------------------------------------------------ end of life

@@ -37,6 +37,7 @@ class RequestRecord:
     ok: bool
     prompt_tokens: int
     output_tokens: int = 0
+    cached_prompt_tokens: int = 0  # served from the server's prefix cache, when it says so
     ttft: float = 0.0
     e2e: float = 0.0
     itls: list[float] = field(default_factory=list)
@@ -72,6 +73,9 @@ class ServeBenchResult:
     failed: int
     duration_s: float
     input_tokens: int
+    # Prompt tokens the server reported as prefix-cache hits: a run that
+    # repeats a workload against a warm server measures the cache, not prefill.
+    cached_input_tokens: int
     output_tokens: int
     request_throughput: float
     output_throughput: float
@@ -92,6 +96,8 @@ class ServeBenchResult:
             f"rate {rate}: {self.completed}/{self.num_requests} completed ({self.failed} failed) "
             f"in {self.duration_s:.1f} s",
             f"  throughput: {self.request_throughput:.2f} req/s, {self.output_throughput:.1f} output tok/s",
+            f"  tokens: {self.input_tokens} prompt ({self.cached_input_tokens} from the prefix cache), "
+            f"{self.output_tokens} output",
         ]
         for name, s in (("TTFT", self.ttft_s), ("TPOT", self.tpot_s), ("ITL", self.itl_s), ("E2E", self.e2e_s)):
             lines.append(
@@ -194,6 +200,8 @@ async def _one_request(client: httpx.AsyncClient, model: str, item: WorkItem | d
                 if chunk.get("usage"):
                     record.output_tokens = chunk["usage"]["completion_tokens"]
                     record.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                    details = chunk["usage"].get("prompt_tokens_details") or {}
+                    record.cached_prompt_tokens = details.get("cached_tokens") or 0
                 if any(choice.get("text") for choice in chunk.get("choices", [])):
                     if last is None:
                         record.ttft = now - sent
@@ -219,6 +227,7 @@ def _summarise(rate: float, records: list[RequestRecord], duration: float) -> Se
         failed=len(records) - len(done),
         duration_s=duration,
         input_tokens=sum(r.prompt_tokens for r in done),
+        cached_input_tokens=sum(r.cached_prompt_tokens for r in done),
         output_tokens=output_tokens,
         request_throughput=len(done) / duration,
         output_throughput=output_tokens / duration,

@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -67,6 +68,7 @@ class ServerState:
         self.metrics = metrics
         self.token_text = TokenText(engine.tokenizer)
         self.draining = False
+        self.started_at = int(time.time())  # the model card's "created"
 
     def check_serving(self, model: str | None) -> None:
         if model is not None and model != self.settings.served_model_name:
@@ -140,7 +142,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         card = {
             "id": state.settings.served_model_name,
             "object": "model",
-            "created": 0,
+            "created": state.started_at,
             "owned_by": "hawker",
             "max_model_len": engine.engine.max_model_len,
         }
