@@ -52,6 +52,13 @@ def _add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = F
     )
     parser.add_argument("--no-prefix-caching", action="store_true", help="turn automatic prefix caching off")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of unseeded sampling (default: 0)")
+    parser.add_argument(
+        "--int4-decode-max-rows",
+        type=int,
+        default=defaults.int4_decode_max_rows,
+        help="steps with at most this many tokens use int4 weight copies (group 32, as GGUF Q4_1; lossy for "
+        "other checkpoints); faster single-stream decode on CPU; 0 = off (default: %(default)s)",
+    )
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -64,6 +71,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "max_num_seqs": args.max_num_seqs,
         "enable_prefix_caching": not args.no_prefix_caching,
         "seed": args.seed,
+        "int4_decode_max_rows": args.int4_decode_max_rows,
     }
 
 

@@ -183,3 +183,6 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: str = "cpu"
     seed: int = 0
+    # Steps whose linear layers see at most this many rows use int4 weight
+    # copies (hawker/layers/quant.py); 0 turns that off.
+    int4_decode_max_rows: int = 0

@@ -52,6 +52,18 @@ class EngineOptions:
     max_num_seqs: int = 128
     seed: int = 0
     device: str = "cpu"
+    # Decode steps with at most this many sequences use int4 copies of the
+    # weights (a quarter of the bytes to read); 0 = off. CPU only.
+    int4_decode_max_rows: int = 0
+
+
+def _int4_decode_max_rows(options: EngineOptions) -> int:
+    rows = options.int4_decode_max_rows
+    if rows < 0:
+        raise ValueError(f"int4_decode_max_rows must be >= 0 (0 = off), got {rows}")
+    if rows and torch.device(options.device).type != "cpu":
+        raise ValueError(f"int4_decode_max_rows uses a CPU kernel; it must be 0 on device {options.device!r}")
+    return rows
 
 
 class EngineFatalError(RuntimeError):
@@ -141,6 +153,7 @@ class Engine:
             parallel=ParallelConfig(),
             device=options.device,
             seed=options.seed,
+            int4_decode_max_rows=_int4_decode_max_rows(options),
         )
         model = build_model(config, checkpoint)
         return cls(config, model, load_tokenizer(Path(checkpoint.path)))

@@ -6,6 +6,7 @@ scheduling decisions.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -17,9 +18,12 @@ from hawker.config import EngineConfig
 from hawker.engine.sampler import Sampler, SampleRow, gather_logprobs, trim_top
 from hawker.engine.scheduler import ScheduledSeq, SchedulerOutput
 from hawker.layers.parallel import TPInfo
+from hawker.layers.quant import enable_int4_decode
 from hawker.loader.checkpoint import Checkpoint
 from hawker.models.registry import model_class
 from hawker.outputs import PositionLogprobs
+
+logger = logging.getLogger(__name__)
 
 # Called with the ids of the sampled sequences and their float32 logits.
 LogitsObserver = Callable[[list[str], torch.Tensor], None]
@@ -73,6 +77,9 @@ def build_model(config: EngineConfig, checkpoint: Checkpoint) -> nn.Module:
     with torch.device(config.device):
         model = cls(config.model, tp, max_positions)
     model.load_weights(checkpoint.weights())
+    if config.int4_decode_max_rows:
+        count = enable_int4_decode(model, config.int4_decode_max_rows)
+        logger.info("int4 decode copies for %d layers whose weights are 4-bit", count)
     return model.eval()
 
 

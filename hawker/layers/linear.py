@@ -14,6 +14,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from hawker.layers.parallel import TPInfo
+from hawker.layers.quant import Int4Weight, can_quantize, quantize_int4
+
+
+def _dense_or_int4(x: torch.Tensor, weight: torch.Tensor, int4: Int4Weight | None) -> torch.Tensor:
+    if int4 is not None and int4.applies_to(x):
+        return int4.matmul(x)
+    return F.linear(x, weight)
+
+
+def _quantized_copy(weight: torch.Tensor, max_rows: int) -> Int4Weight | None:
+    return quantize_int4(weight.data, max_rows) if can_quantize(weight) else None
 
 
 class ColumnParallelLinear(nn.Module):
@@ -32,6 +43,12 @@ class ColumnParallelLinear(nn.Module):
         out_local = sum(self.local_sizes)
         self.weight = nn.Parameter(torch.empty(out_local, in_features, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_local, dtype=dtype), requires_grad=False) if bias else None
+        self.int4: Int4Weight | None = None
+
+    def attach_int4(self, max_rows: int) -> bool:
+        """Keep an int4 copy of the (loaded) weight for inputs of at most ``max_rows`` rows."""
+        self.int4 = _quantized_copy(self.weight, max_rows)
+        return self.int4 is not None
 
     def load(self, name: str, full: torch.Tensor, shard: int = 0) -> None:
         target = self.weight if name == "weight" else self.bias
@@ -42,7 +59,8 @@ class ColumnParallelLinear(nn.Module):
         target.data.narrow(0, offset, size).copy_(piece)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        out = _dense_or_int4(x, self.weight, self.int4)
+        return out if self.bias is None else out + self.bias
 
 
 class RowParallelLinear(nn.Module):
@@ -54,6 +72,12 @@ class RowParallelLinear(nn.Module):
         self.in_local = tp.shard(in_features)
         self.weight = nn.Parameter(torch.empty(out_features, self.in_local, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.int4: Int4Weight | None = None
+
+    def attach_int4(self, max_rows: int) -> bool:
+        """Keep an int4 copy of the (loaded) weight for inputs of at most ``max_rows`` rows."""
+        self.int4 = _quantized_copy(self.weight, max_rows)
+        return self.int4 is not None
 
     def load(self, name: str, full: torch.Tensor, shard: int = 0) -> None:
         del shard
@@ -64,6 +88,6 @@ class RowParallelLinear(nn.Module):
         self.weight.data.copy_(full.narrow(1, self.tp.rank * self.in_local, self.in_local))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.tp.all_reduce(F.linear(x, self.weight))
+        out = self.tp.all_reduce(_dense_or_int4(x, self.weight, self.int4))
         # The bias is added once, after the reduction.
         return out if self.bias is None else out + self.bias
