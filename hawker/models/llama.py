@@ -21,7 +21,7 @@ from hawker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from hawker.layers.linear import ColumnParallelLinear, RowParallelLinear
 from hawker.layers.norm import RMSNorm
 from hawker.layers.parallel import TPInfo
-from hawker.layers.rotary import RotaryEmbedding
+from hawker.layers.rotary import RotaryAngles, RotaryEmbedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -45,7 +45,7 @@ class FamilyOptions:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, opts: FamilyOptions, tp: TPInfo, max_positions: int) -> None:
+    def __init__(self, cfg: ModelConfig, opts: FamilyOptions, tp: TPInfo) -> None:
         super().__init__()
         self.num_heads = tp.shard(cfg.num_heads)
         self.num_kv_heads = tp.shard(cfg.num_kv_heads)
@@ -55,11 +55,10 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, opts.o_bias, tp, cfg.dtype)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.dtype) if opts.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.dtype) if opts.qk_norm else None
-        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, cfg.head_dim)
 
     def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
+        self, angles: RotaryAngles, hidden: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
         tokens = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split(
@@ -71,7 +70,7 @@ class LlamaAttention(nn.Module):
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        q, k = angles.apply(q, k)
         out = self.attn(q, k, v, kv_cache, meta)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
 
@@ -88,17 +87,17 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, opts: FamilyOptions, tp: TPInfo, max_positions: int) -> None:
+    def __init__(self, cfg: ModelConfig, opts: FamilyOptions, tp: TPInfo) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
-        self.self_attn = LlamaAttention(cfg, opts, tp, max_positions)
+        self.self_attn = LlamaAttention(cfg, opts, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
         self.mlp = LlamaMLP(cfg, tp)
 
     def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
+        self, angles: RotaryAngles, hidden: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), kv_cache, meta)
+        hidden = hidden + self.self_attn(angles, self.input_layernorm(hidden), kv_cache, meta)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -106,15 +105,18 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, opts: FamilyOptions, tp: TPInfo, max_positions: int) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, cfg.dtype)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, opts, tp, max_positions) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, opts, tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+        # One table for all layers (they share head_dim and theta).
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
+        angles = self.rotary(positions, hidden.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(positions, hidden, kv_cache, meta)
+            hidden = layer(angles, hidden, kv_cache, meta)
         return self.norm(hidden)
 
 
