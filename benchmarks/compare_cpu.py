@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from hawker import LLM, SamplingParams
+from hawker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from hawker.loader.checkpoint import default_model_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -80,6 +81,11 @@ def llama_cpp_figures(python: Path, model: Path) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _is_lookup_table(module: torch.nn.Module) -> bool:
+    """An input embedding: a step reads one row of it, not the whole table."""
+    return isinstance(module, VocabParallelEmbedding) and not isinstance(module, ParallelLMHead)
+
+
 def weight_bytes_per_decode_step(llm: LLM) -> int:
     """Bytes of weights one decode step of one sequence reads (int4 copies where they are used)."""
     total = 0
@@ -88,8 +94,8 @@ def weight_bytes_per_decode_step(llm: LLM) -> int:
         weight = getattr(module, "weight", None)
         if int4 is not None:
             tensors = [int4.packed, int4.scales_and_zeros]
-        elif isinstance(weight, torch.Tensor) and type(module).__name__ != "VocabParallelEmbedding":
-            tensors = [weight]  # an embedding lookup reads one row, so it is left out
+        elif isinstance(weight, torch.Tensor) and not _is_lookup_table(module):
+            tensors = [weight]
         else:
             tensors = []
         total += sum(t.numel() * t.element_size() for t in tensors)

@@ -14,7 +14,6 @@ class PrefillChunk:
     query_start: int  # row of the first token in the flat batch
     length: int
     start_pos: int  # tokens of this sequence already in the cache
-    block_table: torch.Tensor  # [num_blocks] block ids
     context_slots: torch.Tensor | None  # [context_len] cache slots when start_pos > 0
 
     @property

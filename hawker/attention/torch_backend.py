@@ -52,13 +52,11 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 def _decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    if len(meta.decode_groups) == 1:
-        return _decode_group(q, k_cache, v_cache, meta.decode_groups[0], scale)
     parts = [
         _decode_group(q[group.first_row : group.first_row + group.num_rows], k_cache, v_cache, group, scale)
         for group in meta.decode_groups
     ]
-    return torch.cat(parts)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _decode_group(

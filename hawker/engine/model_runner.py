@@ -113,9 +113,10 @@ class ModelRunner:
         return self._sample(batch, hidden)
 
     def _prepare(self, seqs: Sequence[ScheduledSeq]) -> _Batch:
-        # Longest context first, so that decode groups of similar length are contiguous rows.
-        decodes = sorted((s for s in seqs if s.num_tokens == 1 and s.start_pos > 0), key=lambda s: -s.start_pos)
+        decodes = [s for s in seqs if s.num_tokens == 1 and s.start_pos > 0]
         prefills = [s for s in seqs if not (s.num_tokens == 1 and s.start_pos > 0)]
+        # Longest context first, so that decode groups of similar length are contiguous rows.
+        decodes.sort(key=lambda s: -s.start_pos)
         order = decodes + prefills
         bs = self.block_size
         ids: list[int] = []
@@ -131,9 +132,8 @@ class ModelRunner:
             slots.extend(seq.block_table[p // bs] * bs + p % bs for p in span)
             row_ends.append(len(ids))
             if index >= len(decodes):
-                table = torch.tensor(seq.block_table, dtype=torch.long, device=self.device)
-                context = self._slots(table.unsqueeze(0), seq.start_pos + seq.num_tokens)[0] if seq.start_pos else None
-                chunks.append(PrefillChunk(start_row, seq.num_tokens, seq.start_pos, table, context))
+                context = self._context_slots(seq) if seq.start_pos else None
+                chunks.append(PrefillChunk(start_row, seq.num_tokens, seq.start_pos, context))
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             num_decodes=len(decodes),
@@ -161,6 +161,11 @@ class ModelRunner:
             slots = self._slots(table, longest).flatten()
             groups.append(DecodeGroup(first, count, longest, slots, mask[:, None, None, :]))
         return tuple(groups)
+
+    def _context_slots(self, seq: ScheduledSeq) -> torch.Tensor:
+        """Cache slots of every position of ``seq`` up to the end of this step's chunk."""
+        table = torch.tensor([seq.block_table], dtype=torch.long, device=self.device)
+        return self._slots(table, seq.start_pos + seq.num_tokens)[0]
 
     def _slots(self, tables: torch.Tensor, length: int) -> torch.Tensor:
         """[B, blocks] block tables -> [B, length] cache slots of positions 0..length-1."""

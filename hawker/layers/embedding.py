@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hawker.layers.parallel import TPInfo
-from hawker.layers.quant import Int4Weight, can_quantize, quantize_int4
+from hawker.layers.quant import Int4Capable
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -36,22 +36,9 @@ class VocabParallelEmbedding(nn.Module):
         return self.tp.all_reduce(out)
 
 
-class ParallelLMHead(VocabParallelEmbedding):
+class ParallelLMHead(Int4Capable, VocabParallelEmbedding):
     """Projects hidden states onto this rank's vocabulary slice, then gathers."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, tp: TPInfo, dtype: torch.dtype) -> None:
-        super().__init__(vocab_size, hidden_size, tp, dtype)
-        self.int4: Int4Weight | None = None
-
-    def attach_int4(self, max_rows: int) -> bool:
-        """Keep an int4 copy of the (loaded, possibly tied) weight for few-row logits."""
-        self.int4 = quantize_int4(self.weight.data, max_rows) if can_quantize(self.weight) else None
-        return self.int4 is not None
-
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.int4 is not None and self.int4.applies_to(hidden):
-            local = self.int4.matmul(hidden)
-        else:
-            local = F.linear(hidden, self.weight)
-        out = self.tp.all_gather_last_dim(local)
+        out = self.tp.all_gather_last_dim(self.project(hidden))
         return out[..., : self.vocab_size]

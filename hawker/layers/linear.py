@@ -10,24 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hawker.layers.parallel import TPInfo
-from hawker.layers.quant import Int4Weight, can_quantize, quantize_int4
+from hawker.layers.quant import Int4Capable
 
 
-def _dense_or_int4(x: torch.Tensor, weight: torch.Tensor, int4: Int4Weight | None) -> torch.Tensor:
-    if int4 is not None and int4.applies_to(x):
-        return int4.matmul(x)
-    return F.linear(x, weight)
-
-
-def _quantized_copy(weight: torch.Tensor, max_rows: int) -> Int4Weight | None:
-    return quantize_int4(weight.data, max_rows) if can_quantize(weight) else None
-
-
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(Int4Capable, nn.Module):
     """``y = x W^T`` with W's rows (outputs) split into named shards per rank.
 
     ``shard_sizes`` are the full (unsplit) output sizes of the shards stacked
@@ -43,12 +32,6 @@ class ColumnParallelLinear(nn.Module):
         out_local = sum(self.local_sizes)
         self.weight = nn.Parameter(torch.empty(out_local, in_features, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_local, dtype=dtype), requires_grad=False) if bias else None
-        self.int4: Int4Weight | None = None
-
-    def attach_int4(self, max_rows: int) -> bool:
-        """Keep an int4 copy of the (loaded) weight for inputs of at most ``max_rows`` rows."""
-        self.int4 = _quantized_copy(self.weight, max_rows)
-        return self.int4 is not None
 
     def load(self, name: str, full: torch.Tensor, shard: int = 0) -> None:
         target = self.weight if name == "weight" else self.bias
@@ -59,11 +42,10 @@ class ColumnParallelLinear(nn.Module):
         target.data.narrow(0, offset, size).copy_(piece)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _dense_or_int4(x, self.weight, self.int4)
-        return out if self.bias is None else out + self.bias
+        return self.project(x, self.bias)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(Int4Capable, nn.Module):
     """``y = x W^T`` with W's columns (inputs) split per rank, summed across ranks."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPInfo, dtype: torch.dtype) -> None:
@@ -72,12 +54,6 @@ class RowParallelLinear(nn.Module):
         self.in_local = tp.shard(in_features)
         self.weight = nn.Parameter(torch.empty(out_features, self.in_local, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
-        self.int4: Int4Weight | None = None
-
-    def attach_int4(self, max_rows: int) -> bool:
-        """Keep an int4 copy of the (loaded) weight for inputs of at most ``max_rows`` rows."""
-        self.int4 = _quantized_copy(self.weight, max_rows)
-        return self.int4 is not None
 
     def load(self, name: str, full: torch.Tensor, shard: int = 0) -> None:
         del shard
@@ -88,6 +64,6 @@ class RowParallelLinear(nn.Module):
         self.weight.data.copy_(full.narrow(1, self.tp.rank * self.in_local, self.in_local))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.tp.all_reduce(_dense_or_int4(x, self.weight, self.int4))
+        out = self.tp.all_reduce(self.project(x))
         # The bias is added once, after the reduction.
         return out if self.bias is None else out + self.bias
