@@ -90,7 +90,6 @@ class AsyncEngine:
         self,
         engine: Engine,
         max_waiting_requests: int = 1024,
-        observer: RequestObserver | None = None,
     ) -> None:
         self.engine = engine
         # The loop thread decodes with engine.tokenizer; HTTP handlers encode
@@ -98,7 +97,7 @@ class AsyncEngine:
         # padding/truncation state and must not run concurrently with it.
         self.tokenizer: PreTrainedTokenizerBase = copy.deepcopy(engine.tokenizer)
         self.max_waiting_requests = max_waiting_requests
-        self.observer = observer or RequestObserver()
+        self.observer = RequestObserver()  # the server replaces it with its metrics
         self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._progress: dict[str, StreamProgress] = {}
@@ -127,10 +126,10 @@ class AsyncEngine:
     def is_healthy(self) -> bool:
         return self.dead_reason is None and self._thread is not None and self._thread.is_alive()
 
-    @property
-    def num_in_flight(self) -> int:
-        """Requests whose streams are still open."""
-        return len(self._streams)
+    def raise_if_dead(self) -> None:
+        """Raise ``EngineDeadError`` saying why, unless the engine loop is running."""
+        if not self.is_healthy:
+            raise EngineDeadError(f"the engine is not running: {self.dead_reason or 'not started'}")
 
     def stats(self) -> EngineStats:
         with self._stats_lock:
@@ -154,8 +153,7 @@ class AsyncEngine:
         full) or ``EngineDeadError`` before anything is queued. Closing the
         stream before its last output aborts the request.
         """
-        if not self.is_healthy:
-            raise EngineDeadError(f"the engine is not running: {self.dead_reason or 'not started'}")
+        self.raise_if_dead()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.engine.validate(prompt_token_ids, params)

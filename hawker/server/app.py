@@ -76,8 +76,10 @@ class ServerState:
             raise APIError(404, message, param="model", code="model_not_found")
         if self.draining:
             raise APIError(503, "the server is shutting down", code="shutting_down", retry_after=RETRY_AFTER_S)
-        if not self.engine.is_healthy:
-            raise from_engine_error(EngineDeadError(f"the engine is not running: {self.engine.dead_reason}"))
+        try:
+            self.engine.raise_if_dead()
+        except EngineDeadError as error:
+            raise from_engine_error(error) from None
 
     def submit_all(self, base_id: str, prompts: list[tuple[str | None, list[int]]], params: SamplingParams) -> list:
         """Validate every prompt, then queue them all; a failure queues none."""
@@ -126,9 +128,10 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/health")
     async def health() -> Response:
-        if not engine.is_healthy:
-            message = f"the engine is not running: {engine.dead_reason or 'not started'}"
-            return error_response(APIError(503, message, code="engine_dead", retry_after=RETRY_AFTER_S))
+        try:
+            engine.raise_if_dead()
+        except EngineDeadError as error:
+            return error_response(APIError(503, str(error), code="engine_dead", retry_after=RETRY_AFTER_S))
         if state.draining:
             return error_response(APIError(503, "the server is shutting down", retry_after=RETRY_AFTER_S))
         return Response(status_code=200)
@@ -183,7 +186,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             token_text=state.token_text,
             echo=body.echo,
             logprobs=body.logprobs,
-            prompt_texts=[text or engine.tokenizer.decode(ids) for text, ids in prompts],
+            # Only echo shows the prompt's text; token-id prompts are decoded just for it.
+            prompt_texts=[text or engine.tokenizer.decode(ids) for text, ids in prompts] if body.echo else [],
         )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream:

@@ -18,7 +18,6 @@ class ChoiceCursor:
 
     text_len: int = 0
     num_tokens: int = 0
-    role_sent: bool = False
     finished: bool = False
 
 
@@ -75,8 +74,25 @@ class TokenText:
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self._tokenizer = tokenizer
         self._byte_decoder = {char: byte for byte, char in bytes_to_unicode().items()}
+        # A token's text never changes, and logprobs ask for up to 21 tokens
+        # per generated token: remember each answer.
+        self._texts: dict[int, str] = {}
+        self._bytes: dict[int, bytes] = {}
 
     def __call__(self, token_id: int) -> str:
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._texts[token_id] = self._text(token_id)
+        return text
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes a token stands for (byte-level BPE, byte-fallback pieces, or its decoded text)."""
+        raw = self._bytes.get(token_id)
+        if raw is None:
+            raw = self._bytes[token_id] = self._raw_bytes(token_id)
+        return raw
+
+    def _text(self, token_id: int) -> str:
         text = self._tokenizer.decode([token_id])
         if "\ufffd" not in text:
             return text
@@ -86,8 +102,7 @@ class TokenText:
         except UnicodeDecodeError:
             return "bytes:" + "".join(f"\\x{byte:02x}" for byte in raw)
 
-    def token_bytes(self, token_id: int) -> bytes:
-        """The raw bytes a token stands for (byte-level BPE, byte-fallback pieces, or its decoded text)."""
+    def _raw_bytes(self, token_id: int) -> bytes:
         piece = self._tokenizer.convert_ids_to_tokens(token_id)
         byte_fallback = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
         if byte_fallback:
@@ -101,13 +116,13 @@ def completion_logprobs(
     token_ids: list[int],
     logprobs: list[PositionLogprobs | None],
     token_text: TokenText,
-    text_offset: int,
 ) -> dict[str, Any]:
     """The legacy completions ``logprobs`` object: tokens, token_logprobs, top_logprobs, text_offset."""
     tokens: list[str] = []
     token_logprobs: list[float | None] = []
     top_logprobs: list[dict[str, float] | None] = []
     offsets: list[int] = []
+    text_offset = 0
     for token_id, entry in zip(token_ids, logprobs, strict=True):
         text = token_text(token_id)
         tokens.append(text)

@@ -14,9 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hawker.sampling_params import SamplingParams
 
-# Upper bound of OpenAI's top_logprobs; also SamplingParams' logprobs limit.
-MAX_LOGPROBS = 20
-
 
 class StreamOptions(BaseModel):
     include_usage: bool = False

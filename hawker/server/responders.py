@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from hawker.outputs import CompletionOutput, RequestOutput
+from hawker.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from hawker.server.formatting import Delta, StreamState, TokenText, chat_logprobs, completion_logprobs, usage
 
 
@@ -73,18 +73,21 @@ class CompletionResponder(_Base):
             if self.echo and first:
                 text = self.prompt_texts[prompt_index] + text
             if self.logprobs is not None and delta.logprobs is not None:
-                logprobs = self._logprobs(prompt_index, output, delta, first)
+                logprobs = self._logprobs(output, delta.token_ids, delta.logprobs, self.echo and first)
             choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": delta.finish_reason}
             bodies.append(self._envelope(self.chunk_kind, [choice]))
         return bodies
 
-    def _logprobs(self, prompt_index: int, output: RequestOutput, delta: Delta, first: bool) -> dict[str, Any]:
-        token_ids = list(delta.token_ids)
-        entries: list = list(delta.logprobs or [])
-        if self.echo and first and output.prompt_logprobs is not None:
-            token_ids = output.prompt_token_ids + token_ids
-            entries = list(output.prompt_logprobs) + entries
-        return completion_logprobs(token_ids, entries, self.token_text, 0)
+    def _logprobs(
+        self, output: RequestOutput, token_ids: list[int], entries: list[PositionLogprobs], with_prompt: bool
+    ) -> dict[str, Any]:
+        """Logprobs of ``token_ids``, preceded by the prompt's when it is echoed in this piece."""
+        all_ids: list[int] = list(token_ids)
+        all_entries: list[PositionLogprobs | None] = list(entries)
+        if with_prompt and output.prompt_logprobs is not None:
+            all_ids = output.prompt_token_ids + all_ids
+            all_entries = list(output.prompt_logprobs) + all_entries
+        return completion_logprobs(all_ids, all_entries, self.token_text)
 
     def full(self, finals: list[RequestOutput]) -> dict[str, Any]:
         choices = []
@@ -93,11 +96,7 @@ class CompletionResponder(_Base):
             for completion in output.outputs:
                 logprobs = None
                 if self.logprobs is not None and completion.logprobs is not None:
-                    token_ids, entries = list(completion.token_ids), list(completion.logprobs)
-                    if self.echo and output.prompt_logprobs is not None:
-                        token_ids = output.prompt_token_ids + token_ids
-                        entries = list(output.prompt_logprobs) + entries
-                    logprobs = completion_logprobs(token_ids, entries, self.token_text, 0)
+                    logprobs = self._logprobs(output, completion.token_ids, completion.logprobs, self.echo)
                 choices.append(
                     {
                         "index": self.choice_index(prompt_index, completion),
@@ -114,7 +113,6 @@ class CompletionResponder(_Base):
 @dataclass
 class ChatResponder(_Base):
     top_logprobs: int | None = None  # None: no logprobs
-    num_prompts: int = 1
 
     kind = "chat.completion"
     chunk_kind = "chat.completion.chunk"
@@ -133,7 +131,7 @@ class ChatResponder(_Base):
                     }
                 ],
             )
-            for index in range(self.n * self.num_prompts)
+            for index in range(self.n)
         ]
 
     def chunks(self, prompt_index: int, output: RequestOutput) -> list[dict[str, Any]]:
