@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -85,6 +85,16 @@ class _Abort:
     request_id: str
 
 
+@dataclass(frozen=True)
+class Submission:
+    """One request for ``AsyncEngine.submit_many``."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None = None
+
+
 class AsyncEngine:
     def __init__(
         self,
@@ -136,10 +146,6 @@ class AsyncEngine:
             return self._stats
 
     # -------------------------------------------------------------- requests
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError for a request the engine would reject (nothing is queued)."""
-        self.engine.validate(prompt_token_ids, params)
-
     def submit(
         self,
         request_id: str,
@@ -147,24 +153,34 @@ class AsyncEngine:
         params: SamplingParams,
         prompt: str | None = None,
     ) -> RequestStream:
-        """Validate and queue a request now; returns the stream of its outputs.
+        """Validate and queue one request now; returns the stream of its outputs (see ``submit_many``)."""
+        return self.submit_many([Submission(request_id, prompt_token_ids, params, prompt)])[0]
 
-        Raises ``ValueError`` (bad request), ``EngineBusyError`` (waiting queue
-        full) or ``EngineDeadError`` before anything is queued. Closing the
-        stream before its last output aborts the request.
+    def submit_many(self, submissions: Sequence[Submission]) -> list[RequestStream]:
+        """Validate every request, then queue them all: a rejection queues none.
+
+        Raises ``ValueError`` (bad request), ``EngineBusyError`` (the waiting
+        queue has no room for all of them) or ``EngineDeadError`` before
+        anything is queued. Closing a stream before its last output aborts
+        its request.
         """
         self.raise_if_dead()
-        if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        self.engine.validate(prompt_token_ids, params)
+        for item in submissions:
+            if item.request_id in self._streams:
+                raise ValueError(f"request id {item.request_id!r} is already in use")
+            self.engine.validate(item.prompt_token_ids, item.params)
         waiting = self.stats().num_waiting + self._pending_adds
-        if waiting >= self.max_waiting_requests:
+        if waiting + len(submissions) > self.max_waiting_requests:
             raise EngineBusyError(f"{waiting} requests are waiting (limit {self.max_waiting_requests}); retry later")
-        stream = RequestStream(request_id, self._release)
-        self._streams[request_id] = stream
-        self._pending_adds += 1
-        self._commands.put(_Add(request_id, list(prompt_token_ids), params, prompt, time.monotonic()))
-        return stream
+        streams = []
+        for item in submissions:
+            stream = RequestStream(item.request_id, self._release)
+            self._streams[item.request_id] = stream
+            self._pending_adds += 1
+            command = _Add(item.request_id, list(item.prompt_token_ids), item.params, item.prompt, time.monotonic())
+            self._commands.put(command)
+            streams.append(stream)
+        return streams
 
     def _release(self, stream: RequestStream) -> None:
         """A stream closed: forget it; abort its request unless it finished."""

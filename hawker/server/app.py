@@ -18,7 +18,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from hawker.engine.async_engine import AsyncEngine, EngineBusyError, EngineDeadError, RequestFailedError, RequestStream
+from hawker.engine.async_engine import (
+    AsyncEngine,
+    EngineBusyError,
+    EngineDeadError,
+    RequestFailedError,
+    RequestStream,
+    Submission,
+)
 from hawker.loader.tokenizer import render_chat
 from hawker.outputs import RequestOutput
 from hawker.sampling_params import SamplingParams
@@ -82,24 +89,17 @@ class ServerState:
             raise from_engine_error(error) from None
 
     def submit_all(self, base_id: str, prompts: list[tuple[str | None, list[int]]], params: SamplingParams) -> list:
-        """Validate every prompt, then queue them all; a failure queues none."""
+        """Queue one request per prompt; a rejection of any queues none."""
+        submissions = [
+            Submission(base_id if len(prompts) == 1 else f"{base_id}-{index}", ids, params, text)
+            for index, (text, ids) in enumerate(prompts)
+        ]
         try:
-            for _, ids in prompts:
-                self.engine.validate(ids, params)
+            return self.engine.submit_many(submissions)
         except ValueError as error:
-            raise from_value_error(error) from None
-        streams: list[RequestStream] = []
-        try:
-            for index, (text, ids) in enumerate(prompts):
-                request_id = base_id if len(prompts) == 1 else f"{base_id}-{index}"
-                streams.append(self.engine.submit(request_id, ids, params, prompt=text))
-        except ValueError as error:
-            _close(streams)
             raise from_value_error(error) from None
         except _ENGINE_ERRORS as error:
-            _close(streams)
             raise from_engine_error(error) from None
-        return streams
 
 
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
