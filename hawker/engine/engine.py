@@ -246,10 +246,12 @@ class Engine:
         running), or None if the request is unknown or already finished.
         """
         group = self.groups.get(request_id)
-        if group is None:
-            return None
+        return None if group is None else self._finish_group(group, RequestStatus.FINISHED_ABORTED)
+
+    def _finish_group(self, group: _Group, status: RequestStatus) -> RequestOutput:
+        """Finish every sequence of ``group`` with ``status``; returns the group's final output."""
         for seq in group.seqs:
-            self.scheduler.finish(seq.request_id, RequestStatus.FINISHED_ABORTED)
+            self.scheduler.finish(seq.request_id, status)
         group.finished = [True] * len(group.seqs)
         return self._output(group)
 
@@ -265,7 +267,7 @@ class Engine:
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
-            kv_cache_usage=1.0 - kv.num_free_blocks / kv.num_blocks,
+            kv_cache_usage=kv.usage,
             prefix_cache_queries=kv.stats.queried_tokens,
             prefix_cache_hits=kv.stats.hit_tokens,
             num_preemptions=self.scheduler.num_preemptions,
@@ -288,11 +290,6 @@ class Engine:
         if scheduled.empty:
             return []
         self.counters.num_steps += 1
-        now = time.monotonic()
-        for seq in scheduled.seqs:
-            request = self.scheduler.requests[seq.request_id]
-            if request.first_scheduled_time is None:
-                request.first_scheduled_time = now
         try:
             model_output = self._execute(scheduled.seqs)
         except EngineFatalError:
@@ -311,38 +308,26 @@ class Engine:
         """Run each sequence alone; fail the groups whose sequence still fails."""
         results: dict[str, SeqResult] = {}
         failed: list[RequestOutput] = []
-        kept: list[ScheduledSeq] = []
         for seq in scheduled.seqs:
-            group = self._group_of(seq.request_id)
-            if group is None:  # a sibling failed earlier in this loop
+            request = self.scheduler.requests.get(seq.request_id)
+            if request is None:  # its group failed earlier in this loop
                 continue
             try:
                 results.update(self._execute((seq,)).results)
             except EngineFatalError:
                 raise
             except Exception as error:
-                logger.exception("request %s failed in the model", group.request_id)
-                failed.append(self.fail(group.request_id, f"{type(error).__name__}: {error}"))
-                continue
-            kept.append(seq)
-        survivors = SchedulerOutput(seqs=tuple(s for s in kept if s.request_id in self.scheduler.requests))
-        outputs = self._update(survivors, ModelOutput(results=results))
-        return failed + outputs
-
-    def _group_of(self, seq_id: str) -> _Group | None:
-        request = self.scheduler.requests.get(seq_id)
-        if request is None:
-            return None
-        return self.groups.get(request.parent_id or request.request_id)
+                group_id = request.parent_id or request.request_id
+                logger.exception("request %s failed in the model", group_id)
+                failed.append(self.fail(group_id, f"{type(error).__name__}: {error}"))
+        # Failing a group removed all its sequences from the scheduler, including any that ran before.
+        survivors = SchedulerOutput(seqs=tuple(s for s in scheduled.seqs if s.request_id in self.scheduler.requests))
+        return failed + self._update(survivors, ModelOutput(results=results))
 
     def fail(self, request_id: str, reason: str) -> RequestOutput:
         """Finish every sequence of a request with finish_reason "error"; returns its final output."""
-        group = self.groups[request_id]
-        for seq in group.seqs:
-            self.scheduler.finish(seq.request_id, RequestStatus.FINISHED_ERROR)
-        group.finished = [True] * len(group.seqs)
         self.counters.num_failed_requests += 1
-        output = self._output(group)
+        output = self._finish_group(self.groups[request_id], RequestStatus.FINISHED_ERROR)
         output.error = reason
         return output
 

@@ -9,6 +9,7 @@ and it later re-prefills prompt + generated tokens from scratch.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -137,6 +138,8 @@ class Scheduler:
             request.num_computed_tokens = num_computed
             request.num_cached_tokens = max(request.num_cached_tokens, num_computed)
             request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:  # not on a resume after preemption
+                request.first_scheduled_time = time.monotonic()
             self.running.append(request)
             seqs.append(self._scheduled(request, num_new))
             budget.tokens -= num_new
