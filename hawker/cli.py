@@ -59,6 +59,13 @@ def _add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = F
         help="steps with at most this many tokens use int4 weight copies (group 32, as GGUF Q4_1; lossy for "
         "other checkpoints); faster single-stream decode on CPU; 0 = off (default: %(default)s)",
     )
+    parser.add_argument(
+        "--fp32-matmul-min-rows",
+        type=int,
+        default=defaults.fp32_matmul_min_rows,
+        help="steps with at least this many tokens multiply bfloat16/float16 weights through float32 copies "
+        "(faster on CPUs without AMX; more memory); 0 = off (default: 32 on such CPUs, else off)",
+    )
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -72,6 +79,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "enable_prefix_caching": not args.no_prefix_caching,
         "seed": args.seed,
         "int4_decode_max_rows": args.int4_decode_max_rows,
+        "fp32_matmul_min_rows": args.fp32_matmul_min_rows,
     }
 
 
@@ -163,6 +171,8 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(Path(open_checkpoint(args.tokenizer).path))
         spec = WorkloadSpec(num_prompts=args.num_prompts, seed=args.workload_seed)
         items = make_workload(spec, len(tokenizer), set(tokenizer.all_special_ids))
+        if args.text_prompts:
+            items = [{"prompt": tokenizer.decode(i.prompt_token_ids), "max_tokens": i.output_len} for i in items]
     results = []
     for rate in args.request_rate:
         config = ServeBenchConfig(
@@ -171,6 +181,7 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
             request_rate=rate,
             arrival_seed=args.workload_seed,
             api_key=args.api_key or os.environ.get("HAWKER_API_KEY") or None,
+            banned_token_ids=tuple(args.ban_token_id),
         )
         result = asyncio.run(run_serve_bench(config, items))
         print(result.report(), flush=True)
@@ -203,6 +214,18 @@ def _add_bench_serve_parser(bench_sub: argparse._SubParsersAction) -> None:
     )
     serve.add_argument(
         "--tokenizer", default=None, help="checkpoint whose vocabulary random prompts use (default: default model)"
+    )
+    serve.add_argument(
+        "--text-prompts",
+        action="store_true",
+        help="send the standard workload's prompts as text (decoded token ids), for servers that take no token ids",
+    )
+    serve.add_argument(
+        "--ban-token-id",
+        type=int,
+        action="append",
+        default=[],
+        help="send logit_bias -100 for this token (e.g. EOS, for servers without ignore_eos); repeatable",
     )
     serve.add_argument("--api-key", default=None, help="sent as a bearer token (also HAWKER_API_KEY)")
     serve.add_argument("--json-out", default=None, help="write the results as JSON here")

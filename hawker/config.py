@@ -186,3 +186,6 @@ class EngineConfig:
     # Steps whose linear layers see at most this many rows use int4 weight
     # copies (hawker/layers/quant.py); 0 turns that off.
     int4_decode_max_rows: int = 0
+    # Steps with at least this many rows use float32 copies of half-precision
+    # weights (hawker/layers/projection.py); 0 turns that off.
+    fp32_matmul_min_rows: int = 0

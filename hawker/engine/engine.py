@@ -29,6 +29,7 @@ from hawker.engine.kv_cache import KVCacheManager
 from hawker.engine.model_runner import ModelOutput, ModelRunner, SeqResult, build_model
 from hawker.engine.request import Request, RequestStatus
 from hawker.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
+from hawker.layers.projection import DEFAULT_FP32_MATMUL_MIN_ROWS, cpu_has_fast_half_matmul
 from hawker.loader.checkpoint import open_checkpoint
 from hawker.loader.tokenizer import load_tokenizer
 from hawker.outputs import CompletionOutput, PositionLogprobs, RequestOutput
@@ -55,6 +56,10 @@ class EngineOptions:
     # Decode steps with at most this many sequences use int4 copies of the
     # weights (a quarter of the bytes to read); 0 = off. CPU only.
     int4_decode_max_rows: int = 0
+    # Steps with at least this many rows multiply half-precision weights
+    # through float32 copies; 0 = off, None = on (32 rows) for bfloat16 /
+    # float16 models on a CPU without AMX, where that is faster. CPU only.
+    fp32_matmul_min_rows: int | None = None
 
 
 def _int4_decode_max_rows(options: EngineOptions) -> int:
@@ -63,6 +68,19 @@ def _int4_decode_max_rows(options: EngineOptions) -> int:
         raise ValueError(f"int4_decode_max_rows must be >= 0 (0 = off), got {rows}")
     if rows and torch.device(options.device).type != "cpu":
         raise ValueError(f"int4_decode_max_rows uses a CPU kernel; it must be 0 on device {options.device!r}")
+    return rows
+
+
+def _fp32_matmul_min_rows(options: EngineOptions, dtype: torch.dtype) -> int:
+    rows = options.fp32_matmul_min_rows
+    on_cpu = torch.device(options.device).type == "cpu"
+    if rows is None:
+        half = dtype in (torch.bfloat16, torch.float16)
+        return DEFAULT_FP32_MATMUL_MIN_ROWS if on_cpu and half and not cpu_has_fast_half_matmul() else 0
+    if rows < 0:
+        raise ValueError(f"fp32_matmul_min_rows must be >= 0 (0 = off), got {rows}")
+    if rows and not on_cpu:
+        raise ValueError(f"fp32_matmul_min_rows is a CPU path; it must be 0 on device {options.device!r}")
     return rows
 
 
@@ -154,6 +172,7 @@ class Engine:
             device=options.device,
             seed=options.seed,
             int4_decode_max_rows=_int4_decode_max_rows(options),
+            fp32_matmul_min_rows=_fp32_matmul_min_rows(options, model_config.dtype),
         )
         model = build_model(config, checkpoint)
         return cls(config, model, load_tokenizer(Path(checkpoint.path)))

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hawker.layers.parallel import TPInfo
-from hawker.layers.quant import Int4Capable
+from hawker.layers.projection import ProjectionCopies
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -36,7 +36,7 @@ class VocabParallelEmbedding(nn.Module):
         return self.tp.all_reduce(out)
 
 
-class ParallelLMHead(Int4Capable, VocabParallelEmbedding):
+class ParallelLMHead(ProjectionCopies, VocabParallelEmbedding):
     """Projects hidden states onto this rank's vocabulary slice, then gathers."""
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

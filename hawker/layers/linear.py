@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from hawker.layers.parallel import TPInfo
-from hawker.layers.quant import Int4Capable
+from hawker.layers.projection import ProjectionCopies
 
 
-class ColumnParallelLinear(Int4Capable, nn.Module):
+class ColumnParallelLinear(ProjectionCopies, nn.Module):
     """``y = x W^T`` with W's rows (outputs) split into named shards per rank.
 
     ``shard_sizes`` are the full (unsplit) output sizes of the shards stacked
@@ -45,7 +45,7 @@ class ColumnParallelLinear(Int4Capable, nn.Module):
         return self.project(x, self.bias)
 
 
-class RowParallelLinear(Int4Capable, nn.Module):
+class RowParallelLinear(ProjectionCopies, nn.Module):
     """``y = x W^T`` with W's columns (inputs) split per rank, summed across ranks."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPInfo, dtype: torch.dtype) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 INT4_GROUP_SIZE = 32
@@ -78,25 +77,6 @@ def quantize_int4(weight: torch.Tensor, max_rows: int, group_size: int = INT4_GR
     scale, low = scale.squeeze(-1), low.squeeze(-1)
     scales_and_zeros = torch.stack([scale.t(), (low + 8 * scale).t()], dim=-1).to(weight.dtype).contiguous()
     return Int4Weight(packed, scales_and_zeros, group_size, max_rows)
-
-
-class Int4Capable:
-    """Mixin for a layer with a 2-D ``weight``: an optional int4 copy and the matmul that picks one."""
-
-    weight: torch.Tensor
-    int4: Int4Weight | None = None
-
-    def attach_int4(self, max_rows: int) -> bool:
-        """Keep an int4 copy of the (loaded) weight for inputs of at most ``max_rows`` rows."""
-        self.int4 = quantize_int4(self.weight.data, max_rows)
-        return self.int4 is not None
-
-    def project(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``x W^T (+ bias)``, through the int4 copy when ``x`` has few enough rows."""
-        if self.int4 is None or not self.int4.applies_to(x):
-            return F.linear(x, self.weight, bias)
-        out = self.int4.matmul(x)
-        return out if bias is None else out + bias
 
 
 def enable_int4_decode(model: nn.Module, max_rows: int) -> int:

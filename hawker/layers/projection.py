@@ -1,0 +1,90 @@
+"""Which copy of a linear layer's weight a step multiplies with.
+
+Every projection keeps its weight in the model dtype. Two optional copies
+make the common CPU cases faster without changing what is computed:
+
+- an int4 copy (``hawker/layers/quant.py``) for steps with few rows, whose
+  cost is reading the weights: a quarter of the bytes of bfloat16;
+- a float32 copy for steps with many rows, whose cost is arithmetic: on
+  CPUs without AMX, torch's bfloat16 matmul runs at about half the float32
+  rate (167 vs 322 GFLOP/s on the 2-core development machine, see
+  ``benchmarks/NOTES.md``). The bfloat16 inputs and weights widen to float32
+  exactly and the product is rounded back to bfloat16 once, which is what a
+  bfloat16 matmul with float32 accumulation computes too; only the order of
+  the sums differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hawker.layers.quant import Int4Weight, quantize_int4
+
+# Below about this many rows torch's bfloat16 matmul is as fast as float32
+# after widening the input (measured on the development CPU: 28-32 rows).
+DEFAULT_FP32_MATMUL_MIN_ROWS = 32
+
+
+@dataclass(frozen=True)
+class Fp32Weight:
+    """A float32 copy of a half-precision weight for inputs of many rows."""
+
+    weight: torch.Tensor
+    min_rows: int
+
+    def applies_to(self, x: torch.Tensor) -> bool:
+        return x.dim() == 2 and x.shape[0] >= self.min_rows
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x.float(), self.weight, None if bias is None else bias.float()).to(x.dtype)
+
+
+class ProjectionCopies:
+    """Mixin for a layer with a 2-D ``weight``: optional int4 / float32 copies and the matmul that picks one."""
+
+    weight: torch.Tensor
+    int4: Int4Weight | None = None
+    fp32: Fp32Weight | None = None
+
+    def attach_int4(self, max_rows: int) -> bool:
+        """Keep an int4 copy of the (loaded) weight for inputs of at most ``max_rows`` rows."""
+        self.int4 = quantize_int4(self.weight.data, max_rows)
+        return self.int4 is not None
+
+    def attach_fp32(self, min_rows: int) -> bool:
+        """Keep a float32 copy of the (loaded) weight for inputs of at least ``min_rows`` rows."""
+        if self.weight.dtype not in (torch.bfloat16, torch.float16):
+            return False
+        self.fp32 = Fp32Weight(self.weight.data.float(), min_rows)
+        return True
+
+    def project(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x W^T (+ bias)`` through the copy that suits the number of rows of ``x``."""
+        if self.int4 is not None and self.int4.applies_to(x):
+            out = self.int4.matmul(x)
+            return out if bias is None else out + bias
+        if self.fp32 is not None and self.fp32.applies_to(x):
+            return self.fp32.matmul(x, bias)
+        return F.linear(x, self.weight, bias)
+
+
+def enable_fp32_matmul(model: nn.Module, min_rows: int) -> int:
+    """Give every half-precision projection a float32 copy for inputs of at least ``min_rows`` rows.
+
+    Returns the number of layers that got one.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, ProjectionCopies):
+            count += module.attach_fp32(min_rows)
+    return count
+
+
+def cpu_has_fast_half_matmul() -> bool:
+    """Whether this CPU multiplies bfloat16 faster than float32 (it has AMX tiles, as torch sees them)."""
+    init_amx = getattr(torch._C._cpu, "_init_amx", None)
+    return bool(init_amx()) if init_amx is not None else False

@@ -1,0 +1,87 @@
+"""float32 copies for many-row steps: the row threshold picks the path; bf16 models stay as accurate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hawker import LLM, SamplingParams
+from hawker.layers.linear import ColumnParallelLinear
+from hawker.layers.parallel import TPInfo
+from hawker.layers.projection import Fp32Weight
+from tests.test_parity import make_prompts
+
+
+def bf16_layer(generator: torch.Generator) -> ColumnParallelLinear:
+    layer = ColumnParallelLinear(64, [48], bias=True, tp=TPInfo(0, 1), dtype=torch.bfloat16)
+    layer.load("weight", torch.randn(48, 64, generator=generator))
+    layer.load("bias", torch.randn(48, generator=generator))
+    return layer
+
+
+@pytest.mark.parametrize("rows", [3, 4, 9])
+def test_row_threshold_picks_the_path(rows: int) -> None:
+    generator = torch.Generator().manual_seed(rows)
+    layer = bf16_layer(generator)
+    assert layer.attach_fp32(min_rows=4)
+    x = torch.randn(rows, 64, generator=generator).to(torch.bfloat16)
+    got = layer(x)
+    assert got.dtype == torch.bfloat16
+    if rows >= 4:  # widened exactly, one float32 product, rounded once
+        expected = F.linear(x.float(), layer.weight.float(), layer.bias.float()).to(torch.bfloat16)
+    else:
+        expected = F.linear(x, layer.weight, layer.bias)
+    assert torch.equal(got, expected)
+
+
+def test_float32_weights_get_no_copy() -> None:
+    layer = ColumnParallelLinear(64, [48], bias=False, tp=TPInfo(0, 1), dtype=torch.float32)
+    assert not layer.attach_fp32(min_rows=4)
+    assert layer.fp32 is None
+
+
+def prompt_logprobs(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    values = []
+    for prompt, output in zip(prompts, outputs, strict=True):
+        assert output.prompt_logprobs is not None
+        for token, position in zip(prompt[1:], output.prompt_logprobs[1:], strict=True):
+            assert position is not None
+            values.append(position[token].logprob)
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def test_bf16_model_with_fp32_copies_is_as_accurate(
+    tiny_checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prompt logprobs of a bf16 model, with and without float32 copies, against float32."""
+    checkpoint = str(tiny_checkpoints["llama"])
+    prompts = make_prompts(seed=11)
+    reference = prompt_logprobs(LLM(checkpoint, dtype="float32"), prompts)
+    dense = prompt_logprobs(LLM(checkpoint, dtype="bfloat16", fp32_matmul_min_rows=0), prompts)
+
+    calls = 0
+    original = Fp32Weight.matmul
+
+    def counting(self: Fp32Weight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return original(self, x, bias)
+
+    monkeypatch.setattr(Fp32Weight, "matmul", counting)
+    wide = prompt_logprobs(LLM(checkpoint, dtype="bfloat16", fp32_matmul_min_rows=16), prompts)
+    assert calls > 0
+    dense_error = (dense - reference).abs().max().item()
+    wide_error = (wide - reference).abs().max().item()
+    # Both are bf16 models; the float32 copies change rounding order only, so
+    # their error is bf16-sized and no larger than the dense path's (with slack).
+    assert wide_error <= 1.5 * dense_error + 1e-3, (wide_error, dense_error)
+
+
+def test_fp32_matmul_option_is_validated() -> None:
+    with pytest.raises(ValueError, match="fp32_matmul_min_rows"):
+        LLM(dtype="bfloat16", fp32_matmul_min_rows=-1)
