@@ -3,7 +3,9 @@
 Requests are streamed /v1/completions calls sent with Poisson arrivals at a
 given rate (or all at once). Per request: TTFT (send -> first content chunk),
 ITL (gaps between content chunks), TPOT ((e2e - TTFT) / (output tokens - 1))
-and end-to-end latency; the output token count comes from the server's usage.
+and end-to-end latency. The output token count comes from the server's
+usage chunk; a server that sends none (llama.cpp's) is counted from its
+finish reason and content chunks.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ class ServeBenchConfig:
     arrival_seed: int = 0
     api_key: str | None = None
     timeout_s: float = 600.0
+    # Sent as logit_bias -100 besides ignore_eos, for servers without
+    # ignore_eos (llama.cpp's), so that every request runs to max_tokens.
+    banned_token_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -133,7 +138,7 @@ async def run_serve_bench(config: ServeBenchConfig, items: list[WorkItem | dict[
         delays = _arrival_offsets(len(items), config.request_rate, config.arrival_seed)
         start = time.perf_counter()
         tasks = [
-            asyncio.ensure_future(_delayed(start + delay, _one_request(client, model, item)))
+            asyncio.ensure_future(_delayed(start + delay, _one_request(client, model, item, config)))
             for delay, item in zip(delays, items, strict=True)
         ]
         records = await asyncio.gather(*tasks)
@@ -164,14 +169,12 @@ async def _delayed(at: float, work: Any) -> RequestRecord:
     return await work
 
 
-async def _one_request(client: httpx.AsyncClient, model: str, item: WorkItem | dict[str, Any]) -> RequestRecord:
+def _request_body(model: str, item: WorkItem | dict[str, Any], config: ServeBenchConfig) -> dict[str, Any]:
     if isinstance(item, WorkItem):
         prompt: Any = item.prompt_token_ids
         max_tokens = item.output_len
-        prompt_tokens = len(item.prompt_token_ids)
     else:
         prompt, max_tokens = item["prompt"], int(item["max_tokens"])
-        prompt_tokens = len(prompt) if isinstance(prompt, list) else 0
     body = {
         "model": model,
         "prompt": prompt,
@@ -181,9 +184,22 @@ async def _one_request(client: httpx.AsyncClient, model: str, item: WorkItem | d
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    record = RequestRecord(ok=False, prompt_tokens=prompt_tokens)
+    if config.banned_token_ids:
+        body["logit_bias"] = {str(token): -100.0 for token in config.banned_token_ids}
+    return body
+
+
+async def _one_request(
+    client: httpx.AsyncClient, model: str, item: WorkItem | dict[str, Any], config: ServeBenchConfig
+) -> RequestRecord:
+    body = _request_body(model, item, config)
+    prompt = body["prompt"]
+    record = RequestRecord(ok=False, prompt_tokens=len(prompt) if isinstance(prompt, list) else 0)
     sent = time.perf_counter()
     last: float | None = None
+    content_chunks = 0
+    finish_reason: str | None = None
+    usage_seen = False
     try:
         async with client.stream("POST", "/v1/completions", json=body) as response:
             if response.status_code != 200:
@@ -198,16 +214,25 @@ async def _one_request(client: httpx.AsyncClient, model: str, item: WorkItem | d
                     return record
                 now = time.perf_counter()
                 if chunk.get("usage"):
+                    usage_seen = True
                     record.output_tokens = chunk["usage"]["completion_tokens"]
                     record.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     details = chunk["usage"].get("prompt_tokens_details") or {}
                     record.cached_prompt_tokens = details.get("cached_tokens") or 0
+                for choice in chunk.get("choices", []):
+                    finish_reason = choice.get("finish_reason") or finish_reason
                 if any(choice.get("text") for choice in chunk.get("choices", [])):
+                    content_chunks += 1
                     if last is None:
                         record.ttft = now - sent
                     else:
                         record.itls.append(now - last)
                     last = now
+        if not usage_seen:
+            # No usage in the stream (llama.cpp's server): a request that ended
+            # on its length limit produced exactly max_tokens tokens; otherwise
+            # count content chunks (one token each on the servers we know).
+            record.output_tokens = body["max_tokens"] if finish_reason == "length" else content_chunks
         record.e2e = time.perf_counter() - sent
         record.ok = last is not None
         if not record.ok:
