@@ -56,8 +56,8 @@ def _add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = F
         "--int4-decode-max-rows",
         type=int,
         default=defaults.int4_decode_max_rows,
-        help="steps with at most this many tokens use int4 weight copies (group 32, as GGUF Q4_1; lossy for "
-        "other checkpoints); faster single-stream decode on CPU; 0 = off (default: %(default)s)",
+        help="steps with at most this many tokens use int4 copies of the layers that are 4-bit in the "
+        "checkpoint (GGUF Q4_1/Q4_0); faster decode on CPU; 0 = off (default: 16 on CPU, else off)",
     )
     parser.add_argument(
         "--fp32-matmul-min-rows",

@@ -33,6 +33,9 @@ def paged_attention(
 ) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, Hkv, D]; caches: [blocks, block_size, Hkv, D]."""
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    if not meta.prefills:
+        # Decode-only step (the common one): no output buffer to assemble.
+        return _decode(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     if meta.num_decodes:
         out[: meta.num_decodes] = _decode(q[: meta.num_decodes], k_cache, v_cache, meta, scale)

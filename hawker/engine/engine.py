@@ -30,6 +30,7 @@ from hawker.engine.model_runner import ModelOutput, ModelRunner, SeqResult, buil
 from hawker.engine.request import Request, RequestStatus
 from hawker.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from hawker.layers.projection import DEFAULT_FP32_MATMUL_MIN_ROWS, cpu_has_fast_half_matmul
+from hawker.layers.quant import DEFAULT_INT4_DECODE_MAX_ROWS
 from hawker.loader.checkpoint import open_checkpoint
 from hawker.loader.tokenizer import load_tokenizer
 from hawker.outputs import CompletionOutput, PositionLogprobs, RequestOutput
@@ -53,9 +54,10 @@ class EngineOptions:
     max_num_seqs: int = 128
     seed: int = 0
     device: str = "cpu"
-    # Decode steps with at most this many sequences use int4 copies of the
-    # weights (a quarter of the bytes to read); 0 = off. CPU only.
-    int4_decode_max_rows: int = 0
+    # Steps with at most this many rows use int4 copies of the layers that
+    # are 4-bit in the checkpoint (a quarter of the bytes to read); 0 = off,
+    # None = on (16 rows) on a CPU. CPU only.
+    int4_decode_max_rows: int | None = None
     # Steps with at least this many rows multiply half-precision weights
     # through float32 copies; 0 = off, None = on (32 rows) for bfloat16 /
     # float16 models on a CPU without AMX, where that is faster. CPU only.
@@ -64,6 +66,8 @@ class EngineOptions:
 
 def _int4_decode_max_rows(options: EngineOptions) -> int:
     rows = options.int4_decode_max_rows
+    if rows is None:
+        return DEFAULT_INT4_DECODE_MAX_ROWS if torch.device(options.device).type == "cpu" else 0
     if rows < 0:
         raise ValueError(f"int4_decode_max_rows must be >= 0 (0 = off), got {rows}")
     if rows and torch.device(options.device).type != "cpu":

@@ -25,6 +25,10 @@ from torch import nn
 INT4_GROUP_SIZE = 32
 # _convert_weight_to_int4pack_for_cpu's tiling of the input dimension.
 _INNER_K_TILES = 2
+# The int4 kernel beats bfloat16 F.linear up to about 24 rows on the
+# development CPU with the default model's shapes (benchmarks/NOTES.md);
+# 16 leaves a margin.
+DEFAULT_INT4_DECODE_MAX_ROWS = 16
 # How far (in grid steps) a stored weight may sit from its group's 4-bit grid
 # and still count as 4-bit: bf16 rounding moves Q4_1 values by < 0.05 steps,
 # while 8-bit or unquantized weights sit up to 0.5 steps away.

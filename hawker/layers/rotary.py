@@ -36,18 +36,22 @@ def _llama3_frequencies(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class RotaryAngles:
-    """cos and sin of every token's rotary angles, [T, 1, D/2] in the activation dtype.
+    """Every token's rotary angles as [T, 1, D] in the activation dtype.
 
-    Computed once per step and shared by all layers: gathering and casting
-    them in every layer was a dozen small ops per layer per step.
+    ``cos`` is [cos | cos] and ``signed_sin`` is [-sin | sin], so that a
+    rotation is ``x * cos + swap_halves(x) * signed_sin``: the same roundings
+    as the textbook ``x1 cos - x2 sin, x2 cos + x1 sin`` (negation is exact)
+    in fewer ops. Computed once per step and shared by all layers.
     """
 
     cos: torch.Tensor
-    sin: torch.Tensor
+    signed_sin: torch.Tensor
 
-    def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, H, D], k: [T, Hkv, D] rotated (neox / rotate-half layout)."""
-        return _rotate(q, self.cos, self.sin), _rotate(k, self.cos, self.sin)
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, D] rotated (neox / rotate-half layout), e.g. queries and keys stacked on dim 1."""
+        half = x.shape[-1] // 2
+        swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+        return x * self.cos + swapped * self.signed_sin
 
 
 class RotaryEmbedding(nn.Module):
@@ -55,15 +59,12 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv_freq = inverse_frequencies(head_dim, theta, scaling)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        cos, sin = freqs.cos(), freqs.sin()
+        self.register_buffer("cos", torch.cat((cos, cos), dim=-1), persistent=False)
+        self.register_buffer("signed_sin", torch.cat((-sin, sin), dim=-1), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryAngles:
         """The angles of ``positions`` [T], cast to ``dtype`` as HF does before rotating."""
-        return RotaryAngles(self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype))
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return RotaryAngles(
+            self.cos[positions].unsqueeze(1).to(dtype), self.signed_sin[positions].unsqueeze(1).to(dtype)
+        )
