@@ -120,15 +120,19 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
         ("end-to-end latency (s)", "e2e_s", ("p50", "p99"), 1.0),
     )
     figure, axes = plt.subplots(2, 2, figsize=(11, 8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for axis, (title, key, quantiles, scale) in zip(axes.flat, panels, strict=True):
-        for server, rows in results.items():
+        for color, (server, rows) in zip(colors, results.items(), strict=False):  # more colors than servers
             rates = [float(row["request_rate"]) for row in rows]
             if quantiles is None:
-                axis.plot(rates, [row[key] * scale for row in rows], marker="o", label=server)
+                axis.plot(rates, [row[key] * scale for row in rows], color=color, marker="o", label=server)
                 continue
             for quantile, style in zip(quantiles, ("-", "--"), strict=True):
                 values = [row[key][quantile] * scale for row in rows]
-                axis.plot(rates, values, style, marker="o", label=f"{server} {quantile}")
+                axis.plot(rates, values, style, color=color, marker="o", label=f"{server} {quantile}")
+        if quantiles is not None:
+            # Latencies of the two servers differ by orders of magnitude.
+            axis.set_yscale("log")
         axis.set_title(title)
         axis.set_xlabel("request rate (req/s, Poisson)")
         axis.grid(alpha=0.3)
