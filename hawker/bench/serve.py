@@ -219,9 +219,9 @@ async def _one_request(
                     record.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     details = chunk["usage"].get("prompt_tokens_details") or {}
                     record.cached_prompt_tokens = details.get("cached_tokens") or 0
-                for choice in chunk.get("choices", []):
-                    finish_reason = choice.get("finish_reason") or finish_reason
-                if any(choice.get("text") for choice in chunk.get("choices", [])):
+                choices = chunk.get("choices", [])
+                finish_reason = next((c["finish_reason"] for c in choices if c.get("finish_reason")), finish_reason)
+                if any(choice.get("text") for choice in choices):
                     content_chunks += 1
                     if last is None:
                         record.ttft = now - sent

@@ -64,28 +64,28 @@ class EngineOptions:
     fp32_matmul_min_rows: int | None = None
 
 
+def _cpu_rows_option(name: str, rows: int | None, auto: int, device: str) -> int:
+    """Resolve a CPU-only row-threshold option: None = ``auto`` on a CPU (0 elsewhere), 0 = off."""
+    on_cpu = torch.device(device).type == "cpu"
+    if rows is None:
+        return auto if on_cpu else 0
+    if rows < 0:
+        raise ValueError(f"{name} must be >= 0 (0 = off), got {rows}")
+    if rows and not on_cpu:
+        raise ValueError(f"{name} is a CPU path; it must be 0 on device {device!r}")
+    return rows
+
+
 def _int4_decode_max_rows(options: EngineOptions) -> int:
     rows = options.int4_decode_max_rows
-    if rows is None:
-        return DEFAULT_INT4_DECODE_MAX_ROWS if torch.device(options.device).type == "cpu" else 0
-    if rows < 0:
-        raise ValueError(f"int4_decode_max_rows must be >= 0 (0 = off), got {rows}")
-    if rows and torch.device(options.device).type != "cpu":
-        raise ValueError(f"int4_decode_max_rows uses a CPU kernel; it must be 0 on device {options.device!r}")
-    return rows
+    return _cpu_rows_option("int4_decode_max_rows", rows, DEFAULT_INT4_DECODE_MAX_ROWS, options.device)
 
 
 def _fp32_matmul_min_rows(options: EngineOptions, dtype: torch.dtype) -> int:
-    rows = options.fp32_matmul_min_rows
-    on_cpu = torch.device(options.device).type == "cpu"
-    if rows is None:
-        half = dtype in (torch.bfloat16, torch.float16)
-        return DEFAULT_FP32_MATMUL_MIN_ROWS if on_cpu and half and not cpu_has_fast_half_matmul() else 0
-    if rows < 0:
-        raise ValueError(f"fp32_matmul_min_rows must be >= 0 (0 = off), got {rows}")
-    if rows and not on_cpu:
-        raise ValueError(f"fp32_matmul_min_rows is a CPU path; it must be 0 on device {options.device!r}")
-    return rows
+    # Worth it only where half-precision matmul is slower than float32.
+    helps = dtype in (torch.bfloat16, torch.float16) and not cpu_has_fast_half_matmul()
+    auto = DEFAULT_FP32_MATMUL_MIN_ROWS if helps else 0
+    return _cpu_rows_option("fp32_matmul_min_rows", options.fp32_matmul_min_rows, auto, options.device)
 
 
 class EngineFatalError(RuntimeError):

@@ -18,8 +18,7 @@ from hawker.config import EngineConfig
 from hawker.engine.sampler import Sampler, SampleRow, gather_logprobs, trim_top
 from hawker.engine.scheduler import ScheduledSeq, SchedulerOutput
 from hawker.layers.parallel import TPInfo
-from hawker.layers.projection import enable_fp32_matmul
-from hawker.layers.quant import enable_int4_decode
+from hawker.layers.projection import attach_weight_copies
 from hawker.loader.checkpoint import Checkpoint
 from hawker.models.registry import model_class
 from hawker.outputs import PositionLogprobs
@@ -78,12 +77,14 @@ def build_model(config: EngineConfig, checkpoint: Checkpoint) -> nn.Module:
     with torch.device(config.device):
         model = cls(config.model, tp, max_positions)
     model.load_weights(checkpoint.weights())
-    if config.int4_decode_max_rows:
-        count = enable_int4_decode(model, config.int4_decode_max_rows)
-        logger.info("int4 decode copies for %d layers whose weights are 4-bit", count)
-    if config.fp32_matmul_min_rows:
-        count = enable_fp32_matmul(model, config.fp32_matmul_min_rows)
-        logger.info("float32 copies of %d projections for steps of >= %d rows", count, config.fp32_matmul_min_rows)
+    int4_count, fp32_count = attach_weight_copies(model, config.int4_decode_max_rows, config.fp32_matmul_min_rows)
+    logger.info(
+        "weight copies: int4 for %d 4-bit layers (steps of <= %d rows), float32 for %d (steps of >= %d rows)",
+        int4_count,
+        config.int4_decode_max_rows,
+        fp32_count,
+        config.fp32_matmul_min_rows,
+    )
     return model.eval()
 
 

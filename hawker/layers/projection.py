@@ -72,16 +72,21 @@ class ProjectionCopies:
         return F.linear(x, self.weight, bias)
 
 
-def enable_fp32_matmul(model: nn.Module, min_rows: int) -> int:
-    """Give every half-precision projection a float32 copy for inputs of at least ``min_rows`` rows.
+def attach_weight_copies(model: nn.Module, int4_max_rows: int, fp32_min_rows: int) -> tuple[int, int]:
+    """Give every projection of a loaded model the copies asked for (0 = none of that kind).
 
-    Returns the number of layers that got one.
+    int4 copies go only to layers whose weights are 4-bit already, float32
+    copies only to half-precision ones. Returns how many layers got each.
     """
-    count = 0
+    int4_count = fp32_count = 0
     for module in model.modules():
-        if isinstance(module, ProjectionCopies):
-            count += module.attach_fp32(min_rows)
-    return count
+        if not isinstance(module, ProjectionCopies):
+            continue
+        if int4_max_rows:
+            int4_count += module.attach_int4(int4_max_rows)
+        if fp32_min_rows:
+            fp32_count += module.attach_fp32(fp32_min_rows)
+    return int4_count, fp32_count
 
 
 def cpu_has_fast_half_matmul() -> bool:

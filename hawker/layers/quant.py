@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 INT4_GROUP_SIZE = 32
 # _convert_weight_to_int4pack_for_cpu's tiling of the input dimension.
@@ -81,16 +80,3 @@ def quantize_int4(weight: torch.Tensor, max_rows: int, group_size: int = INT4_GR
     scale, low = scale.squeeze(-1), low.squeeze(-1)
     scales_and_zeros = torch.stack([scale.t(), (low + 8 * scale).t()], dim=-1).to(weight.dtype).contiguous()
     return Int4Weight(packed, scales_and_zeros, group_size, max_rows)
-
-
-def enable_int4_decode(model: nn.Module, max_rows: int) -> int:
-    """Give every 4-bit layer an int4 copy for inputs of at most ``max_rows`` rows.
-
-    Returns the number of layers that got one.
-    """
-    count = 0
-    for module in model.modules():
-        attach = getattr(module, "attach_int4", None)
-        if attach is not None and attach(max_rows):
-            count += 1
-    return count
