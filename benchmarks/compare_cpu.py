@@ -7,8 +7,9 @@ Measures, in this order and with nothing else running:
      bfloat16) and transformers ``generate`` (bfloat16, left padding, at its
      best static batch size);
   3. single-stream decode (256 new tokens after a short prompt) and the
-     prefill of a 2,000-token prompt: Hawker (bf16; with and without int4
-     decode copies) and llama.cpp in-process (llama-cpp-python, 2 threads,
+     prefill of a 2,000-token prompt: Hawker (bf16; int4 decode copies and
+     the compiled decode step switched off one at a time, then the default)
+     and llama.cpp in-process (llama-cpp-python, 2 threads,
      the same GGUF file, run in its own environment);
   4. serving: ``hawker bench serve`` against ``hawker serve`` and against
      ``python -m llama_cpp.server`` at several request rates, a fresh server
@@ -110,7 +111,7 @@ def weight_bytes_per_decode_step(llm: LLM) -> int:
         int4 = getattr(module, "int4", None)
         weight = getattr(module, "weight", None)
         if int4 is not None:
-            tensors = [int4.packed, int4.scales_and_zeros]
+            tensors = int4.tensors()
         elif isinstance(weight, torch.Tensor) and not _is_lookup_table(module):
             tensors = [weight]
         else:
@@ -210,11 +211,20 @@ def offline_rows(args: argparse.Namespace, limits: dict[str, float], report: dic
     ]
 
 
+# Single-stream configurations: each optimisation's off switch, then the default.
+SINGLE_STREAM_CONFIGS: tuple[tuple[str, dict[str, int | None]], ...] = (
+    ("bf16, int4 off, eager", {"int4_decode_max_rows": 0, "compile_decode_max_rows": 0}),
+    ("bf16, int4 decode, eager", {"compile_decode_max_rows": 0}),
+    ("bf16, default: int4 decode + compiled", {}),
+)
+
+
 def single_stream_rows(peer: dict[str, Any] | None, limits: dict[str, float], report: dict[str, Any]) -> list[Row]:
     rows: list[Row] = []
-    # None is the default (int4 copies for steps of <= 16 rows on CPU); 0 turns them off.
-    for rows_limit, label in ((0, "bf16, int4 off"), (None, "bf16, default: int4 decode")):
-        llm = LLM(dtype="bfloat16", int4_decode_max_rows=rows_limit)
+    for label, options in SINGLE_STREAM_CONFIGS:
+        start = time.perf_counter()
+        llm = LLM(dtype="bfloat16", **options)
+        startup = time.perf_counter() - start
         rate = hawker_single_stream(llm)
         step_bytes = weight_bytes_per_decode_step(llm)
         memory_limit = limits["read_gb_s"] * 1e9 / step_bytes
@@ -230,8 +240,14 @@ def single_stream_rows(peer: dict[str, Any] | None, limits: dict[str, float], re
                 "memory bandwidth",
             )
         )
-        report[f"hawker_{label}"] = {"single_stream_tok_s": rate, "weight_bytes_per_step": step_bytes}
-        if rows_limit == 0:
+        report[f"hawker_{label}"] = {
+            "single_stream_tok_s": rate,
+            "weight_bytes_per_step": step_bytes,
+            "startup_s": startup,
+        }
+        if not options:
+            rows.append(Row("Hawker start-up s (default, incl. compiling)", startup, "", None, False))
+        if options.get("int4_decode_max_rows") == 0:
             seconds = hawker_prefill_seconds(llm)
             rows.append(
                 Row(

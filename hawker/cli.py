@@ -66,6 +66,13 @@ def _add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = F
         help="steps with at least this many tokens multiply bfloat16/float16 weights through float32 copies "
         "(faster on CPUs without AMX; more memory); 0 = off (default: 32 on such CPUs, else off)",
     )
+    parser.add_argument(
+        "--compile-decode-max-rows",
+        type=int,
+        default=defaults.compile_decode_max_rows,
+        help="decode-only steps of at most this many sequences run a torch.compile'd forward, compiled at "
+        "start-up (needs a C++ compiler); 0 = off (default: 16 on CPU, else off)",
+    )
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -80,6 +87,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "int4_decode_max_rows": args.int4_decode_max_rows,
         "fp32_matmul_min_rows": args.fp32_matmul_min_rows,
+        "compile_decode_max_rows": args.compile_decode_max_rows,
     }
 
 

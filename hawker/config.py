@@ -189,3 +189,6 @@ class EngineConfig:
     # Steps with at least this many rows use float32 copies of half-precision
     # weights (hawker/layers/projection.py); 0 turns that off.
     fp32_matmul_min_rows: int = 0
+    # Decode-only steps of at most this many rows run a torch.compile'd
+    # forward (hawker/engine/compiled_decode.py); 0 turns that off.
+    compile_decode_max_rows: int = 0

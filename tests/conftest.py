@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Engines run eagerly in tests (compiling each one would take most of the
+# time budget); tests/test_compiled_decode.py turns compilation back on.
+os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 
-from tests.tiny_models import ARCHITECTURES, build_tiny_checkpoint
+import torch
+from safetensors.torch import load_file, save_file
+
+from hawker.layers.quant import INT4_GROUP_SIZE
+from tests.tiny_models import ARCHITECTURES, build_tiny_checkpoint, snap_to_grid
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +26,19 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     root = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
     return {arch: build_tiny_checkpoint(arch, root / arch) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def grid_checkpoint(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with every 2-D projection and the (tied) embedding snapped to a 4-bit grid."""
+    source = tiny_checkpoints["llama"]
+    target = tmp_path_factory.mktemp("int4") / "llama"
+    shutil.copytree(source, target)
+    (path,) = target.glob("*.safetensors")
+    tensors = load_file(path)
+    snapped = {
+        name: snap_to_grid(t) if t.dim() == 2 and t.shape[1] % INT4_GROUP_SIZE == 0 else t
+        for name, t in tensors.items()
+    }
+    save_file(snapped, path, metadata={"format": "pt"})
+    return target

@@ -1,4 +1,4 @@
-"""int4 decode copies: exact for weights on a 4-bit grid, refused for others, parity end to end."""
+"""int4 decode copies: exact for weights on a 4-bit (or 8-bit) grid, refused for others, parity end to end."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hawker import LLM
-from hawker.layers.quant import INT4_GROUP_SIZE, quantize_int4
+from hawker.layers.quant import INT4_GROUP_SIZE, Int8PairWeight, quantize_int4, quantize_int8_as_int4_pair
 from tests.test_parity import assert_parity, make_prompts, reference_generate, run_hawker
 
 
@@ -24,13 +24,32 @@ def grid_weight(out_features: int, in_features: int, generator: torch.Generator)
     return (codes * scale + low).view(out_features, in_features)
 
 
-def snap_to_grid(weight: torch.Tensor) -> torch.Tensor:
-    """The nearest Q4_1-style value of every weight (min/max per group of 32)."""
+def snap_to_q8_grid(weight: torch.Tensor) -> torch.Tensor:
+    """GGUF Q8_0's value of every weight: per group of 32, d * code with d = max |w| / 127."""
     out_features, in_features = weight.shape
     groups = weight.float().view(out_features, in_features // INT4_GROUP_SIZE, INT4_GROUP_SIZE)
-    low = groups.amin(-1, keepdim=True)
-    scale = (groups.amax(-1, keepdim=True) - low) / 15
-    return (((groups - low) / scale).round() * scale + low).view(out_features, in_features)
+    scale = groups.abs().amax(-1, keepdim=True) / 127
+    return ((groups / scale).round() * scale).view(out_features, in_features)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_q8_copy_as_two_int4_halves_is_exact_in_float32(rows: int) -> None:
+    generator = torch.Generator().manual_seed(rows)
+    weight = snap_to_q8_grid(torch.randn(96, 128, generator=generator))
+    pair = quantize_int8_as_int4_pair(weight, max_rows=4)
+    assert pair is not None
+    x = torch.randn(rows, 128, generator=generator)
+    expected = x.double() @ weight.double().t()
+    assert (pair.matmul(x).double() - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+    assert pair.applies_to(x) and not pair.applies_to(torch.randn(5, 128))
+
+
+def test_q8_grid_rounded_to_bfloat16_qualifies_and_unquantized_weights_do_not() -> None:
+    weight = snap_to_q8_grid(torch.randn(256, 256, generator=torch.Generator().manual_seed(2)))
+    assert quantize_int8_as_int4_pair(weight.to(torch.bfloat16), max_rows=4) is not None
+    unquantized = torch.randn(256, 256, generator=torch.Generator().manual_seed(3))
+    assert quantize_int8_as_int4_pair(unquantized.to(torch.bfloat16), max_rows=4) is None
+    assert quantize_int8_as_int4_pair(unquantized, max_rows=4) is None
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8])
@@ -61,22 +80,6 @@ def test_finer_weights_are_refused(levels: int | None) -> None:
     assert quantize_int4(weight, max_rows=4) is None
 
 
-@pytest.fixture(scope="module")
-def grid_checkpoint(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny Llama with every 2-D projection and the (tied) embedding snapped to a 4-bit grid."""
-    source = tiny_checkpoints["llama"]
-    target = tmp_path_factory.mktemp("int4") / "llama"
-    shutil.copytree(source, target)
-    (path,) = target.glob("*.safetensors")
-    tensors = load_file(path)
-    snapped = {
-        name: snap_to_grid(t) if t.dim() == 2 and t.shape[1] % INT4_GROUP_SIZE == 0 else t
-        for name, t in tensors.items()
-    }
-    save_file(snapped, path, metadata={"format": "pt"})
-    return target
-
-
 def test_int4_decode_keeps_parity_with_transformers(grid_checkpoint: Path) -> None:
     prompts = make_prompts(seed=3)
     reference = reference_generate(grid_checkpoint, prompts)
@@ -104,3 +107,27 @@ def test_int4_decode_keeps_parity_with_transformers(grid_checkpoint: Path) -> No
 def test_int4_decode_option_is_validated() -> None:
     with pytest.raises(ValueError, match="int4_decode_max_rows"):
         LLM(dtype="float32", int4_decode_max_rows=-1)
+
+
+@pytest.fixture(scope="module")
+def q8_head_checkpoint(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with its embedding and LM head on Q8_0's grid; other weights unquantized."""
+    target = tmp_path_factory.mktemp("q8") / "llama"
+    shutil.copytree(tiny_checkpoints["llama"], target)
+    (path,) = target.glob("*.safetensors")
+    tensors = load_file(path)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in tensors:  # absent when the embedding is tied
+            tensors[name] = snap_to_q8_grid(tensors[name])
+    save_file(tensors, path, metadata={"format": "pt"})
+    return target
+
+
+def test_q8_lm_head_as_int4_halves_keeps_parity_with_transformers(q8_head_checkpoint: Path) -> None:
+    prompts = make_prompts(seed=4)[:3]  # three sequences: decode steps within the pair's 4 rows
+    reference = reference_generate(q8_head_checkpoint, prompts)
+    llm = LLM(str(q8_head_checkpoint), dtype="float32", int4_decode_max_rows=8)
+    copies = {name: m.int4 for name, m in llm.engine.runner.model.named_modules() if getattr(m, "int4", None)}
+    assert list(copies) == ["lm_head"] and isinstance(copies["lm_head"], Int8PairWeight)
+    tokens, logits = run_hawker(llm, prompts)
+    assert_parity(reference, tokens, logits)

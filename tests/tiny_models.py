@@ -9,6 +9,8 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from hawker.layers.quant import INT4_GROUP_SIZE
+
 VOCAB_SIZE = 384
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -106,3 +108,12 @@ def build_tiny_checkpoint(arch: str, directory: Path, max_positions: int = 256) 
 def load_reference(directory: Path) -> transformers.PreTrainedModel:
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     return model.eval()
+
+
+def snap_to_grid(weight: torch.Tensor) -> torch.Tensor:
+    """The nearest Q4_1-style value of every weight (min/max per group of 32)."""
+    out_features, in_features = weight.shape
+    groups = weight.float().view(out_features, in_features // INT4_GROUP_SIZE, INT4_GROUP_SIZE)
+    low = groups.amin(-1, keepdim=True)
+    scale = (groups.amax(-1, keepdim=True) - low) / 15
+    return (((groups - low) / scale).round() * scale + low).view(out_features, in_features)

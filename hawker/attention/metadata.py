@@ -33,7 +33,7 @@ class DecodeGroup:
     first_row: int
     num_rows: int
     max_context: int
-    # [num_rows * max_context] cache slot of every key position (padding
+    # [num_rows, max_context] cache slot of every key position (padding
     # points at slot 0 and is masked out). Computed once per step, shared by all layers.
     slots: torch.Tensor
     mask: torch.Tensor  # [num_rows, 1, 1, max_context] True where a key position is real

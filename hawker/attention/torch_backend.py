@@ -55,19 +55,22 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 def _decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
+    if len(meta.decode_groups) == 1:
+        # No slicing by the group's Python ints: a compiled decode step
+        # (hawker/engine/compiled_decode.py) then depends on tensor shapes only.
+        return _decode_group(q, k_cache, v_cache, meta.decode_groups[0], scale)
     parts = [
         _decode_group(q[group.first_row : group.first_row + group.num_rows], k_cache, v_cache, group, scale)
         for group in meta.decode_groups
     ]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    return torch.cat(parts)
 
 
 def _decode_group(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup, scale: float
 ) -> torch.Tensor:
-    slots = group.slots.view(group.num_rows, group.max_context)
-    keys = _gather(k_cache, slots)
-    values = _gather(v_cache, slots)
+    keys = _gather(k_cache, group.slots)
+    values = _gather(v_cache, group.slots)
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2), keys, values, attn_mask=group.mask, scale=scale, enable_gqa=True
     )

@@ -24,6 +24,7 @@ from hawker.config import (
     SchedulerConfig,
     resolve_dtype,
 )
+from hawker.engine.compiled_decode import DEFAULT_COMPILE_DECODE_MAX_ROWS, can_compile_on_cpu
 from hawker.engine.detokenizer import IncrementalDetokenizer
 from hawker.engine.kv_cache import KVCacheManager
 from hawker.engine.model_runner import ModelOutput, ModelRunner, SeqResult, build_model
@@ -55,13 +56,18 @@ class EngineOptions:
     seed: int = 0
     device: str = "cpu"
     # Steps with at most this many rows use int4 copies of the layers that
-    # are 4-bit in the checkpoint (a quarter of the bytes to read); 0 = off,
-    # None = on (16 rows) on a CPU. CPU only.
+    # are 4-bit in the checkpoint (a quarter of the bytes to read; 8-bit ones
+    # up to 4 rows); 0 = off, None = on (16 rows) for bfloat16 / float16
+    # models on a CPU. CPU only.
     int4_decode_max_rows: int | None = None
     # Steps with at least this many rows multiply half-precision weights
     # through float32 copies; 0 = off, None = on (32 rows) for bfloat16 /
     # float16 models on a CPU without AMX, where that is faster. CPU only.
     fp32_matmul_min_rows: int | None = None
+    # Decode-only steps of at most this many rows run a torch.compile'd
+    # forward (compiled at start-up); 0 = off, None = on (16 rows) on a CPU
+    # with a C++ compiler unless TORCH_COMPILE_DISABLE=1. CPU only.
+    compile_decode_max_rows: int | None = None
 
 
 def _cpu_rows_option(name: str, rows: int | None, auto: int, device: str) -> int:
@@ -76,9 +82,11 @@ def _cpu_rows_option(name: str, rows: int | None, auto: int, device: str) -> int
     return rows
 
 
-def _int4_decode_max_rows(options: EngineOptions) -> int:
-    rows = options.int4_decode_max_rows
-    return _cpu_rows_option("int4_decode_max_rows", rows, DEFAULT_INT4_DECODE_MAX_ROWS, options.device)
+def _int4_decode_max_rows(options: EngineOptions, dtype: torch.dtype) -> int:
+    # torch's int4 CPU kernel is 30-50x slower with float32 activations than
+    # with bfloat16 ones (benchmarks/NOTES.md): on by default for half only.
+    auto = DEFAULT_INT4_DECODE_MAX_ROWS if dtype in (torch.bfloat16, torch.float16) else 0
+    return _cpu_rows_option("int4_decode_max_rows", options.int4_decode_max_rows, auto, options.device)
 
 
 def _fp32_matmul_min_rows(options: EngineOptions, dtype: torch.dtype) -> int:
@@ -86,6 +94,11 @@ def _fp32_matmul_min_rows(options: EngineOptions, dtype: torch.dtype) -> int:
     helps = dtype in (torch.bfloat16, torch.float16) and not cpu_has_fast_half_matmul()
     auto = DEFAULT_FP32_MATMUL_MIN_ROWS if helps else 0
     return _cpu_rows_option("fp32_matmul_min_rows", options.fp32_matmul_min_rows, auto, options.device)
+
+
+def _compile_decode_max_rows(options: EngineOptions) -> int:
+    auto = DEFAULT_COMPILE_DECODE_MAX_ROWS if can_compile_on_cpu() else 0
+    return _cpu_rows_option("compile_decode_max_rows", options.compile_decode_max_rows, auto, options.device)
 
 
 class EngineFatalError(RuntimeError):
@@ -175,8 +188,9 @@ class Engine:
             parallel=ParallelConfig(),
             device=options.device,
             seed=options.seed,
-            int4_decode_max_rows=_int4_decode_max_rows(options),
+            int4_decode_max_rows=_int4_decode_max_rows(options, model_config.dtype),
             fp32_matmul_min_rows=_fp32_matmul_min_rows(options, model_config.dtype),
+            compile_decode_max_rows=_compile_decode_max_rows(options),
         )
         model = build_model(config, checkpoint)
         return cls(config, model, load_tokenizer(Path(checkpoint.path)))

@@ -15,6 +15,7 @@ from torch import nn
 
 from hawker.attention.metadata import AttentionMetadata, DecodeGroup, PrefillChunk
 from hawker.config import EngineConfig
+from hawker.engine.compiled_decode import CompiledDecode, warm_up_row_counts
 from hawker.engine.sampler import Sampler, SampleRow, gather_logprobs, trim_top
 from hawker.engine.scheduler import ScheduledSeq, SchedulerOutput
 from hawker.layers.parallel import TPInfo
@@ -97,6 +98,15 @@ class ModelRunner:
         self.kv_caches = self._allocate_kv_cache(num_blocks)
         self.sampler = Sampler(eos_token_id, seed=config.seed, device=self.device)
         self.logits_observer: LogitsObserver | None = None
+        self.compiled_decode = self._compile_decode(config.compile_decode_max_rows)
+
+    def _compile_decode(self, max_rows: int) -> CompiledDecode | None:
+        if not max_rows:
+            return None
+        compiled = CompiledDecode(self.model, max_rows)
+        branches = (self.config.int4_decode_max_rows + 1, self.config.fp32_matmul_min_rows)
+        compiled.warm_up(self.kv_caches, warm_up_row_counts(max_rows, branches))
+        return compiled
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         cfg = self.config.model
@@ -114,7 +124,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> ModelOutput:
         batch = self._prepare(step.seqs)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        forward = self.model
+        if self.compiled_decode is not None and self.compiled_decode.handles(batch.input_ids, batch.meta):
+            forward = self.compiled_decode
+        hidden = forward(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
         return self._sample(batch, hidden)
 
     def _prepare(self, seqs: Sequence[ScheduledSeq]) -> _Batch:
@@ -163,7 +176,7 @@ class ModelRunner:
             longest = context_lens[first]
             table = self._padded_tables([s.block_table for s in members])
             mask = torch.arange(longest, device=self.device).unsqueeze(0) < lens.unsqueeze(1)
-            slots = self._slots(table, longest).flatten()
+            slots = self._slots(table, longest)
             groups.append(DecodeGroup(first, count, longest, slots, mask[:, None, None, :]))
         return tuple(groups)
 
@@ -174,9 +187,10 @@ class ModelRunner:
 
     def _slots(self, tables: torch.Tensor, length: int) -> torch.Tensor:
         """[B, blocks] block tables -> [B, length] cache slots of positions 0..length-1."""
-        offsets = torch.arange(self.block_size, device=self.device)
-        slots = (tables.unsqueeze(-1) * self.block_size + offsets).flatten(1)
-        return slots[:, :length]
+        # A fresh tensor with dense strides (not a slice of a wider one): the
+        # compiled decode graph is specialised to dense [rows, context] slots.
+        positions = torch.arange(length, device=self.device)
+        return tables[:, positions // self.block_size] * self.block_size + positions % self.block_size
 
     def _padded_tables(self, tables: list[tuple[int, ...]]) -> torch.Tensor:
         width = max((len(t) for t in tables), default=0)

@@ -4,7 +4,8 @@ Every projection keeps its weight in the model dtype. Two optional copies
 make the common CPU cases faster without changing what is computed:
 
 - an int4 copy (``hawker/layers/quant.py``) for steps with few rows, whose
-  cost is reading the weights: a quarter of the bytes of bfloat16;
+  cost is reading the weights: a quarter of the bytes of bfloat16 (half,
+  for 8-bit weights held as two int4 halves);
 - a float32 copy for steps with many rows, whose cost is arithmetic: on
   CPUs without AMX, torch's bfloat16 matmul runs at about half the float32
   rate (167 vs 322 GFLOP/s on the 2-core development machine, see
@@ -22,7 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hawker.layers.quant import Int4Weight, quantize_int4
+from hawker.layers.quant import (
+    INT8_PAIR_MAX_ROWS,
+    Int4Weight,
+    Int8PairWeight,
+    quantize_int4,
+    quantize_int8_as_int4_pair,
+)
 
 # Below about this many rows torch's bfloat16 matmul is as fast as float32
 # after widening the input (measured on the development CPU: 28-32 rows).
@@ -47,12 +54,19 @@ class ProjectionCopies:
     """Mixin for a layer with a 2-D ``weight``: optional int4 / float32 copies and the matmul that picks one."""
 
     weight: torch.Tensor
-    int4: Int4Weight | None = None
+    int4: Int4Weight | Int8PairWeight | None = None
     fp32: Fp32Weight | None = None
 
     def attach_int4(self, max_rows: int) -> bool:
-        """Keep an int4 copy of the (loaded) weight for inputs of at most ``max_rows`` rows."""
-        self.int4 = quantize_int4(self.weight.data, max_rows)
+        """Keep an int4 copy of the (loaded) weight for inputs of at most ``max_rows`` rows.
+
+        A weight on an 8-bit grid (Q8_0) gets its codes as two int4 halves,
+        for fewer rows (where that is faster than the dense weight).
+        """
+        weight = self.weight.data
+        self.int4 = quantize_int4(weight, max_rows) or quantize_int8_as_int4_pair(
+            weight, min(max_rows, INT8_PAIR_MAX_ROWS)
+        )
         return self.int4 is not None
 
     def attach_fp32(self, min_rows: int) -> bool:
@@ -75,7 +89,7 @@ class ProjectionCopies:
 def attach_weight_copies(model: nn.Module, int4_max_rows: int, fp32_min_rows: int) -> tuple[int, int]:
     """Give every projection of a loaded model the copies asked for (0 = none of that kind).
 
-    int4 copies go only to layers whose weights are 4-bit already, float32
+    int4 copies go only to layers whose weights are 4- or 8-bit already, float32
     copies only to half-precision ones. Returns how many layers got each.
     """
     int4_count = fp32_count = 0

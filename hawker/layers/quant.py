@@ -32,6 +32,14 @@ DEFAULT_INT4_DECODE_MAX_ROWS = 16
 # and still count as 4-bit: bf16 rounding moves Q4_1 values by < 0.05 steps,
 # while 8-bit or unquantized weights sit up to 0.5 steps away.
 GRID_TOLERANCE = 0.2
+# bfloat16 keeps 8 significant bits: a Q8_0 value rounded to it moves by at
+# most 2^-9 of itself, and the scale recovered from the rounded maximum by as
+# much again.
+Q8_RELATIVE_TOLERANCE = 2**-7
+# Two int4 products beat one bfloat16 matmul on the default model's LM head
+# [49152, 576] up to about 4 rows with cold caches (1 row: 2.8 vs 7.2 ms;
+# 4 rows: 4.7 vs 6.5 ms; 8 rows: 8.6 vs 8.1 ms; benchmarks/NOTES.md).
+INT8_PAIR_MAX_ROWS = 4
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,10 @@ class Int4Weight:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.contiguous(), self.packed, self.group_size, self.scales_and_zeros
         )
+
+    def tensors(self) -> list[torch.Tensor]:
+        """What a matmul reads."""
+        return [self.packed, self.scales_and_zeros]
 
 
 def quantize_int4(weight: torch.Tensor, max_rows: int, group_size: int = INT4_GROUP_SIZE) -> Int4Weight | None:
@@ -73,10 +85,70 @@ def quantize_int4(weight: torch.Tensor, max_rows: int, group_size: int = INT4_GR
     off_grid = (codes * scale + low - groups).abs() > GRID_TOLERANCE * scale
     if bool(off_grid.any()):
         return None
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-        codes.to(torch.int32).view(out_features, in_features), _INNER_K_TILES
-    )
     # The kernel computes (q - 8) * scale + zero, so zero = min + 8 * scale.
-    scale, low = scale.squeeze(-1), low.squeeze(-1)
-    scales_and_zeros = torch.stack([scale.t(), (low + 8 * scale).t()], dim=-1).to(weight.dtype).contiguous()
-    return Int4Weight(packed, scales_and_zeros, group_size, max_rows)
+    return _pack(codes.view(out_features, in_features), scale, low + 8 * scale, weight.dtype, max_rows)
+
+
+@dataclass(frozen=True)
+class Int8PairWeight:
+    """An 8-bit weight (GGUF Q8_0's grid) as two int4 weights: its codes' high and low nibbles.
+
+    torch has no CPU kernel for int8 weights with a scale per group of 32, but
+    its int4 one takes per-group scales and zeros: with ``u = code + 128``,
+    ``code * d = 16 d (u // 16 - 8) + d (u % 16 - 8) + 8 d``, two int4
+    products. They read 28 MB for the default model's LM head instead of
+    bfloat16's 57 MB (benchmarks/NOTES.md).
+    """
+
+    high: Int4Weight
+    low: Int4Weight
+
+    @property
+    def max_rows(self) -> int:
+        return self.high.max_rows
+
+    def applies_to(self, x: torch.Tensor) -> bool:
+        return self.high.applies_to(x)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return self.high.matmul(x) + self.low.matmul(x)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.high.tensors() + self.low.tensors()
+
+
+def quantize_int8_as_int4_pair(
+    weight: torch.Tensor, max_rows: int, group_size: int = INT4_GROUP_SIZE
+) -> Int8PairWeight | None:
+    """An ``Int8PairWeight`` of ``weight`` [out, in] if it lies on Q8_0's grid per group, else None.
+
+    Q8_0 stores ``code * d`` with ``d = max |w| / 127`` per group and codes in
+    -127..127. The weights arrive rounded to the model dtype, which moves a
+    value by its own relative precision, so the test is relative: every
+    value within ``Q8_RELATIVE_TOLERANCE`` of its grid point. Unquantized
+    weights fail it (their small codes sit up to half a step, i.e. many
+    percent, away from the grid).
+    """
+    if weight.dim() != 2 or weight.shape[1] % group_size or weight.device.type != "cpu":
+        return None
+    out_features, in_features = weight.shape
+    groups = weight.float().view(out_features, in_features // group_size, group_size)
+    scale = (groups.abs().amax(-1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    codes = (groups / scale).round().clamp(-127, 127)
+    off_grid = (codes * scale - groups).abs() > Q8_RELATIVE_TOLERANCE * groups.abs()
+    if bool(off_grid.any()):
+        return None
+    unsigned = (codes + 128).view(out_features, in_features)
+    high = _pack(unsigned // 16, 16 * scale, torch.zeros_like(scale), weight.dtype, max_rows)
+    low = _pack(unsigned % 16, scale, 8 * scale, weight.dtype, max_rows)
+    return Int8PairWeight(high, low)
+
+
+def _pack(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype, max_rows: int
+) -> Int4Weight:
+    """codes [out, in] in 0..15; scale, zero [out, groups, 1]: w = (code - 8) * scale + zero."""
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), _INNER_K_TILES)
+    scale, zero = scale.squeeze(-1), zero.squeeze(-1)
+    scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()
+    return Int4Weight(packed, scales_and_zeros, codes.shape[1] // scale.shape[1], max_rows)

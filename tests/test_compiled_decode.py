@@ -1,0 +1,74 @@
+"""The torch.compile'd decode path keeps logit parity and compiles nothing after start-up."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from hawker import LLM
+from hawker.engine.compiled_decode import can_compile_on_cpu, warm_up_row_counts
+from tests.test_parity import assert_parity, make_prompts, reference_generate, run_hawker
+
+MAX_ROWS = 8
+
+
+def test_warm_up_covers_the_row_counts_where_a_graph_changes() -> None:
+    assert warm_up_row_counts(16, branches := (17, 32)) == [1, 2, 16]
+    assert warm_up_row_counts(64, branches) == [1, 2, 17, 32, 64]
+    assert warm_up_row_counts(1, (0,)) == [1]
+
+
+@pytest.fixture
+def dynamo_enabled() -> Iterator[None]:
+    # conftest turns torch.compile off for the rest of the suite.
+    with torch._dynamo.config.patch(disable=False):
+        assert can_compile_on_cpu(), "the compiled decode path needs a C++ compiler (g++) on PATH"
+        yield
+
+
+@pytest.mark.usefixtures("dynamo_enabled")
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_compiled_decode_keeps_parity_with_transformers(arch: str, tiny_checkpoints: dict[str, Path]) -> None:
+    check_compiled_parity(tiny_checkpoints[arch])
+
+
+@pytest.mark.usefixtures("dynamo_enabled")
+def test_models_of_one_shape_in_one_process_run_their_own_graphs(grid_checkpoint: Path) -> None:
+    # Same shapes, different modules (int4 copies or not): the second model
+    # must not run the first one's graph (the module guards are skipped).
+    check_compiled_parity(grid_checkpoint, int4_decode_max_rows=MAX_ROWS)
+    check_compiled_parity(grid_checkpoint, int4_decode_max_rows=0)
+
+
+def check_compiled_parity(checkpoint: Path, **options: Any) -> None:
+    prompts = make_prompts(seed=5)  # 8 prompts: their decode steps have 8 rows, then fewer
+    reference = reference_generate(checkpoint, prompts)
+    llm = LLM(str(checkpoint), dtype="float32", compile_decode_max_rows=MAX_ROWS, **options)
+    compiled = llm.engine.runner.compiled_decode
+    assert compiled is not None
+    graphs_after_warm_up = counters["stats"]["unique_graphs"]
+    calls = 0
+    original = compiled._forward
+
+    def counting(*args):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        return original(*args)
+
+    compiled._forward = counting
+    tokens, logits = run_hawker(llm, prompts)
+    single_tokens, single_logits = run_hawker(llm, prompts[:1])
+    assert calls > 0
+    assert counters["stats"]["unique_graphs"] == graphs_after_warm_up, "a step compiled a new graph mid-run"
+    assert_parity(reference, tokens, logits)
+    assert_parity(reference_generate(checkpoint, prompts[:1]), single_tokens, single_logits)
+
+
+def test_compile_option_is_validated() -> None:
+    with pytest.raises(ValueError, match="compile_decode_max_rows"):
+        LLM(dtype="float32", compile_decode_max_rows=-1)
