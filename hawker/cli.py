@@ -67,6 +67,12 @@ def _add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = F
         "(faster on CPUs without AMX; more memory); 0 = off (default: 32 on such CPUs, else off)",
     )
     parser.add_argument(
+        "--attention-backend",
+        choices=("auto", "torch", "triton"),
+        default=defaults.attention_backend,
+        help="paged attention implementation (default: auto = triton on CUDA when installed, else torch)",
+    )
+    parser.add_argument(
         "--compile-decode-max-rows",
         type=int,
         default=defaults.compile_decode_max_rows,
@@ -88,6 +94,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "int4_decode_max_rows": args.int4_decode_max_rows,
         "fp32_matmul_min_rows": args.fp32_matmul_min_rows,
         "compile_decode_max_rows": args.compile_decode_max_rows,
+        "attention_backend": args.attention_backend,
     }
 
 

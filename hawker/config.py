@@ -192,3 +192,5 @@ class EngineConfig:
     # Decode-only steps of at most this many rows run a torch.compile'd
     # forward (hawker/engine/compiled_decode.py); 0 turns that off.
     compile_decode_max_rows: int = 0
+    # "torch" or "triton" (hawker/attention/), resolved from the user's "auto".
+    attention_backend: str = "torch"

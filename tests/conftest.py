@@ -17,6 +17,11 @@ os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 import torch
 from safetensors.torch import load_file, save_file
 
+# Without a GPU, Triton kernels run in Triton's interpreter (read when a
+# kernel module is first imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from hawker.layers.quant import INT4_GROUP_SIZE
 from tests.tiny_models import ARCHITECTURES, build_tiny_checkpoint, snap_to_grid
 

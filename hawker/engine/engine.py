@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from hawker.attention import resolve_attention_backend
 from hawker.config import (
     CacheConfig,
     EngineConfig,
@@ -68,6 +69,8 @@ class EngineOptions:
     # forward (compiled at start-up); 0 = off, None = on (16 rows) on a CPU
     # with a C++ compiler unless TORCH_COMPILE_DISABLE=1. CPU only.
     compile_decode_max_rows: int | None = None
+    # "auto" (triton on CUDA when installed, else torch), "torch" or "triton".
+    attention_backend: str = "auto"
 
 
 def _cpu_rows_option(name: str, rows: int | None, auto: int, device: str) -> int:
@@ -96,9 +99,20 @@ def _fp32_matmul_min_rows(options: EngineOptions, dtype: torch.dtype) -> int:
     return _cpu_rows_option("fp32_matmul_min_rows", options.fp32_matmul_min_rows, auto, options.device)
 
 
-def _compile_decode_max_rows(options: EngineOptions) -> int:
-    auto = DEFAULT_COMPILE_DECODE_MAX_ROWS if can_compile_on_cpu() else 0
+def _compile_decode_max_rows(options: EngineOptions, attention_backend: str) -> int:
+    # The compiled step is the torch backend's (Triton kernels are not traced).
+    auto = DEFAULT_COMPILE_DECODE_MAX_ROWS if can_compile_on_cpu() and attention_backend == "torch" else 0
     return _cpu_rows_option("compile_decode_max_rows", options.compile_decode_max_rows, auto, options.device)
+
+
+def _attention_backend(options: EngineOptions) -> str:
+    backend = resolve_attention_backend(options.attention_backend, options.device)
+    # The kernels' tl.dot takes key tiles of >= 16 rows, one cache block at a time.
+    if backend == "triton" and (options.block_size < 16 or options.block_size & (options.block_size - 1)):
+        raise ValueError(
+            f"the triton attention backend needs a power-of-two block_size >= 16, got {options.block_size}"
+        )
+    return backend
 
 
 class EngineFatalError(RuntimeError):
@@ -171,6 +185,7 @@ class Engine:
         checkpoint = open_checkpoint(options.model)
         device = torch.device(options.device)
         model_config = ModelConfig.from_hf(checkpoint.hf_config, resolve_dtype(options.dtype, device))
+        attention_backend = _attention_backend(options)
         config = EngineConfig(
             model_path=str(checkpoint.path),
             model=model_config,
@@ -190,7 +205,8 @@ class Engine:
             seed=options.seed,
             int4_decode_max_rows=_int4_decode_max_rows(options, model_config.dtype),
             fp32_matmul_min_rows=_fp32_matmul_min_rows(options, model_config.dtype),
-            compile_decode_max_rows=_compile_decode_max_rows(options),
+            compile_decode_max_rows=_compile_decode_max_rows(options, attention_backend),
+            attention_backend=attention_backend,
         )
         model = build_model(config, checkpoint)
         return cls(config, model, load_tokenizer(Path(checkpoint.path)))

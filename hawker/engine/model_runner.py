@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,7 +48,7 @@ class _Batch:
     order: list[ScheduledSeq]  # decodes first, then prefill chunks
     input_ids: torch.Tensor
     positions: torch.Tensor
-    meta: AttentionMetadata
+    meta: Any  # AttentionMetadata (torch backend) or the triton backend's metadata
     row_ends: list[int]  # exclusive end row of each seq in `order`
 
 
@@ -141,23 +142,17 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         row_ends: list[int] = []
-        chunks: list[PrefillChunk] = []
-        for index, seq in enumerate(order):
-            start_row = len(ids)
+        for seq in order:
             span = range(seq.start_pos, seq.start_pos + seq.num_tokens)
             ids.extend(seq.token_ids)
             positions.extend(span)
             slots.extend(seq.block_table[p // bs] * bs + p % bs for p in span)
             row_ends.append(len(ids))
-            if index >= len(decodes):
-                context = self._context_slots(seq) if seq.start_pos else None
-                chunks.append(PrefillChunk(start_row, seq.num_tokens, seq.start_pos, context))
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            num_decodes=len(decodes),
-            decode_groups=self._decode_groups(decodes),
-            prefills=tuple(chunks),
-        )
+        slot_mapping = torch.tensor(slots, dtype=torch.long, device=self.device)
+        if self.config.attention_backend == "triton":
+            meta = self._triton_metadata(order, len(decodes), slot_mapping)
+        else:
+            meta = self._torch_metadata(decodes, prefills, row_ends, slot_mapping)
         return _Batch(
             order=order,
             input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
@@ -165,6 +160,31 @@ class ModelRunner:
             meta=meta,
             row_ends=row_ends,
         )
+
+    def _torch_metadata(
+        self,
+        decodes: Sequence[ScheduledSeq],
+        prefills: Sequence[ScheduledSeq],
+        row_ends: list[int],
+        slot_mapping: torch.Tensor,
+    ) -> AttentionMetadata:
+        chunks = []
+        for seq, end in zip(prefills, row_ends[len(decodes) :], strict=True):
+            context = self._context_slots(seq) if seq.start_pos else None
+            chunks.append(PrefillChunk(end - seq.num_tokens, seq.num_tokens, seq.start_pos, context))
+        return AttentionMetadata(
+            slot_mapping=slot_mapping,
+            num_decodes=len(decodes),
+            decode_groups=self._decode_groups(decodes),
+            prefills=tuple(chunks),
+        )
+
+    def _triton_metadata(self, order: Sequence[ScheduledSeq], num_decodes: int, slot_mapping: torch.Tensor) -> Any:
+        from hawker.attention import triton_backend  # needs triton, which a CPU install may lack
+
+        runs = [triton_backend.SeqRun(s.start_pos, s.num_tokens, s.block_table) for s in order]
+        kv_heads = self.config.model.num_kv_heads // self.config.parallel.tensor_parallel_size
+        return triton_backend.build_metadata(runs, num_decodes, slot_mapping, kv_heads, self.device)
 
     def _decode_groups(self, decodes: Sequence[ScheduledSeq]) -> tuple[DecodeGroup, ...]:
         """``decodes`` (longest context first) split into groups, each padded to its own longest context."""
