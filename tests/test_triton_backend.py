@@ -32,6 +32,11 @@ def test_triton_backend_keeps_parity_with_transformers(arch: str, tiny_checkpoin
     llm.engine.kv.check_invariants()
 
 
-def test_triton_backend_rejects_blocks_smaller_than_its_tiles(tiny_checkpoints: dict[str, Path]) -> None:
+def test_triton_backend_rejects_options_it_cannot_honour(tiny_checkpoints: dict[str, Path]) -> None:
+    checkpoint = str(tiny_checkpoints["llama"])
     with pytest.raises(ValueError, match="block_size"):
-        LLM(str(tiny_checkpoints["llama"]), dtype="float32", attention_backend="triton", block_size=8)
+        LLM(checkpoint, dtype="float32", attention_backend="triton", block_size=8)
+    with pytest.raises(ValueError, match="compile_decode_max_rows"):
+        LLM(checkpoint, dtype="float32", attention_backend="triton", compile_decode_max_rows=4)
+    with pytest.raises(ValueError, match="attention_backend"):
+        LLM(checkpoint, dtype="float32", attention_backend="flash")

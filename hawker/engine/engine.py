@@ -101,8 +101,12 @@ def _fp32_matmul_min_rows(options: EngineOptions, dtype: torch.dtype) -> int:
 
 def _compile_decode_max_rows(options: EngineOptions, attention_backend: str) -> int:
     # The compiled step is the torch backend's (Triton kernels are not traced).
-    auto = DEFAULT_COMPILE_DECODE_MAX_ROWS if can_compile_on_cpu() and attention_backend == "torch" else 0
-    return _cpu_rows_option("compile_decode_max_rows", options.compile_decode_max_rows, auto, options.device)
+    on_torch = attention_backend == "torch"
+    auto = DEFAULT_COMPILE_DECODE_MAX_ROWS if can_compile_on_cpu() and on_torch else 0
+    rows = _cpu_rows_option("compile_decode_max_rows", options.compile_decode_max_rows, auto, options.device)
+    if rows and not on_torch:
+        raise ValueError("compile_decode_max_rows applies to the torch attention backend only; set it to 0")
+    return rows
 
 
 def _attention_backend(options: EngineOptions) -> str:
