@@ -67,6 +67,11 @@ def _add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = F
         "(faster on CPUs without AMX; more memory); 0 = off (default: 32 on such CPUs, else off)",
     )
     parser.add_argument(
+        "--device",
+        default=defaults.device,
+        help="torch device to run on, e.g. cpu, cuda, cuda:1 (default: auto = cuda when a GPU is visible, else cpu)",
+    )
+    parser.add_argument(
         "--attention-backend",
         choices=("auto", "torch", "triton"),
         default=defaults.attention_backend,
@@ -95,6 +100,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "fp32_matmul_min_rows": args.fp32_matmul_min_rows,
         "compile_decode_max_rows": args.compile_decode_max_rows,
         "attention_backend": args.attention_backend,
+        "device": args.device,
     }
 
 

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from hawker import LLM, SamplingParams
 
@@ -115,6 +116,13 @@ def test_unknown_dtype_names_the_choices(tiny_checkpoints: dict[str, Path]) -> N
     with pytest.raises(ValueError) as info:
         LLM(str(tiny_checkpoints["llama"]), dtype="float8")
     assert "float8" in str(info.value) and "bfloat16" in str(info.value)
+
+
+def test_device_auto_picks_the_gpu_when_visible_and_bad_names_are_rejected(tiny_checkpoints: dict[str, Path]) -> None:
+    llm = LLM(str(tiny_checkpoints["llama"]), dtype="float32")
+    assert llm.engine.config.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="device must be"):
+        LLM(str(tiny_checkpoints["llama"]), dtype="float32", device="gpu0")
 
 
 def test_max_model_len_beyond_the_model_is_rejected(tiny_checkpoints: dict[str, Path]) -> None:

@@ -6,6 +6,7 @@ is a group of ``n`` sequences; siblings reuse the first one's prompt blocks.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -55,7 +56,8 @@ class EngineOptions:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 128
     seed: int = 0
-    device: str = "cpu"
+    # "auto" = cuda when a GPU is visible, else cpu; or any torch device string.
+    device: str = "auto"
     # Steps with at most this many rows use int4 copies of the layers that
     # are 4-bit in the checkpoint (a quarter of the bytes to read; 8-bit ones
     # up to 4 rows); 0 = off, None = on (16 rows) for bfloat16 / float16
@@ -71,6 +73,16 @@ class EngineOptions:
     compile_decode_max_rows: int | None = None
     # "auto" (triton on CUDA when installed, else torch), "torch" or "triton".
     attention_backend: str = "auto"
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"device must be 'auto' or a torch device such as 'cpu' or 'cuda:0', got {name!r}") from error
+    return name
 
 
 def _cpu_rows_option(name: str, rows: int | None, auto: int, device: str) -> int:
@@ -186,6 +198,7 @@ class Engine:
 
     @classmethod
     def from_options(cls, options: EngineOptions) -> Engine:
+        options = dataclasses.replace(options, device=resolve_device(options.device))
         checkpoint = open_checkpoint(options.model)
         device = torch.device(options.device)
         model_config = ModelConfig.from_hf(checkpoint.hf_config, resolve_dtype(options.dtype, device))
