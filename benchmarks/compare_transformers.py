@@ -27,7 +27,7 @@ from hawker.loader.checkpoint import default_model_path, open_checkpoint
 BATCH_SIZES = (8, 16, 32, 64)
 
 
-def hf_generate_batch(model: torch.nn.Module, items: list[WorkItem], pad_id: int) -> int:
+def hf_generate_batch(model: torch.nn.Module, items: list[WorkItem], pad_id: int, device: str = "cpu") -> int:
     """Generate one left-padded static batch; returns the tokens the requests asked for."""
     width = max(len(item.prompt_token_ids) for item in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
@@ -38,8 +38,8 @@ def hf_generate_batch(model: torch.nn.Module, items: list[WorkItem], pad_id: int
     longest = max(item.output_len for item in items)
     with torch.inference_mode():
         out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
             max_new_tokens=longest,
             min_new_tokens=longest,
             do_sample=False,

@@ -37,6 +37,7 @@ from hawker.engine.engine import resolve_device
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks.compare_cpu import weight_bytes_per_decode_step  # noqa: E402
+from benchmarks.compare_transformers import hf_generate_batch  # noqa: E402
 
 # Shapes from the models' published config.json files.
 MODELS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -143,11 +144,12 @@ def hawker_single_stream(llm: LLM) -> float:
 
 def transformers_throughput(directory: Path, items: list[WorkItem], batch_size: int, device: str) -> ThroughputResult:
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).to(device).eval()
-    _generate_batch(model, items[:2], device)  # warm-up
+    hf_generate_batch(model, items[:2], 0, device)  # warm-up
     _synchronize(device)
     start = time.perf_counter()
     produced = sum(
-        _generate_batch(model, items[first : first + batch_size], device) for first in range(0, len(items), batch_size)
+        hf_generate_batch(model, items[first : first + batch_size], 0, device)
+        for first in range(0, len(items), batch_size)
     )
     _synchronize(device)
     return ThroughputResult(
@@ -157,27 +159,6 @@ def transformers_throughput(directory: Path, items: list[WorkItem], batch_size: 
         output_tokens=produced,
         seconds=time.perf_counter() - start,
     )
-
-
-def _generate_batch(model: torch.nn.Module, items: list[WorkItem], device: str) -> int:
-    """One left-padded static batch run to its longest request; counts the tokens each asked for."""
-    width = max(len(item.prompt_token_ids) for item in items)
-    ids = torch.zeros((len(items), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, item in enumerate(items):
-        ids[row, width - len(item.prompt_token_ids) :] = torch.tensor(item.prompt_token_ids)
-        mask[row, width - len(item.prompt_token_ids) :] = 1
-    longest = max(item.output_len for item in items)
-    with torch.inference_mode():
-        model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=longest,
-            min_new_tokens=longest,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    return sum(item.output_len for item in items)
 
 
 def measure_model(name: str, args: argparse.Namespace, device: str, copy_gb_s: float) -> ModelFigures:
