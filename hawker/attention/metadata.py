@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+
+def padded_block_tables(
+    tables: Sequence[Sequence[int]], device: torch.device, dtype: torch.dtype = torch.long
+) -> torch.Tensor:
+    """[len(tables), widest] block tables, shorter ones padded with block 0 (masked by their lengths)."""
+    width = max((len(t) for t in tables), default=0)
+    padded = [list(t) + [0] * (width - len(t)) for t in tables]
+    return torch.tensor(padded, dtype=dtype, device=device).reshape(len(tables), width)
 
 
 @dataclass(frozen=True)

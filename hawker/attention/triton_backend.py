@@ -8,11 +8,13 @@ split-context decode kernel; prefill chunks through the variable-length one.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from hawker.attention.metadata import padded_block_tables
 from hawker.kernels.decode_attention import num_splits_for, paged_decode_attention
 from hawker.kernels.kv_cache import write_kv
 from hawker.kernels.prefill_attention import paged_prefill_attention
@@ -78,17 +80,13 @@ def build_metadata(
     runs: Sequence[SeqRun], num_decodes: int, slot_mapping: torch.Tensor, kv_heads: int, device: torch.device
 ) -> TritonAttentionMetadata:
     """``runs`` in row order, the ``num_decodes`` decodes first."""
-    width = max((len(run.block_table) for run in runs), default=0)
-    tables = [list(run.block_table) + [0] * (width - len(run.block_table)) for run in runs]
     prefill_lens = [run.num_tokens for run in runs[num_decodes:]]
-    starts = [0]
-    for length in prefill_lens:
-        starts.append(starts[-1] + length)
+    starts = [0, *itertools.accumulate(prefill_lens)]
     decode_blocks = max((len(run.block_table) for run in runs[:num_decodes]), default=1)
     return TritonAttentionMetadata(
         slot_mapping=slot_mapping,
         num_decodes=num_decodes,
-        block_tables=torch.tensor(tables, dtype=torch.int32, device=device).reshape(len(runs), width),
+        block_tables=padded_block_tables([run.block_table for run in runs], device, torch.int32),
         context_lens=torch.tensor([r.start_pos + r.num_tokens for r in runs], dtype=torch.int32, device=device),
         prefill_query_starts=torch.tensor(starts, dtype=torch.int32, device=device),
         max_prefill_len=max(prefill_lens, default=0),

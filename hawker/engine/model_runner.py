@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hawker.attention.metadata import AttentionMetadata, DecodeGroup, PrefillChunk
+from hawker.attention.metadata import AttentionMetadata, DecodeGroup, PrefillChunk, padded_block_tables
 from hawker.config import EngineConfig
 from hawker.engine.compiled_decode import CompiledDecode, warm_up_row_counts
 from hawker.engine.sampler import Sampler, SampleRow, gather_logprobs, trim_top
@@ -194,7 +194,7 @@ class ModelRunner:
             members = decodes[first : first + count]
             lens = torch.tensor(context_lens[first : first + count], dtype=torch.long, device=self.device)
             longest = context_lens[first]
-            table = self._padded_tables([s.block_table for s in members])
+            table = padded_block_tables([s.block_table for s in members], self.device)
             mask = torch.arange(longest, device=self.device).unsqueeze(0) < lens.unsqueeze(1)
             slots = self._slots(table, longest)
             groups.append(DecodeGroup(first, count, longest, slots, mask[:, None, None, :]))
@@ -211,11 +211,6 @@ class ModelRunner:
         # compiled decode graph is specialised to dense [rows, context] slots.
         positions = torch.arange(length, device=self.device)
         return tables[:, positions // self.block_size] * self.block_size + positions % self.block_size
-
-    def _padded_tables(self, tables: list[tuple[int, ...]]) -> torch.Tensor:
-        width = max((len(t) for t in tables), default=0)
-        padded = [list(t) + [0] * (width - len(t)) for t in tables]
-        return torch.tensor(padded, dtype=torch.long, device=self.device).reshape(len(tables), width)
 
     def _sample(self, batch: _Batch, hidden: torch.Tensor) -> ModelOutput:
         sampled = [(seq, end - 1) for seq, end in zip(batch.order, batch.row_ends, strict=True) if seq.sample]

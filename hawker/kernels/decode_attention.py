@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hawker.kernels.paged_block import attend_cache_block
+
 # The rows of a tl.dot operand must be at least 16.
 _MIN_DOT_ROWS = 16
 
@@ -67,17 +69,24 @@ def _decode_split_kernel(
         if start < context:
             block = tl.load(block_tables_ptr + seq * stride_table + block_index)
             valid = start + slots < context
-            offsets = block * stride_cache_block + slots[:, None] * stride_cache_slot + kv_head * stride_cache_head
-            keys = tl.load(k_cache_ptr + offsets + dims[None, :], mask=valid[:, None], other=0.0)
-            values = tl.load(v_cache_ptr + offsets + dims[None, :], mask=valid[:, None], other=0.0)
-            scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * scale
-            scores = tl.where(valid[None, :], scores, float("-inf"))
-            new_max = tl.maximum(running_max, tl.max(scores, 1))
-            probs = tl.exp(scores - new_max[:, None])
-            rescale = tl.exp(running_max - new_max)
-            running_sum = running_sum * rescale + tl.sum(probs, 1)
-            acc = acc * rescale[:, None] + tl.dot(probs.to(values.dtype), values, input_precision=PRECISION)
-            running_max = new_max
+            running_max, running_sum, acc = attend_cache_block(
+                q,
+                k_cache_ptr,
+                v_cache_ptr,
+                block,
+                kv_head * stride_cache_head,
+                slots,
+                dims,
+                valid,
+                valid[None, :],
+                stride_cache_block,
+                stride_cache_slot,
+                scale,
+                running_max,
+                running_sum,
+                acc,
+                PRECISION,
+            )
     # A split past the end of the context saw nothing: weight 0 (lse = -inf) in the merge.
     seen = running_sum > 0
     out = tl.where(seen[:, None], acc / tl.where(seen, running_sum, 1.0)[:, None], 0.0)

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hawker.kernels.paged_block import attend_cache_block
+
 
 @triton.jit
 def _prefill_kernel(
@@ -68,19 +70,26 @@ def _prefill_kernel(
             block = tl.load(block_tables_ptr + seq * stride_table + block_index)
             key_pos = block_index * BLOCK_SIZE + slots
             real_key = key_pos < context
-            offsets = block * stride_cache_block + slots[:, None] * stride_cache_slot + kv_head * stride_cache_head
-            keys = tl.load(k_cache_ptr + offsets + dims[None, :], mask=real_key[:, None], other=0.0)
-            values = tl.load(v_cache_ptr + offsets + dims[None, :], mask=real_key[:, None], other=0.0)
-            scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * scale
-            visible = real_key[None, :] & (key_pos[None, :] <= query_pos[:, None])
-            scores = tl.where(visible, scores, float("-inf"))
             # Key 0 is visible to every row, so the first block makes every max finite.
-            new_max = tl.maximum(running_max, tl.max(scores, 1))
-            probs = tl.exp(scores - new_max[:, None])
-            rescale = tl.exp(running_max - new_max)
-            running_sum = running_sum * rescale + tl.sum(probs, 1)
-            acc = acc * rescale[:, None] + tl.dot(probs.to(values.dtype), values, input_precision=PRECISION)
-            running_max = new_max
+            visible = real_key[None, :] & (key_pos[None, :] <= query_pos[:, None])
+            running_max, running_sum, acc = attend_cache_block(
+                q,
+                k_cache_ptr,
+                v_cache_ptr,
+                block,
+                kv_head * stride_cache_head,
+                slots,
+                dims,
+                real_key,
+                visible,
+                stride_cache_block,
+                stride_cache_slot,
+                scale,
+                running_max,
+                running_sum,
+                acc,
+                PRECISION,
+            )
         out = acc / running_sum[:, None]
         tl.store(
             out_ptr + (query_start + rows)[:, None] * stride_ot + head * stride_oh + dims[None, :],
