@@ -10,8 +10,11 @@ with random weights: nothing is downloaded) it measures, in one run:
   - transformers ``generate`` (left-padded static batches) on the same items;
   - single-stream decode (256 new tokens) against the memory-bandwidth limit:
     the weights' bytes over the device's measured copy bandwidth.
-Speed-ups from CUDA graphs and from overlapped scheduling are reported once
-those exist (they are issue 5's next parts).
+On CUDA the Hawker runs are repeated with CUDA graphs off
+(``cuda_graph_max_batch_size=0``) for the graphs' speed-up, and the graphs'
+capture time at start-up is printed. Overlapped scheduling is not built yet.
+The KV cache is sized from free memory (``gpu_memory_utilization`` 0.9)
+unless ``--kv-cache-memory-gb`` is given.
 """
 
 from __future__ import annotations
@@ -85,6 +88,13 @@ SINGLE_STREAM_TOKENS = 256
 
 
 @dataclass(frozen=True)
+class HawkerRun:
+    offline: ThroughputResult
+    single_stream_tok_s: float
+    graph_capture_s: float | None  # None when CUDA graphs were off
+
+
+@dataclass(frozen=True)
 class ModelFigures:
     name: str
     hawker: ThroughputResult
@@ -92,6 +102,16 @@ class ModelFigures:
     single_stream_tok_s: float
     weight_bytes: int
     copy_gb_s: float
+    graph_capture_s: float | None
+    # The same Hawker runs without CUDA graphs (None where graphs cannot run).
+    eager: HawkerRun | None
+
+    def graph_speedups(self) -> str:
+        if self.eager is None:
+            return "n/a (no CUDA)"
+        offline = self.hawker.output_tokens_per_s / self.eager.offline.output_tokens_per_s
+        single = self.single_stream_tok_s / self.eager.single_stream_tok_s
+        return f"{offline:.2f}x offline, {single:.2f}x single stream (capture {self.graph_capture_s:.1f} s)"
 
     @property
     def bandwidth_limit_tok_s(self) -> float:
@@ -161,24 +181,39 @@ def transformers_throughput(directory: Path, items: list[WorkItem], batch_size: 
     )
 
 
+def run_hawker_engine(
+    name: str, directory: Path, spec: WorkloadSpec, device: str, options: dict[str, Any]
+) -> tuple[HawkerRun, int]:
+    """Offline throughput and single-stream speed of one Hawker engine; also the decode step's weight bytes."""
+    llm = LLM(str(directory), dtype="bfloat16", device=device, **options)
+    graphs = llm.engine.runner.decode_graphs
+    offline = run_hawker(llm, spec)
+    print(f"{name} {options}: {offline.summary()}", flush=True)
+    run = HawkerRun(offline, hawker_single_stream(llm), None if graphs is None else graphs.capture_seconds)
+    weight_bytes = weight_bytes_per_decode_step(llm)
+    del llm
+    _empty_cache(device)
+    return run, weight_bytes
+
+
 def measure_model(name: str, args: argparse.Namespace, device: str, copy_gb_s: float) -> ModelFigures:
     family, shape = MODELS[name]
     shape = {**shape, **TINY} if args.tiny else shape
     spec = WorkloadSpec(num_prompts=args.num_prompts, min_input=100, max_input=1024, min_output=100, max_output=1024)
+    options: dict[str, Any] = {"kv_cache_memory_gb": args.kv_cache_memory_gb}
     with tempfile.TemporaryDirectory(prefix=f"hawker-{name}-") as tmp:
         directory = build_checkpoint(family, shape, Path(tmp), device)
-        llm = LLM(str(directory), dtype="bfloat16", device=device, kv_cache_memory_gb=args.kv_cache_memory_gb)
-        hawker = run_hawker(llm, spec)
-        print(f"{name}: {hawker.summary()}", flush=True)
-        single = hawker_single_stream(llm)
-        weight_bytes = weight_bytes_per_decode_step(llm)
-        del llm
-        _empty_cache(device)
+        best, weight_bytes = run_hawker_engine(name, directory, spec, device, options)
+        eager = None
+        if torch.device(device).type == "cuda":
+            eager, _ = run_hawker_engine(name, directory, spec, device, {**options, "cuda_graph_max_batch_size": 0})
         items = make_workload(spec, shape["vocab_size"], {0, 1, 2})
         peer = transformers_throughput(directory, items, args.transformers_batch, device)
         print(f"{name}: {peer.summary()}", flush=True)
         _empty_cache(device)
-    return ModelFigures(name, hawker, peer, single, weight_bytes, copy_gb_s)
+    return ModelFigures(
+        name, best.offline, peer, best.single_stream_tok_s, weight_bytes, copy_gb_s, best.graph_capture_s, eager
+    )
 
 
 def _empty_cache(device: str) -> None:
@@ -198,7 +233,7 @@ def table(figures: list[ModelFigures]) -> list[str]:
         lines.append(
             f"| {f.name} | {f.hawker.output_tokens_per_s:.1f} | {f.transformers.output_tokens_per_s:.1f} "
             f"({f.transformers.engine}) | {ratio:.2f}x | {f.single_stream_tok_s:.1f} | "
-            f"{f.bandwidth_limit_tok_s:.1f} | {fraction:.0%} | not built yet | not built yet |"
+            f"{f.bandwidth_limit_tok_s:.1f} | {fraction:.0%} | {f.graph_speedups()} | not built yet |"
         )
     return lines
 
@@ -209,7 +244,9 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tiny", action="store_true", help="small models of the same families (smoke test)")
-    parser.add_argument("--kv-cache-memory-gb", type=float, default=16.0)
+    parser.add_argument(
+        "--kv-cache-memory-gb", type=float, default=None, help="default: sized from free GPU memory (2 GiB on CPU)"
+    )
     parser.add_argument("--transformers-batch", type=int, default=32)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "gpu_bench.json")
     parser.add_argument("--append-results", action="store_true")
@@ -227,6 +264,13 @@ def main() -> None:
             "transformers": json.loads(f.transformers.to_json()),
             "single_stream_tok_s": f.single_stream_tok_s,
             "weight_bytes": f.weight_bytes,
+            "graph_capture_s": f.graph_capture_s,
+            "without_cuda_graphs": None
+            if f.eager is None
+            else {
+                "hawker": json.loads(f.eager.offline.to_json()),
+                "single_stream_tok_s": f.eager.single_stream_tok_s,
+            },
         }
         for f in figures
     }

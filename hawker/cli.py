@@ -36,7 +36,14 @@ def _add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = F
         "--kv-cache-memory-gb",
         type=float,
         default=defaults.kv_cache_memory_gb,
-        help="memory budget of the KV cache pool in GiB (default: %(default)s)",
+        help="memory budget of the KV cache pool in GiB (default: 2 on CPU; on a GPU what "
+        "--gpu-memory-utilization leaves after the weights and a worst-case step)",
+    )
+    parser.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=defaults.gpu_memory_utilization,
+        help="fraction of GPU memory for weights, activations and KV cache together (default: %(default)s)",
     )
     parser.add_argument(
         "--max-num-batched-tokens",
@@ -84,6 +91,13 @@ def _add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = F
         help="decode-only steps of at most this many sequences run a torch.compile'd forward, compiled at "
         "start-up (needs a C++ compiler); 0 = off (default: 16 on CPU, else off)",
     )
+    parser.add_argument(
+        "--cuda-graph-max-batch-size",
+        type=int,
+        default=defaults.cuda_graph_max_batch_size,
+        help="decode-only steps of at most this many sequences replay CUDA graphs captured at start-up; "
+        "0 = off (default: min(max-num-seqs, 256) on CUDA with the triton backend, else off)",
+    )
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -92,6 +106,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "max_model_len": args.max_model_len,
         "block_size": args.block_size,
         "kv_cache_memory_gb": args.kv_cache_memory_gb,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_num_seqs": args.max_num_seqs,
         "enable_prefix_caching": not args.no_prefix_caching,
@@ -100,6 +115,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "fp32_matmul_min_rows": args.fp32_matmul_min_rows,
         "compile_decode_max_rows": args.compile_decode_max_rows,
         "attention_backend": args.attention_backend,
+        "cuda_graph_max_batch_size": args.cuda_graph_max_batch_size,
         "device": args.device,
     }
 

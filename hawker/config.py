@@ -126,22 +126,33 @@ class ModelConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
-    # Memory for the KV pool; ignored when num_blocks is given.
-    kv_cache_memory_bytes: int = 2 * 1024**3
+    # Memory for the KV pool; None = measure what is free on the GPU after a
+    # worst-case step and take gpu_memory_utilization of the device in all
+    # (hawker/engine/memory_profile.py). Ignored when num_blocks is given.
+    kv_cache_memory_bytes: int | None = 2 * 1024**3
     num_blocks: int | None = None
     enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
-        if self.kv_cache_memory_bytes < 1:
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
             raise ValueError("kv_cache_memory_bytes must be positive")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+    @property
+    def sized_by_profiling(self) -> bool:
+        return self.num_blocks is None and self.kv_cache_memory_bytes is None
 
     def blocks_for(self, model: ModelConfig, tp_size: int = 1) -> int:
         if self.num_blocks is not None:
             return self.num_blocks
+        if self.kv_cache_memory_bytes is None:
+            raise ValueError("the KV cache is sized by profiling the device (hawker/engine/memory_profile.py)")
         per_block = bytes_per_kv_block(model, self.block_size, tp_size)
         return max(1, self.kv_cache_memory_bytes // per_block)
 
@@ -194,3 +205,6 @@ class EngineConfig:
     compile_decode_max_rows: int = 0
     # "torch" or "triton" (hawker/attention/), resolved from the user's "auto".
     attention_backend: str = "torch"
+    # Decode-only steps of at most this many sequences replay CUDA graphs
+    # captured at start-up (hawker/engine/decode_graphs.py); 0 turns that off.
+    cuda_graph_max_batch_size: int = 0

@@ -29,6 +29,7 @@ from hawker.config import (
 from hawker.engine.compiled_decode import DEFAULT_COMPILE_DECODE_MAX_ROWS, can_compile_on_cpu
 from hawker.engine.detokenizer import IncrementalDetokenizer
 from hawker.engine.kv_cache import KVCacheManager
+from hawker.engine.memory_profile import profile_num_blocks
 from hawker.engine.model_runner import ModelOutput, ModelRunner, SeqResult, build_model
 from hawker.engine.request import Request, RequestStatus
 from hawker.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
@@ -50,7 +51,10 @@ class EngineOptions:
     dtype: str = "auto"
     max_model_len: int | None = None
     block_size: int = 16
-    kv_cache_memory_gb: float = 2.0
+    # None = 2 GiB on a CPU; on a GPU, what gpu_memory_utilization leaves
+    # after the weights and a worst-case step (measured at start-up).
+    kv_cache_memory_gb: float | None = None
+    gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None
     enable_prefix_caching: bool = True
     max_num_batched_tokens: int = 2048
@@ -73,6 +77,10 @@ class EngineOptions:
     compile_decode_max_rows: int | None = None
     # "auto" (triton on CUDA when installed, else torch), "torch" or "triton".
     attention_backend: str = "auto"
+    # Decode-only steps of at most this many sequences replay CUDA graphs
+    # captured at start-up; 0 = off, None = min(max_num_seqs, 256) on CUDA
+    # with the triton backend. GPU only.
+    cuda_graph_max_batch_size: int | None = None
 
 
 def resolve_device(name: str) -> str:
@@ -131,6 +139,39 @@ def _attention_backend(options: EngineOptions) -> str:
     return backend
 
 
+DEFAULT_CPU_KV_CACHE_GB = 2.0
+DEFAULT_CUDA_GRAPH_MAX_BATCH_SIZE = 256
+
+
+def _kv_cache_memory_bytes(options: EngineOptions) -> int | None:
+    """The KV pool's budget; None = size it from free memory (the default on a GPU)."""
+    if options.kv_cache_memory_gb is not None:
+        return int(options.kv_cache_memory_gb * 1024**3)
+    if torch.device(options.device).type == "cuda":
+        return None
+    return int(DEFAULT_CPU_KV_CACHE_GB * 1024**3)
+
+
+def _cuda_graph_max_batch_size(options: EngineOptions, attention_backend: str) -> int:
+    # Graphs replay the triton backend's kernels; the torch backend's decode
+    # groups change shape with the context lengths, so they cannot be captured.
+    usable = torch.device(options.device).type == "cuda" and attention_backend == "triton"
+    rows = options.cuda_graph_max_batch_size
+    if rows is None:
+        return min(options.max_num_seqs, DEFAULT_CUDA_GRAPH_MAX_BATCH_SIZE) if usable else 0
+    if rows < 0:
+        raise ValueError(f"cuda_graph_max_batch_size must be >= 0 (0 = off), got {rows}")
+    if rows and not usable:
+        raise ValueError("cuda_graph_max_batch_size needs a CUDA device and the triton attention backend; set it to 0")
+    return rows
+
+
+def _num_kv_blocks(config: EngineConfig, model: torch.nn.Module) -> int:
+    if config.cache.sized_by_profiling:
+        return profile_num_blocks(config, model, config.cache.gpu_memory_utilization)
+    return config.cache.blocks_for(config.model, config.parallel.tensor_parallel_size)
+
+
 class EngineFatalError(RuntimeError):
     """A failure after which no step can be trusted (the engine loop must stop)."""
 
@@ -180,7 +221,7 @@ class Engine:
     def __init__(self, config: EngineConfig, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
         self.config = config
         self.tokenizer = tokenizer
-        num_blocks = config.cache.blocks_for(config.model, config.parallel.tensor_parallel_size)
+        num_blocks = _num_kv_blocks(config, model)
         self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.eos_token_id = _eos_id(config.model, tokenizer)
@@ -208,9 +249,10 @@ class Engine:
             model=model_config,
             cache=CacheConfig(
                 block_size=options.block_size,
-                kv_cache_memory_bytes=int(options.kv_cache_memory_gb * 1024**3),
+                kv_cache_memory_bytes=_kv_cache_memory_bytes(options),
                 num_blocks=options.num_kv_blocks,
                 enable_prefix_caching=options.enable_prefix_caching,
+                gpu_memory_utilization=options.gpu_memory_utilization,
             ),
             scheduler=SchedulerConfig(
                 max_num_batched_tokens=options.max_num_batched_tokens,
@@ -224,6 +266,7 @@ class Engine:
             fp32_matmul_min_rows=_fp32_matmul_min_rows(options, model_config.dtype),
             compile_decode_max_rows=_compile_decode_max_rows(options, attention_backend),
             attention_backend=attention_backend,
+            cuda_graph_max_batch_size=_cuda_graph_max_batch_size(options, attention_backend),
         )
         model = build_model(config, checkpoint)
         return cls(config, model, load_tokenizer(Path(checkpoint.path)))

@@ -72,6 +72,10 @@ def split_by_length(context_lens: Sequence[int]) -> list[tuple[int, int]]:
     return runs
 
 
+def _is_decode(seq: ScheduledSeq) -> bool:
+    return seq.num_tokens == 1 and seq.start_pos > 0
+
+
 def build_model(config: EngineConfig, checkpoint: Checkpoint) -> nn.Module:
     cls = model_class(config.model.architecture)
     tp = TPInfo(config.parallel.tensor_parallel_rank, config.parallel.tensor_parallel_size)
@@ -100,6 +104,7 @@ class ModelRunner:
         self.sampler = Sampler(eos_token_id, seed=config.seed, device=self.device)
         self.logits_observer: LogitsObserver | None = None
         self.compiled_decode = self._compile_decode(config.compile_decode_max_rows)
+        self.decode_graphs = self._capture_decode_graphs(config.cuda_graph_max_batch_size)
 
     def _compile_decode(self, max_rows: int) -> CompiledDecode | None:
         if not max_rows:
@@ -108,6 +113,28 @@ class ModelRunner:
         branches = (self.config.int4_decode_max_rows + 1, self.config.fp32_matmul_min_rows)
         compiled.warm_up(self.kv_caches, warm_up_row_counts(max_rows, branches))
         return compiled
+
+    def _capture_decode_graphs(self, max_rows: int, capture: str = "cuda") -> Any:
+        if not max_rows:
+            return None
+        graphs = self.decode_graphs_for(max_rows, capture)
+        graphs.capture_all()
+        return graphs
+
+    def decode_graphs_for(self, max_rows: int, capture: str) -> Any:
+        """DecodeGraphs over this runner's model and cache (``capture="eager"`` lets tests run them on CPU)."""
+        from hawker.engine.decode_graphs import DecodeGraphs  # needs triton, which a CPU install may lack
+
+        block_size = self.block_size
+        return DecodeGraphs(
+            self.model,
+            self.kv_caches,
+            max_rows=max_rows,
+            max_blocks_per_seq=-(-self.config.scheduler.max_model_len // block_size),
+            block_size=block_size,
+            kv_heads=self.config.model.num_kv_heads // self.config.parallel.tensor_parallel_size,
+            capture=capture,
+        )
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         cfg = self.config.model
@@ -124,16 +151,20 @@ class ModelRunner:
     # -------------------------------------------------------------- execute
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> ModelOutput:
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.handles(len(step.seqs)) and all(map(_is_decode, step.seqs)):
+            hidden = graphs.run(step.seqs)
+            return self._sample(step.seqs, list(range(1, len(step.seqs) + 1)), hidden)
         batch = self._prepare(step.seqs)
         forward = self.model
         if self.compiled_decode is not None and self.compiled_decode.handles(batch.input_ids, batch.meta):
             forward = self.compiled_decode
         hidden = forward(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
-        return self._sample(batch, hidden)
+        return self._sample(batch.order, batch.row_ends, hidden)
 
     def _prepare(self, seqs: Sequence[ScheduledSeq]) -> _Batch:
-        decodes = [s for s in seqs if s.num_tokens == 1 and s.start_pos > 0]
-        prefills = [s for s in seqs if not (s.num_tokens == 1 and s.start_pos > 0)]
+        decodes = [s for s in seqs if _is_decode(s)]
+        prefills = [s for s in seqs if not _is_decode(s)]
         # Longest context first, so that decode groups of similar length are contiguous rows.
         decodes.sort(key=lambda s: -s.start_pos)
         order = decodes + prefills
@@ -212,10 +243,11 @@ class ModelRunner:
         positions = torch.arange(length, device=self.device)
         return tables[:, positions // self.block_size] * self.block_size + positions % self.block_size
 
-    def _sample(self, batch: _Batch, hidden: torch.Tensor) -> ModelOutput:
-        sampled = [(seq, end - 1) for seq, end in zip(batch.order, batch.row_ends, strict=True) if seq.sample]
+    def _sample(self, order: Sequence[ScheduledSeq], row_ends: Sequence[int], hidden: torch.Tensor) -> ModelOutput:
+        """Sample the sequences of ``order`` whose last row (exclusive ``row_ends``) is in ``hidden``."""
+        sampled = [(seq, end - 1) for seq, end in zip(order, row_ends, strict=True) if seq.sample]
         results: dict[str, SeqResult] = {}
-        prompt_lps = self._prompt_logprobs(batch, hidden)
+        prompt_lps = self._prompt_logprobs(order, row_ends, hidden)
         if sampled:
             rows = torch.tensor([row for _, row in sampled], dtype=torch.long, device=self.device)
             logits = self.model.compute_logits(hidden[rows]).float()
@@ -228,14 +260,16 @@ class ModelRunner:
             out = self.sampler(logits, sample_rows)
             for (seq, _), token, lps in zip(sampled, out.token_ids, out.logprobs, strict=True):
                 results[seq.request_id] = SeqResult(token, lps, prompt_lps.get(seq.request_id))
-        for seq in batch.order:
+        for seq in order:
             if seq.request_id not in results:
                 results[seq.request_id] = SeqResult(None, None, prompt_lps.get(seq.request_id))
         return ModelOutput(results=results)
 
-    def _prompt_logprobs(self, batch: _Batch, hidden: torch.Tensor) -> dict[str, list[PositionLogprobs]]:
+    def _prompt_logprobs(
+        self, order: Sequence[ScheduledSeq], row_ends: Sequence[int], hidden: torch.Tensor
+    ) -> dict[str, list[PositionLogprobs]]:
         found: dict[str, list[PositionLogprobs]] = {}
-        for seq, end in zip(batch.order, batch.row_ends, strict=True):
+        for seq, end in zip(order, row_ends, strict=True):
             targets = seq.prompt_logprob_targets
             if not targets:
                 continue
