@@ -92,6 +92,28 @@ def _add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = F
         "start-up (needs a C++ compiler); 0 = off (default: 16 on CPU, else off)",
     )
     parser.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=defaults.tensor_parallel_size,
+        help="shard each layer over this many processes (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--pipeline-parallel-size",
+        "-pp",
+        type=int,
+        default=defaults.pipeline_parallel_size,
+        help="split the layers into this many pipeline stages, one process group each (default: %(default)s); "
+        "the tensor x pipeline processes start on this node, or under torchrun across nodes",
+    )
+    parser.add_argument(
+        "--tp-overlap-chunks",
+        type=int,
+        default=defaults.tp_overlap_chunks,
+        help="row-parallel layers all-reduce in this many chunks, each while the next is multiplied; "
+        "1 = off (default: %(default)s)",
+    )
+    parser.add_argument(
         "--cuda-graph-max-batch-size",
         type=int,
         default=defaults.cuda_graph_max_batch_size,
@@ -116,6 +138,9 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "compile_decode_max_rows": args.compile_decode_max_rows,
         "attention_backend": args.attention_backend,
         "cuda_graph_max_batch_size": args.cuda_graph_max_batch_size,
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "pipeline_parallel_size": args.pipeline_parallel_size,
+        "tp_overlap_chunks": args.tp_overlap_chunks,
         "device": args.device,
     }
 
@@ -284,6 +309,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_request_body_mb=args.max_request_body_mb,
         shutdown_grace_s=args.shutdown_grace_s,
         log_level=args.log_level,
+        data_parallel_size=args.data_parallel_size,
         inject_fault_token_id=args.inject_fault_token_id,
         inject_fatal_token_id=args.inject_fatal_token_id,
     )
@@ -332,6 +358,15 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         choices=["debug", "info", "warning", "error"],
         help="log level (default: %(default)s)",
     )
+    serve.add_argument(
+        "--data-parallel-size",
+        type=int,
+        default=1,
+        help="engine replicas behind this server, each with the whole model and its own KV cache; a request "
+        "goes to the replica holding the longest cached prefix of its prompt, else the least loaded; on a "
+        "CPU the replicas split the torch threads, on a node with enough GPUs replica i uses cuda:i "
+        "(default: %(default)s)",
+    )
     # Test hooks, not for users: a prompt containing the token fails / kills the engine loop.
     serve.add_argument("--inject-fault-token-id", type=int, default=None, help=argparse.SUPPRESS)
     serve.add_argument("--inject-fatal-token-id", type=int, default=None, help=argparse.SUPPRESS)
@@ -367,10 +402,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_torchrun_worker(args: argparse.Namespace) -> bool:
+    """Under torchrun every rank runs the same command: ranks other than 0 serve steps, then exit here."""
+    if not hasattr(args, "tensor_parallel_size"):
+        return False
+    options = EngineOptions(model=getattr(args, "model", None), **_engine_kwargs(args))
+    if options.world_size == 1:
+        return False
+    from hawker.distributed import launch, worker
+    from hawker.engine.engine import world_shape
+
+    found = launch.torchrun_rank(world_shape(options))
+    if found is None or found[1] == 0:
+        return False
+    worker.run_worker(options, *found)
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        if _is_torchrun_worker(args):
+            return 0
         return int(args.func(args))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -148,19 +148,21 @@ class CacheConfig:
     def sized_by_profiling(self) -> bool:
         return self.num_blocks is None and self.kv_cache_memory_bytes is None
 
-    def blocks_for(self, model: ModelConfig, tp_size: int = 1) -> int:
+    def blocks_for(self, model: ModelConfig, tp_size: int = 1, pp_size: int = 1) -> int:
         if self.num_blocks is not None:
             return self.num_blocks
         if self.kv_cache_memory_bytes is None:
             raise ValueError("the KV cache is sized by profiling the device (hawker/engine/memory_profile.py)")
-        per_block = bytes_per_kv_block(model, self.block_size, tp_size)
+        per_block = bytes_per_kv_block(model, self.block_size, tp_size, pp_size)
         return max(1, self.kv_cache_memory_bytes // per_block)
 
 
-def bytes_per_kv_block(model: ModelConfig, block_size: int, tp_size: int = 1) -> int:
+def bytes_per_kv_block(model: ModelConfig, block_size: int, tp_size: int = 1, pp_size: int = 1) -> int:
+    """Bytes of one KV block on one rank: its KV heads (replicated when fewer than the ranks), its stage's layers."""
     kv_heads = max(1, model.num_kv_heads // tp_size)
+    layers = -(-model.num_layers // pp_size)  # the largest stage
     elem = torch.empty((), dtype=model.dtype).element_size()
-    return 2 * model.num_layers * block_size * kv_heads * model.head_dim * elem
+    return 2 * layers * block_size * kv_heads * model.head_dim * elem
 
 
 @dataclass(frozen=True)
@@ -177,12 +179,33 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
+    """This process's place in the tensor x pipeline grid (global rank = pp_rank * tp_size + tp_rank)."""
+
     tensor_parallel_size: int = 1
     tensor_parallel_rank: int = 0
+    pipeline_parallel_size: int = 1
+    pipeline_parallel_rank: int = 0
+    # Row-parallel layers reduce their output in this many chunks, each
+    # while the next is multiplied (1 = one blocking all-reduce).
+    tp_overlap_chunks: int = 1
 
     def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
+            raise ValueError("tensor_parallel_size and pipeline_parallel_size must be >= 1")
         if not 0 <= self.tensor_parallel_rank < self.tensor_parallel_size:
             raise ValueError("tensor_parallel_rank must be in [0, tensor_parallel_size)")
+        if not 0 <= self.pipeline_parallel_rank < self.pipeline_parallel_size:
+            raise ValueError("pipeline_parallel_rank must be in [0, pipeline_parallel_size)")
+        if self.tp_overlap_chunks < 1:
+            raise ValueError(f"tp_overlap_chunks must be >= 1, got {self.tp_overlap_chunks}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def rank(self) -> int:
+        return self.pipeline_parallel_rank * self.tensor_parallel_size + self.tensor_parallel_rank
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,10 @@ class LLM:
     ``model`` is a HF directory or a .gguf file; None means the default
     SmolLM2-135M-Instruct GGUF. Keyword options are those of ``EngineOptions``
     (dtype, max_model_len, block_size, kv_cache_memory_gb, num_kv_blocks,
-    enable_prefix_caching, max_num_batched_tokens, max_num_seqs, seed, device).
+    enable_prefix_caching, max_num_batched_tokens, max_num_seqs, seed, device,
+    tensor_parallel_size, pipeline_parallel_size, ...). With more than one
+    rank, call ``close()`` (or use ``with LLM(...) as llm``) to stop the
+    worker processes; they also exit when this process does.
     """
 
     def __init__(self, model: str | None = None, **options: Any) -> None:
@@ -34,6 +37,16 @@ class LLM:
             raise ValueError(f"unknown LLM option(s): {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
         self.engine = Engine.from_options(EngineOptions(model=model, **options))
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Stop the worker processes of a tensor / pipeline parallel engine (a no-op in one process)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
         return self.engine.tokenizer

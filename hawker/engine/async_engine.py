@@ -62,6 +62,10 @@ class RequestObserver:
     def on_client_gone(self, request_id: str) -> None:
         del request_id
 
+    def on_stream_closed(self, request_id: str) -> None:
+        """Every stream ends here exactly once, finished or not (a router's in-flight count)."""
+        del request_id
+
 
 @dataclass(frozen=True)
 class StreamProgress:
@@ -107,7 +111,7 @@ class AsyncEngine:
         # padding/truncation state and must not run concurrently with it.
         self.tokenizer: PreTrainedTokenizerBase = copy.deepcopy(engine.tokenizer)
         self.max_waiting_requests = max_waiting_requests
-        self.observer = RequestObserver()  # the server replaces it with its metrics
+        self.observer = RequestObserver()  # the router replaces it (and forwards to the metrics)
         self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._progress: dict[str, StreamProgress] = {}
@@ -118,6 +122,8 @@ class AsyncEngine:
         self._stats_lock = threading.Lock()
         self._stats = engine.stats()
         self.dead_reason: str | None = None
+        # Called from the loop thread with the reason when the engine loop dies.
+        self.on_dead: Callable[[str], None] | None = None
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -189,6 +195,7 @@ class AsyncEngine:
         if not stream.finished:
             self.abort(stream.request_id)
             self.observer.on_client_gone(stream.request_id)
+        self.observer.on_stream_closed(stream.request_id)
 
     def abort(self, request_id: str) -> None:
         """Abort a request (its blocks return to the pool after the current step)."""
@@ -211,6 +218,8 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
+                # Also while idle: a dead worker rank must show in /health within a poll interval.
+                self.engine.check_health()
                 self._apply_commands(block=not self.engine.has_unfinished_requests())
                 if self._stop.is_set() or not self.engine.has_unfinished_requests():
                     continue
@@ -224,6 +233,8 @@ class AsyncEngine:
             logger.exception("the engine loop died")
             dead = EngineDeadError(f"the engine loop died: {self.dead_reason}")
             self._post(lambda: self._fail_all(dead))
+            if self.on_dead is not None:
+                self.on_dead(self.dead_reason)
 
     def _apply_commands(self, block: bool) -> None:
         command: _Add | _Abort | None

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -28,6 +29,7 @@ from hawker.config import (
 )
 from hawker.engine.compiled_decode import DEFAULT_COMPILE_DECODE_MAX_ROWS, can_compile_on_cpu
 from hawker.engine.detokenizer import IncrementalDetokenizer
+from hawker.engine.errors import EngineFatalError
 from hawker.engine.kv_cache import KVCacheManager
 from hawker.engine.memory_profile import profile_num_blocks
 from hawker.engine.model_runner import ModelOutput, ModelRunner, SeqResult, build_model
@@ -35,10 +37,15 @@ from hawker.engine.request import Request, RequestStatus
 from hawker.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from hawker.layers.projection import DEFAULT_FP32_MATMUL_MIN_ROWS, cpu_has_fast_half_matmul
 from hawker.layers.quant import DEFAULT_INT4_DECODE_MAX_ROWS
-from hawker.loader.checkpoint import open_checkpoint
+from hawker.loader.checkpoint import Checkpoint, open_checkpoint
 from hawker.loader.tokenizer import load_tokenizer
 from hawker.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from hawker.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from hawker.distributed.executor import DriverRunner
+    from hawker.distributed.launch import WorkerProcesses
+    from hawker.distributed.world import World
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +88,17 @@ class EngineOptions:
     # captured at start-up; 0 = off, None = min(max_num_seqs, 256) on CUDA
     # with the triton backend. GPU only.
     cuda_graph_max_batch_size: int | None = None
+    # One model over tensor_parallel_size x pipeline_parallel_size processes
+    # (hawker/distributed/): started here on one node, or by torchrun.
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    # Row-parallel layers all-reduce in this many chunks, each while the next
+    # is multiplied; 1 = off (one blocking all-reduce per layer).
+    tp_overlap_chunks: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 def resolve_device(name: str) -> str:
@@ -120,12 +138,15 @@ def _fp32_matmul_min_rows(options: EngineOptions, dtype: torch.dtype) -> int:
 
 
 def _compile_decode_max_rows(options: EngineOptions, attention_backend: str) -> int:
-    # The compiled step is the torch backend's (Triton kernels are not traced).
-    on_torch = attention_backend == "torch"
-    auto = DEFAULT_COMPILE_DECODE_MAX_ROWS if can_compile_on_cpu() and on_torch else 0
+    # The compiled step is the torch backend's (Triton kernels are not traced),
+    # in one process (collectives are not traced either).
+    usable = attention_backend == "torch" and options.world_size == 1
+    auto = DEFAULT_COMPILE_DECODE_MAX_ROWS if can_compile_on_cpu() and usable else 0
     rows = _cpu_rows_option("compile_decode_max_rows", options.compile_decode_max_rows, auto, options.device)
-    if rows and not on_torch:
-        raise ValueError("compile_decode_max_rows applies to the torch attention backend only; set it to 0")
+    if rows and not usable:
+        raise ValueError(
+            "compile_decode_max_rows applies to the torch attention backend in one process only; set it to 0"
+        )
     return rows
 
 
@@ -155,25 +176,66 @@ def _kv_cache_memory_bytes(options: EngineOptions) -> int | None:
 def _cuda_graph_max_batch_size(options: EngineOptions, attention_backend: str) -> int:
     # Graphs replay the triton backend's kernels; the torch backend's decode
     # groups change shape with the context lengths, so they cannot be captured.
-    usable = torch.device(options.device).type == "cuda" and attention_backend == "triton"
+    usable = torch.device(options.device).type == "cuda" and attention_backend == "triton" and options.world_size == 1
     rows = options.cuda_graph_max_batch_size
     if rows is None:
         return min(options.max_num_seqs, DEFAULT_CUDA_GRAPH_MAX_BATCH_SIZE) if usable else 0
     if rows < 0:
         raise ValueError(f"cuda_graph_max_batch_size must be >= 0 (0 = off), got {rows}")
     if rows and not usable:
-        raise ValueError("cuda_graph_max_batch_size needs a CUDA device and the triton attention backend; set it to 0")
+        raise ValueError(
+            "cuda_graph_max_batch_size needs a CUDA device, the triton attention backend and one process; set it to 0"
+        )
     return rows
 
 
-def _num_kv_blocks(config: EngineConfig, model: torch.nn.Module) -> int:
+def world_shape(options: EngineOptions) -> dict[str, int]:
+    """The grid fields of a WorldSpec."""
+    return {
+        "tensor_parallel_size": options.tensor_parallel_size,
+        "pipeline_parallel_size": options.pipeline_parallel_size,
+        "tp_overlap_chunks": options.tp_overlap_chunks,
+    }
+
+
+def engine_config(options: EngineOptions, parallel: ParallelConfig) -> tuple[EngineConfig, Checkpoint]:
+    """The config every rank builds from the same options (``options.device`` already resolved)."""
+    checkpoint = open_checkpoint(options.model)
+    device = torch.device(options.device)
+    model_config = ModelConfig.from_hf(checkpoint.hf_config, resolve_dtype(options.dtype, device))
+    attention_backend = _attention_backend(options)
+    config = EngineConfig(
+        model_path=str(checkpoint.path),
+        model=model_config,
+        cache=CacheConfig(
+            block_size=options.block_size,
+            kv_cache_memory_bytes=_kv_cache_memory_bytes(options),
+            num_blocks=options.num_kv_blocks,
+            enable_prefix_caching=options.enable_prefix_caching,
+            gpu_memory_utilization=options.gpu_memory_utilization,
+        ),
+        scheduler=SchedulerConfig(
+            max_num_batched_tokens=options.max_num_batched_tokens,
+            max_num_seqs=options.max_num_seqs,
+            max_model_len=_max_model_len(options.max_model_len, model_config),
+        ),
+        parallel=parallel,
+        device=options.device,
+        seed=options.seed,
+        int4_decode_max_rows=_int4_decode_max_rows(options, model_config.dtype),
+        fp32_matmul_min_rows=_fp32_matmul_min_rows(options, model_config.dtype),
+        compile_decode_max_rows=_compile_decode_max_rows(options, attention_backend),
+        attention_backend=attention_backend,
+        cuda_graph_max_batch_size=_cuda_graph_max_batch_size(options, attention_backend),
+    )
+    return config, checkpoint
+
+
+def num_kv_blocks(config: EngineConfig, model: torch.nn.Module) -> int:
     if config.cache.sized_by_profiling:
         return profile_num_blocks(config, model, config.cache.gpu_memory_utilization)
-    return config.cache.blocks_for(config.model, config.parallel.tensor_parallel_size)
-
-
-class EngineFatalError(RuntimeError):
-    """A failure after which no step can be trusted (the engine loop must stop)."""
+    parallel = config.parallel
+    return config.cache.blocks_for(config.model, parallel.tensor_parallel_size, parallel.pipeline_parallel_size)
 
 
 @dataclass(frozen=True)
@@ -218,14 +280,33 @@ class _Group:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        world: World | None = None,
+        workers: WorkerProcesses | None = None,
+    ) -> None:
+        """``world``: this is rank 0 of several (``workers``: the ranks it started itself)."""
         self.config = config
         self.tokenizer = tokenizer
-        num_blocks = _num_kv_blocks(config, model)
+        num_blocks = num_kv_blocks(config, model)
+        if world is not None:
+            num_blocks = world.min_over_ranks(num_blocks)  # every rank's pool must hold the same blocks
         self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv)
-        self.eos_token_id = _eos_id(config.model, tokenizer)
-        self.runner = ModelRunner(config, model, num_blocks, self.eos_token_id)
+        self.eos_token_id = eos_id(config.model, tokenizer)
+        self.runner: ModelRunner | DriverRunner
+        self.threads_before: int | None = None  # torch's thread count before a distributed engine shared the cores
+        if world is None:
+            self.runner = ModelRunner(config, model, num_blocks, self.eos_token_id)
+        else:
+            from hawker.distributed.executor import DriverRunner
+            from hawker.distributed.pipeline import stage_links
+
+            local = ModelRunner(config, model, num_blocks, self.eos_token_id, stage_links(world))
+            self.runner = DriverRunner(local, world, workers)
         self.groups: dict[str, _Group] = {}
         self._arrivals = itertools.count()
         self.counters = _Counters()
@@ -240,36 +321,57 @@ class Engine:
     @classmethod
     def from_options(cls, options: EngineOptions) -> Engine:
         options = dataclasses.replace(options, device=resolve_device(options.device))
-        checkpoint = open_checkpoint(options.model)
-        device = torch.device(options.device)
-        model_config = ModelConfig.from_hf(checkpoint.hf_config, resolve_dtype(options.dtype, device))
-        attention_backend = _attention_backend(options)
-        config = EngineConfig(
-            model_path=str(checkpoint.path),
-            model=model_config,
-            cache=CacheConfig(
-                block_size=options.block_size,
-                kv_cache_memory_bytes=_kv_cache_memory_bytes(options),
-                num_blocks=options.num_kv_blocks,
-                enable_prefix_caching=options.enable_prefix_caching,
-                gpu_memory_utilization=options.gpu_memory_utilization,
-            ),
-            scheduler=SchedulerConfig(
-                max_num_batched_tokens=options.max_num_batched_tokens,
-                max_num_seqs=options.max_num_seqs,
-                max_model_len=_max_model_len(options.max_model_len, model_config),
-            ),
-            parallel=ParallelConfig(),
-            device=options.device,
-            seed=options.seed,
-            int4_decode_max_rows=_int4_decode_max_rows(options, model_config.dtype),
-            fp32_matmul_min_rows=_fp32_matmul_min_rows(options, model_config.dtype),
-            compile_decode_max_rows=_compile_decode_max_rows(options, attention_backend),
-            attention_backend=attention_backend,
-            cuda_graph_max_batch_size=_cuda_graph_max_batch_size(options, attention_backend),
-        )
+        if options.world_size > 1:
+            return cls._distributed(options)
+        config, checkpoint = engine_config(options, ParallelConfig())
         model = build_model(config, checkpoint)
         return cls(config, model, load_tokenizer(Path(checkpoint.path)))
+
+    @classmethod
+    def _distributed(cls, options: EngineOptions) -> Engine:
+        """Rank 0 of a tensor x pipeline parallel world: start (or join, under torchrun) the other ranks."""
+        from hawker.distributed import launch, world  # torch.distributed set-up only when asked for
+
+        shape = world_shape(options)
+        found = launch.torchrun_rank(shape)
+        workers = None
+        if found is None:
+            spec = world.WorldSpec("127.0.0.1", launch.free_port(), **shape)
+            workers = launch.WorkerProcesses(spec, dataclasses.asdict(options))
+            rank = 0
+        else:
+            spec, rank = found
+            if rank != 0:
+                raise ValueError("only rank 0 builds the engine; other ranks run hawker.distributed.worker")
+        try:
+            device = world.rank_device(options.device, rank)
+            options = dataclasses.replace(options, device=device)
+            threads_before = world.share_cpu_cores(device, spec.world_size)
+            joined = world.join_world(spec, rank, device)
+            config, checkpoint = engine_config(options, joined.parallel)
+            model = build_model(config, checkpoint, joined.tp_group)
+            engine = cls(config, model, load_tokenizer(Path(checkpoint.path)), world=joined, workers=workers)
+            engine.threads_before = threads_before
+            return engine
+        except BaseException:
+            if workers is not None:
+                workers.kill()
+            world.leave_world()
+            raise
+
+    # ------------------------------------------------------------- lifecycle
+    def check_health(self) -> None:
+        """Raise ``EngineFatalError`` if a part of the engine outside this process has died."""
+        if not isinstance(self.runner, ModelRunner):
+            self.runner.check_health()
+
+    def shutdown(self) -> None:
+        """Stop the other ranks of a distributed engine (nothing to do in one process)."""
+        if not isinstance(self.runner, ModelRunner):
+            self.runner.shutdown()
+        if self.threads_before is not None:
+            torch.set_num_threads(self.threads_before)
+            self.threads_before = None
 
     # ------------------------------------------------------------- requests
     @property
@@ -415,7 +517,9 @@ class Engine:
     def _execute(self, seqs: tuple[ScheduledSeq, ...]) -> ModelOutput:
         for hook in self.pre_execute_hooks:
             hook(seqs)
-        return self.runner.execute(SchedulerOutput(seqs=seqs))
+        output = self.runner.execute(SchedulerOutput(seqs=seqs))
+        assert output is not None, "the driver's runner always returns the sampled tokens"
+        return output
 
     def _step_isolated(self, scheduled: SchedulerOutput) -> list[RequestOutput]:
         """Run each sequence alone; fail the groups whose sequence still fails."""
@@ -535,7 +639,7 @@ def _record_prompt_logprobs(request: Request, start_pos: int, entries: list[Posi
             request.prompt_logprobs.append(entry)
 
 
-def _eos_id(model: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> int | None:
+def eos_id(model: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> int | None:
     return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.eos_token_id
 
 

@@ -9,7 +9,7 @@ nobody references stay cached in an LRU free queue until the pool needs them.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from hawker.engine.request import Request
@@ -19,6 +19,24 @@ from hawker.engine.request import Request
 # a 64-bit collision in the chained parent hash could alias two prefixes.
 BlockKey = tuple[int, tuple[int, ...]]
 _ROOT_HASH = 0
+
+
+def _chain_keys(token_ids: Sequence[int], block_size: int, first_block: int, parent: int) -> Iterator[BlockKey]:
+    """Keys of the full blocks from ``first_block`` on; ``parent`` is the hash of the key before it."""
+    for i in range(first_block, len(token_ids) // block_size):
+        key = (parent, tuple(token_ids[i * block_size : (i + 1) * block_size]))
+        yield key
+        parent = hash(key)
+
+
+def prefix_block_keys(token_ids: Sequence[int], block_size: int) -> list[BlockKey]:
+    """The prefix-cache keys of every full block of ``token_ids``, in order.
+
+    The same hash chain the cache itself uses, so anyone holding the keys of
+    a prompt (a data-parallel router) can ask several caches about it
+    without hashing it once per cache. ``hash(key)`` is the block's chain hash.
+    """
+    return list(_chain_keys(token_ids, block_size, 0, _ROOT_HASH))
 
 
 @dataclass
@@ -63,11 +81,10 @@ class KVCacheManager:
     # ------------------------------------------------------------ prefix cache
     def update_block_hashes(self, request: Request) -> None:
         """Extend ``request.block_hashes`` to cover every full block of its tokens."""
-        bs = self.block_size
         hashes = request.block_hashes
-        for i in range(len(hashes), request.num_tokens // bs):
-            parent = hashes[-1] if hashes else _ROOT_HASH
-            hashes.append(hash((parent, tuple(request.token_ids[i * bs : (i + 1) * bs]))))
+        parent = hashes[-1] if hashes else _ROOT_HASH
+        for key in _chain_keys(request.token_ids, self.block_size, len(hashes), parent):
+            hashes.append(hash(key))
 
     def _key(self, request: Request, index: int) -> BlockKey:
         bs = self.block_size
@@ -87,6 +104,21 @@ class KVCacheManager:
                 break
             found.append(block)
         return found
+
+    def num_cached_leading_blocks(self, keys: Sequence[BlockKey]) -> int:
+        """How many of the leading ``keys`` (from ``prefix_block_keys``) are in the prefix cache.
+
+        Read-only: no LRU move, no ref count, no hit statistics, so a router
+        may ask every replica about every prompt. It may run on another thread
+        than the one stepping the engine: each dict lookup is atomic, and a
+        slightly stale answer only makes a routing choice slightly worse.
+        """
+        count = 0
+        for key in keys:
+            if key not in self.cached:
+                break
+            count += 1
+        return count
 
     def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
         self.stats.queried_tokens += num_tokens

@@ -12,14 +12,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from hawker.attention.metadata import AttentionMetadata, DecodeGroup, PrefillChunk, padded_block_tables
 from hawker.config import EngineConfig
+from hawker.distributed.pipeline import StageLinks, split_micro_batches
 from hawker.engine.compiled_decode import CompiledDecode, warm_up_row_counts
 from hawker.engine.sampler import Sampler, SampleRow, gather_logprobs, trim_top
 from hawker.engine.scheduler import ScheduledSeq, SchedulerOutput
-from hawker.layers.parallel import TPInfo
+from hawker.layers.parallel import PPInfo, TPInfo
 from hawker.layers.projection import attach_weight_copies
 from hawker.loader.checkpoint import Checkpoint
 from hawker.models.registry import model_class
@@ -76,12 +78,15 @@ def _is_decode(seq: ScheduledSeq) -> bool:
     return seq.num_tokens == 1 and seq.start_pos > 0
 
 
-def build_model(config: EngineConfig, checkpoint: Checkpoint) -> nn.Module:
+def build_model(config: EngineConfig, checkpoint: Checkpoint, tp_group: Any = None) -> nn.Module:
+    """This rank's shard of the model: its tensor-parallel slice of its pipeline stage's layers."""
     cls = model_class(config.model.architecture)
-    tp = TPInfo(config.parallel.tensor_parallel_rank, config.parallel.tensor_parallel_size)
+    parallel = config.parallel
+    tp = TPInfo(parallel.tensor_parallel_rank, parallel.tensor_parallel_size, tp_group, parallel.tp_overlap_chunks)
+    pp = PPInfo(parallel.pipeline_parallel_rank, parallel.pipeline_parallel_size)
     max_positions = max(config.scheduler.max_model_len, config.model.max_position_embeddings)
     with torch.device(config.device):
-        model = cls(config.model, tp, max_positions)
+        model = cls(config.model, tp, max_positions, pp)
     model.load_weights(checkpoint.weights())
     int4_count, fp32_count = attach_weight_copies(model, config.int4_decode_max_rows, config.fp32_matmul_min_rows)
     logger.info(
@@ -95,11 +100,21 @@ def build_model(config: EngineConfig, checkpoint: Checkpoint) -> nn.Module:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model: nn.Module, num_blocks: int, eos_token_id: int | None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model: nn.Module,
+        num_blocks: int,
+        eos_token_id: int | None,
+        stage: StageLinks | None = None,
+    ) -> None:
         self.config = config
         self.model = model
         self.device = torch.device(config.device)
         self.block_size = config.cache.block_size
+        # This rank's KV heads: replicated ones count once per rank.
+        self.kv_heads = max(1, config.model.num_kv_heads // config.parallel.tensor_parallel_size)
+        self.stage = stage  # None without pipeline parallelism
         self.kv_caches = self._allocate_kv_cache(num_blocks)
         self.sampler = Sampler(eos_token_id, seed=config.seed, device=self.device)
         self.logits_observer: LogitsObserver | None = None
@@ -132,25 +147,27 @@ class ModelRunner:
             max_rows=max_rows,
             max_blocks_per_seq=-(-self.config.scheduler.max_model_len // block_size),
             block_size=block_size,
-            kv_heads=self.config.model.num_kv_heads // self.config.parallel.tensor_parallel_size,
+            kv_heads=self.kv_heads,
             capture=capture,
         )
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         cfg = self.config.model
-        kv_heads = cfg.num_kv_heads // self.config.parallel.tensor_parallel_size
-        shape = (num_blocks, self.block_size, kv_heads, cfg.head_dim)
+        shape = (num_blocks, self.block_size, self.kv_heads, cfg.head_dim)
         return [
             (
                 torch.zeros(shape, dtype=cfg.dtype, device=self.device),
                 torch.zeros(shape, dtype=cfg.dtype, device=self.device),
             )
-            for _ in range(cfg.num_layers)
+            for _ in range(self.model.num_local_layers)
         ]
 
     # -------------------------------------------------------------- execute
     @torch.inference_mode()
-    def execute(self, step: SchedulerOutput) -> ModelOutput:
+    def execute(self, step: SchedulerOutput) -> ModelOutput | None:
+        """Run one step; returns the sampled tokens (None on a pipeline stage that does not sample)."""
+        if self.stage is not None:
+            return self._execute_stage(step, self.stage)
         graphs = self.decode_graphs
         if graphs is not None and graphs.handles(len(step.seqs)) and all(map(_is_decode, step.seqs)):
             hidden = graphs.run(step.seqs)
@@ -161,6 +178,27 @@ class ModelRunner:
             forward = self.compiled_decode
         hidden = forward(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
         return self._sample(batch.order, batch.row_ends, hidden)
+
+    def _execute_stage(self, step: SchedulerOutput, stage: StageLinks) -> ModelOutput | None:
+        """This pipeline stage's part of a step, one micro-batch after another."""
+        results: dict[str, SeqResult] = {}
+        in_flight = []  # sends and the tensors they read, kept alive until done
+        for seqs in split_micro_batches(step.seqs, stage.micro_batches):
+            batch = self._prepare(seqs)
+            received = None
+            if stage.previous_rank is not None:
+                shape = (batch.input_ids.shape[0], self.config.model.hidden_size)
+                received = torch.empty(shape, dtype=self.config.model.dtype, device=self.device)
+                dist.recv(received, src=stage.previous_rank)
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta, received)
+            if stage.next_rank is not None:
+                hidden = hidden.contiguous()
+                in_flight.append((dist.isend(hidden, dst=stage.next_rank), hidden))
+            else:
+                results.update(self._sample(batch.order, batch.row_ends, hidden).results)
+        for work, _ in in_flight:
+            work.wait()
+        return ModelOutput(results=results) if stage.next_rank is None else None
 
     def _prepare(self, seqs: Sequence[ScheduledSeq]) -> _Batch:
         decodes = [s for s in seqs if _is_decode(s)]
@@ -214,8 +252,7 @@ class ModelRunner:
         from hawker.attention import triton_backend  # needs triton, which a CPU install may lack
 
         runs = [triton_backend.SeqRun(s.start_pos, s.num_tokens, s.block_table) for s in order]
-        kv_heads = self.config.model.num_kv_heads // self.config.parallel.tensor_parallel_size
-        return triton_backend.build_metadata(runs, num_decodes, slot_mapping, kv_heads, self.device)
+        return triton_backend.build_metadata(runs, num_decodes, slot_mapping, self.kv_heads, self.device)
 
     def _decode_groups(self, decodes: Sequence[ScheduledSeq]) -> tuple[DecodeGroup, ...]:
         """``decodes`` (longest context first) split into groups, each padded to its own longest context."""

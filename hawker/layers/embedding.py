@@ -23,7 +23,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def load(self, name: str, full: torch.Tensor, shard: int = 0) -> None:
         del name, shard
-        piece = full[self.start : self.start + self.rows]
+        piece = full[self.start : self.start + self.rows]  # the last rank's slice may be short
         self.weight.data[: piece.shape[0]].copy_(piece)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:

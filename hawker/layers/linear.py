@@ -2,7 +2,8 @@
 
 Column-parallel layers split the output dimension, row-parallel layers split
 the input dimension and all-reduce their partial sums. ``load`` copies this
-rank's slice out of a full checkpoint tensor.
+rank's slice out of a checkpoint tensor, which may be a lazy safetensors
+slice: only the rows or columns this rank holds are read from the file.
 """
 
 from __future__ import annotations
@@ -20,15 +21,28 @@ class ColumnParallelLinear(ProjectionCopies, nn.Module):
     """``y = x W^T`` with W's rows (outputs) split into named shards per rank.
 
     ``shard_sizes`` are the full (unsplit) output sizes of the shards stacked
-    in this layer, e.g. (q, k, v) for a fused QKV projection.
+    in this layer, e.g. (q, k, v) for a fused QKV projection. ``shard_parts``
+    says into how many distinct pieces each shard is cut (default: one per
+    rank); with fewer pieces than ranks, ranks share a piece (replicated
+    grouped-query KV heads), rank r holding piece ``r * parts // size``.
     """
 
     def __init__(
-        self, in_features: int, shard_sizes: Sequence[int], bias: bool, tp: TPInfo, dtype: torch.dtype
+        self,
+        in_features: int,
+        shard_sizes: Sequence[int],
+        bias: bool,
+        tp: TPInfo,
+        dtype: torch.dtype,
+        shard_parts: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.tp = tp
-        self.local_sizes = [tp.shard(size) for size in shard_sizes]
+        parts = list(shard_parts) if shard_parts is not None else [tp.size] * len(shard_sizes)
+        if any(size % part for size, part in zip(shard_sizes, parts, strict=True)):
+            raise ValueError(f"output sizes {list(shard_sizes)} cannot be cut into {parts} pieces")
+        self.local_sizes = [size // part for size, part in zip(shard_sizes, parts, strict=True)]
+        self.pieces = [tp.rank * part // tp.size for part in parts]
         out_local = sum(self.local_sizes)
         self.weight = nn.Parameter(torch.empty(out_local, in_features, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_local, dtype=dtype), requires_grad=False) if bias else None
@@ -38,8 +52,8 @@ class ColumnParallelLinear(ProjectionCopies, nn.Module):
         assert target is not None, f"checkpoint has a {name} this layer does not use"
         size = self.local_sizes[shard]
         offset = sum(self.local_sizes[:shard])
-        piece = full.narrow(0, self.tp.rank * size, size)
-        target.data.narrow(0, offset, size).copy_(piece)
+        first = self.pieces[shard] * size
+        target.data.narrow(0, offset, size).copy_(full[first : first + size])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.project(x, self.bias)
@@ -59,11 +73,28 @@ class RowParallelLinear(ProjectionCopies, nn.Module):
         del shard
         if name == "bias":
             assert self.bias is not None
-            self.bias.data.copy_(full)
+            self.bias.data.copy_(full[:])
             return
-        self.weight.data.copy_(full.narrow(1, self.tp.rank * self.in_local, self.in_local))
+        first = self.tp.rank * self.in_local
+        self.weight.data.copy_(full[:, first : first + self.in_local])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.tp.all_reduce(self.project(x))
+        chunks = self.tp.overlap_chunks
+        if self.tp.size > 1 and chunks > 1 and x.dim() == 2 and x.shape[0] >= chunks:
+            out = self._reduce_overlapped(x, chunks)
+        else:
+            out = self.tp.all_reduce(self.project(x))
         # The bias is added once, after the reduction.
         return out if self.bias is None else out + self.bias
+
+    def _reduce_overlapped(self, x: torch.Tensor, chunks: int) -> torch.Tensor:
+        """Multiply chunk i+1 while chunk i's partial sums are being all-reduced."""
+        parts: list[torch.Tensor] = []
+        pending = []
+        for piece in x.tensor_split(chunks, dim=0):
+            partial = self.project(piece)
+            pending.append(self.tp.all_reduce_async(partial))
+            parts.append(partial)
+        for work in pending:
+            work.wait()
+        return torch.cat(parts, dim=0)

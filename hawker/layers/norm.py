@@ -14,7 +14,7 @@ class RMSNorm(nn.Module):
 
     def load(self, name: str, full: torch.Tensor, shard: int = 0) -> None:
         del name, shard
-        self.weight.data.copy_(full)
+        self.weight.data.copy_(full[:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype

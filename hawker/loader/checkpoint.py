@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from hawker.loader.gguf import iterate_gguf, open_gguf, read_gguf_config
 from hawker.loader.safetensors import iterate_safetensors, read_hf_config
 
-WeightIterator = Iterator[tuple[str, torch.Tensor]]
+# (Hugging Face name, tensor or lazy safetensors slice); loaders take the
+# part they need with basic indexing (``t[a:b]``, ``t[:, a:b]``, ``t[:]``).
+WeightIterator = Iterator[tuple[str, Any]]
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import safe_open
 
 
@@ -29,8 +28,14 @@ def safetensors_files(directory: Path) -> list[Path]:
     return files
 
 
-def iterate_safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iterate_safetensors(directory: Path) -> Iterator[tuple[str, Any]]:
+    """(name, lazy slice) of every tensor: indexing a slice reads only that part of the file.
+
+    A tensor-parallel rank loads its rows or columns of each weight without
+    ever holding the whole tensor. A slice is valid until the next one is
+    asked for.
+    """
     for file in safetensors_files(directory):
         with safe_open(str(file), framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118 - safe_open is not a dict
-                yield name, handle.get_tensor(name)
+                yield name, handle.get_slice(name)

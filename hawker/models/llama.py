@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from hawker.layers.attention import PagedAttention
 from hawker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from hawker.layers.linear import ColumnParallelLinear, RowParallelLinear
 from hawker.layers.norm import RMSNorm
-from hawker.layers.parallel import TPInfo
+from hawker.layers.parallel import PPInfo, TPInfo
 from hawker.layers.rotary import RotaryAngles, RotaryEmbedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -33,6 +34,10 @@ _FUSED: dict[str, tuple[str, int]] = {
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
 }
+
+
+# Modules that only some pipeline stages hold.
+_STAGE_MODULES = ("model.embed_tokens", "model.norm", "lm_head")
 
 
 @dataclass(frozen=True)
@@ -48,10 +53,18 @@ class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, opts: FamilyOptions, tp: TPInfo) -> None:
         super().__init__()
         self.num_heads = tp.shard(cfg.num_heads)
-        self.num_kv_heads = tp.shard(cfg.num_kv_heads)
+        kv_heads = tp.heads(cfg.num_kv_heads)  # replicated when fewer than the ranks
+        self.num_kv_heads = kv_heads.local
         self.head_dim = cfg.head_dim
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, (q_size, kv_size, kv_size), opts.qkv_bias, tp, cfg.dtype)
+        self.qkv_proj = ColumnParallelLinear(
+            cfg.hidden_size,
+            (q_size, kv_size, kv_size),
+            opts.qkv_bias,
+            tp,
+            cfg.dtype,
+            shard_parts=(tp.size, kv_heads.parts, kv_heads.parts),
+        )
         self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, opts.o_bias, tp, cfg.dtype)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.dtype) if opts.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.dtype) if opts.qk_norm else None
@@ -100,57 +113,92 @@ class LlamaDecoderLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
+class _OtherStage(nn.Module):
+    """Placeholder for a decoder layer that another pipeline stage holds (keeps the layer indices)."""
+
+
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, opts: FamilyOptions, tp: TPInfo, max_positions: int) -> None:
+    def __init__(self, cfg: ModelConfig, opts: FamilyOptions, tp: TPInfo, pp: PPInfo, max_positions: int) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, cfg.dtype)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, opts, tp) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+        self.pp = pp
+        self.layer_range = pp.layer_range(cfg.num_layers)
+        self.embed_tokens = (
+            VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, cfg.dtype) if pp.is_first else None
+        )
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, opts, tp) if i in self.layer_range else _OtherStage() for i in range(cfg.num_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype) if pp.is_last else None
         # One table for all layers (they share head_dim and theta).
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        meta: AttentionMetadata,
+        hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
+        """Run this stage's layers; the first stage embeds ``input_ids``, later ones continue ``hidden``."""
+        if self.embed_tokens is not None:
+            hidden = self.embed_tokens(input_ids)
+        assert hidden is not None, "a later pipeline stage needs the previous stage's hidden states"
         angles = self.rotary(positions, hidden.dtype)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        local_layers = [self.layers[i] for i in self.layer_range]
+        for layer, kv_cache in zip(local_layers, kv_caches, strict=True):
             hidden = layer(angles, hidden, kv_cache, meta)
-        return self.norm(hidden)
+        return hidden if self.norm is None else self.norm(hidden)
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPInfo | None = None, max_positions: int | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tp: TPInfo | None = None,
+        max_positions: int | None = None,
+        pp: PPInfo | None = None,
+    ) -> None:
         super().__init__()
-        tp = tp or TPInfo()
+        tp, pp = tp or TPInfo(), pp or PPInfo()
         self.config = cfg
-        self.model = LlamaModel(cfg, self.family_options(cfg), tp, max_positions or cfg.max_position_embeddings)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, cfg.dtype)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.model = LlamaModel(cfg, self.family_options(cfg), tp, pp, max_positions or cfg.max_position_embeddings)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, cfg.dtype) if pp.is_last else None
+        embed = self.model.embed_tokens
+        if cfg.tie_word_embeddings and self.lm_head is not None and embed is not None:
+            self.lm_head.weight = embed.weight
 
     @classmethod
     def family_options(cls, cfg: ModelConfig) -> FamilyOptions:
         return FamilyOptions(qkv_bias=cfg.attention_bias, o_bias=cfg.attention_bias)
 
+    @property
+    def num_local_layers(self) -> int:
+        return len(self.model.layer_range)
+
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        meta: AttentionMetadata,
+        hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, meta)
+        return self.model(input_ids, positions, kv_caches, meta, hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        assert self.lm_head is not None, "only the last pipeline stage computes logits"
         return self.lm_head.logits(hidden)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load HF-named tensors; raises if the checkpoint leaves a parameter unset."""
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+        """Load HF-named tensors (or lazy slices); raises if the checkpoint leaves a parameter unset."""
         modules = dict(self.named_modules())
         loaded: set[str] = set()
         for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
+            target = self._target(name, modules)
+            if target is None:
                 continue
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
-            module_name, param = name.rsplit(".", 1)
+            module_name, param = target
             prefix, _, leaf = module_name.rpartition(".")
             shard = 0
             if leaf in _FUSED:
@@ -163,13 +211,31 @@ class LlamaForCausalLM(nn.Module):
             loaded.add(f"{module_name}.{param}#{shard}")
         self._check_all_loaded(loaded)
 
+    def _target(self, name: str, modules: dict[str, nn.Module]) -> tuple[str, str] | None:
+        """(module, parameter) of this rank that a checkpoint tensor fills; None when nothing here uses it."""
+        if "rotary_emb.inv_freq" in name:
+            return None
+        tied = self.config.tie_word_embeddings
+        if name == "lm_head.weight" and tied:
+            return None
+        module_name, param = name.rsplit(".", 1)
+        parts = module_name.split(".")
+        if parts[:2] == ["model", "layers"] and int(parts[2]) not in self.model.layer_range:
+            return None  # another pipeline stage's layer
+        if module_name == "model.embed_tokens" and tied and self.model.embed_tokens is None:
+            # A last stage without the embedding still needs it as its tied LM head.
+            return None if self.lm_head is None else ("lm_head", param)
+        if module_name in _STAGE_MODULES and module_name not in modules:
+            return None  # held by another pipeline stage
+        return module_name, param
+
     def _check_all_loaded(self, loaded: set[str]) -> None:
         expected: set[str] = set()
         for name, module in self.named_modules():
             if not hasattr(module, "load"):
                 continue
-            if module is self.lm_head and self.config.tie_word_embeddings:
-                continue
+            if module is self.lm_head and self.config.tie_word_embeddings and self.model.embed_tokens is not None:
+                continue  # the same tensor as the embedding
             shards = len(module.local_sizes) if isinstance(module, ColumnParallelLinear) else 1
             for param_name, _ in module.named_parameters(recurse=False):
                 expected.update(f"{name}.{param_name}#{s}" for s in range(shards))

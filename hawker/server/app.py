@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP API over an AsyncEngine (FastAPI)."""
+"""The OpenAI-compatible HTTP API over a ReplicaRouter of AsyncEngines (FastAPI)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from hawker.engine.async_engine import (
-    AsyncEngine,
     EngineBusyError,
     EngineDeadError,
     RequestFailedError,
@@ -48,6 +47,7 @@ from hawker.server.protocol import (
     TokenizeRequest,
 )
 from hawker.server.responders import ChatResponder, CompletionResponder
+from hawker.server.router import ReplicaRouter
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +69,11 @@ class ServerSettings:
 class ServerState:
     """Everything the routes of one app share (kept on ``app.state``, never global)."""
 
-    def __init__(self, engine: AsyncEngine, settings: ServerSettings, metrics: ServerMetrics) -> None:
-        self.engine = engine
+    def __init__(self, router: ReplicaRouter, settings: ServerSettings, metrics: ServerMetrics) -> None:
+        self.router = router
         self.settings = settings
         self.metrics = metrics
-        self.token_text = TokenText(engine.tokenizer)
+        self.token_text = TokenText(router.tokenizer)
         self.draining = False
         self.started_at = int(time.time())  # the model card's "created"
 
@@ -84,7 +84,7 @@ class ServerState:
         if self.draining:
             raise APIError(503, "the server is shutting down", code="shutting_down", retry_after=RETRY_AFTER_S)
         try:
-            self.engine.raise_if_dead()
+            self.router.raise_if_dead()
         except EngineDeadError as error:
             raise from_engine_error(error) from None
 
@@ -95,23 +95,23 @@ class ServerState:
             for index, (text, ids) in enumerate(prompts)
         ]
         try:
-            return self.engine.submit_many(submissions)
+            return self.router.submit_many(submissions)
         except ValueError as error:
             raise from_value_error(error) from None
         except _ENGINE_ERRORS as error:
             raise from_engine_error(error) from None
 
 
-def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
-    metrics = ServerMetrics(engine.stats, lambda: engine.is_healthy)
-    engine.observer = metrics
-    state = ServerState(engine, settings, metrics)
+def build_app(router: ReplicaRouter, settings: ServerSettings) -> FastAPI:
+    metrics = ServerMetrics(router.replica_stats, router.replica_health, len(router.replicas))
+    router.observer = metrics
+    state = ServerState(router, settings, metrics)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        engine.start()
+        router.start()
         yield
-        engine.stop()
+        router.stop()
 
     app = FastAPI(title="Hawker", description="OpenAI-compatible LLM inference server", lifespan=lifespan)
     app.state.hawker = state
@@ -124,12 +124,12 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
 
 def _add_routes(app: FastAPI, state: ServerState) -> None:
-    engine = state.engine
+    router = state.router
 
     @app.get("/health")
     async def health() -> Response:
         try:
-            engine.raise_if_dead()
+            router.raise_if_dead()
         except EngineDeadError as error:
             return error_response(APIError(503, str(error), code="engine_dead", retry_after=RETRY_AFTER_S))
         if state.draining:
@@ -147,7 +147,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             "object": "model",
             "created": state.started_at,
             "owned_by": "hawker",
-            "max_model_len": engine.engine.max_model_len,
+            "max_model_len": router.max_model_len,
         }
         return {"object": "list", "data": [card]}
 
@@ -157,26 +157,26 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         if body.messages is not None:
-            _, ids = _chat_prompt(engine, body.messages, body.add_generation_prompt)
+            _, ids = _chat_prompt(router, body.messages, body.add_generation_prompt)
         else:
-            ids = engine.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens).input_ids
-        return {"tokens": ids, "count": len(ids), "max_model_len": engine.engine.max_model_len}
+            ids = router.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens).input_ids
+        return {"tokens": ids, "count": len(ids), "max_model_len": router.max_model_len}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         state.check_serving(body.model)
-        vocab = engine.engine.config.model.vocab_size
+        vocab = router.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
             raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens")
-        return {"prompt": engine.tokenizer.decode(body.tokens)}
+        return {"prompt": router.tokenizer.decode(body.tokens)}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         state.check_serving(body.model)
         _log_ignored(body.ignored_fields())
         params = _sampling_params(body.sampling_params)
-        prompts = _completion_prompts(engine, body)
+        prompts = _completion_prompts(router, body)
         response_id = f"cmpl-{uuid.uuid4().hex}"
         streams = state.submit_all(response_id, prompts, params)
         responder = CompletionResponder(
@@ -187,7 +187,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             echo=body.echo,
             logprobs=body.logprobs,
             # Only echo shows the prompt's text; token-id prompts are decoded just for it.
-            prompt_texts=[text or engine.tokenizer.decode(ids) for text, ids in prompts] if body.echo else [],
+            prompt_texts=[text or router.tokenizer.decode(ids) for text, ids in prompts] if body.echo else [],
         )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream:
@@ -199,7 +199,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         state.check_serving(body.model)
         _log_ignored(body.ignored_fields())
         params = _sampling_params(body.sampling_params)
-        prompt = _chat_prompt(engine, body.messages, body.add_generation_prompt)
+        prompt = _chat_prompt(router, body.messages, body.add_generation_prompt)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = state.submit_all(response_id, [prompt], params)
         responder = ChatResponder(
@@ -223,23 +223,23 @@ def _sampling_params(build: Callable[[], SamplingParams]) -> SamplingParams:
         raise from_value_error(error) from None
 
 
-def _completion_prompts(engine: AsyncEngine, body: CompletionRequest) -> list[tuple[str | None, list[int]]]:
+def _completion_prompts(router: ReplicaRouter, body: CompletionRequest) -> list[tuple[str | None, list[int]]]:
     prompts = body.prompts()
     if not prompts:
         raise APIError(400, "prompt is empty: give a string, a list of strings or token ids", param="prompt")
     # Strings are tokenized exactly as LLM.generate does, so both give the same tokens.
-    return [(p, engine.tokenizer(p).input_ids) if isinstance(p, str) else (None, list(p)) for p in prompts]
+    return [(p, router.tokenizer(p).input_ids) if isinstance(p, str) else (None, list(p)) for p in prompts]
 
 
 def _chat_prompt(
-    engine: AsyncEngine, messages: list[ChatMessage], add_generation_prompt: bool
+    router: ReplicaRouter, messages: list[ChatMessage], add_generation_prompt: bool
 ) -> tuple[str, list[int]]:
     try:
-        text = render_chat(engine.tokenizer, [m.as_template_message() for m in messages], add_generation_prompt)
+        text = render_chat(router.tokenizer, [m.as_template_message() for m in messages], add_generation_prompt)
     except (TemplateError, ValueError) as error:
         raise APIError(400, f"the messages do not fit the chat template: {error}", param="messages") from None
     # As LLM.chat: the template already holds the special tokens.
-    return text, engine.tokenizer(text, add_special_tokens=False).input_ids
+    return text, router.tokenizer(text, add_special_tokens=False).input_ids
 
 
 def _log_ignored(fields: list[str]) -> None:

@@ -1,58 +1,84 @@
 """Prometheus metrics (prefix ``hawker:``) in a registry owned by one server.
 
-Gauges and engine counters are read from an ``EngineStats`` snapshot at
-scrape time (a custom collector), so they can never drift from the engine;
+Gauges and engine counters are read from ``EngineStats`` snapshots at
+scrape time (a custom collector), so they can never drift from the engines;
 latency histograms are observed as outputs reach the event loop.
+
+With data-parallel replicas every engine series carries a ``replica`` label
+(one series per replica; ``sum()`` them for the server's total, as the
+latency histograms already are); with one replica the series keep their
+unlabelled names. ``hawker:router_requests_total{replica, reason}`` counts
+where each request was routed and why.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from hawker.engine.async_engine import RequestObserver, StreamProgress
+from hawker.engine.async_engine import StreamProgress
 from hawker.engine.engine import EngineStats
 from hawker.outputs import RequestOutput
+from hawker.server.router import ROUTE_REASONS, RouteDecision, RouterObserver
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 _TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
+_GAUGES: tuple[tuple[str, str, Callable[[EngineStats], float]], ...] = (
+    ("hawker:num_requests_running", "Sequences in the running batch.", lambda s: s.num_running),
+    ("hawker:num_requests_waiting", "Sequences waiting to be scheduled.", lambda s: s.num_waiting),
+    ("hawker:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).", lambda s: s.kv_cache_usage),
+)
+_COUNTERS: tuple[tuple[str, str, Callable[[EngineStats], float]], ...] = (
+    ("hawker:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", lambda s: s.prefix_cache_queries),
+    ("hawker:prefix_cache_hits", "Prompt tokens found in the prefix cache.", lambda s: s.prefix_cache_hits),
+    ("hawker:num_preemptions", "Sequences preempted (recomputed later).", lambda s: s.num_preemptions),
+    ("hawker:prompt_tokens", "Prompt tokens computed (prefix-cache hits excluded).", lambda s: s.prompt_tokens),
+    ("hawker:generation_tokens", "Tokens generated.", lambda s: s.generation_tokens),
+    ("hawker:engine_steps", "Engine steps run.", lambda s: s.num_steps),
+    ("hawker:request_failures", "Requests failed by an engine error.", lambda s: s.num_failed_requests),
+)
+_HEALTHY_DOC = "1 while the engine loop runs, 0 once it died."
+
+
 class _EngineCollector(Collector):
-    def __init__(self, stats: Callable[[], EngineStats], healthy: Callable[[], bool]) -> None:
+    """One series per replica: labelled ``replica`` when there are several, unlabelled for one."""
+
+    def __init__(self, stats: Callable[[], Sequence[EngineStats]], healthy: Callable[[], Sequence[bool]]) -> None:
         self._stats = stats
         self._healthy = healthy
 
     def collect(self) -> Iterator[Metric]:
-        s = self._stats()
-        gauges = [
-            ("hawker:num_requests_running", "Sequences in the running batch.", s.num_running),
-            ("hawker:num_requests_waiting", "Sequences waiting to be scheduled.", s.num_waiting),
-            ("hawker:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).", s.kv_cache_usage),
-            ("hawker:engine_healthy", "1 while the engine loop runs, 0 once it died.", float(self._healthy())),
-        ]
-        for name, doc, value in gauges:
-            yield GaugeMetricFamily(name, doc, value=value)
-        counters = [
-            ("hawker:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries),
-            ("hawker:prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
-            ("hawker:num_preemptions", "Sequences preempted (recomputed later).", s.num_preemptions),
-            ("hawker:prompt_tokens", "Prompt tokens computed (prefix-cache hits excluded).", s.prompt_tokens),
-            ("hawker:generation_tokens", "Tokens generated.", s.generation_tokens),
-            ("hawker:engine_steps", "Engine steps run.", s.num_steps),
-            ("hawker:request_failures", "Requests failed by an engine error.", s.num_failed_requests),
-        ]
-        for name, doc, value in counters:
-            yield CounterMetricFamily(name, doc, value=value)
+        stats = self._stats()
+        healthy = self._healthy()
+        for name, doc, read in _GAUGES:
+            yield _family(GaugeMetricFamily, name, doc, [read(s) for s in stats])
+        yield _family(GaugeMetricFamily, "hawker:engine_healthy", _HEALTHY_DOC, [float(h) for h in healthy])
+        for name, doc, read in _COUNTERS:
+            yield _family(CounterMetricFamily, name, doc, [read(s) for s in stats])
 
 
-class ServerMetrics(RequestObserver):
-    """Owns the registry; the AsyncEngine calls it for every delivered output."""
+def _family(
+    kind: type[GaugeMetricFamily] | type[CounterMetricFamily], name: str, doc: str, values: Sequence[float]
+) -> Metric:
+    if len(values) == 1:
+        return kind(name, doc, value=values[0])
+    family = kind(name, doc, labels=["replica"])
+    for index, value in enumerate(values):
+        family.add_metric([str(index)], value)
+    return family
 
-    def __init__(self, stats: Callable[[], EngineStats], healthy: Callable[[], bool]) -> None:
+
+class ServerMetrics(RouterObserver):
+    """Owns the registry; the engines call it for every delivered output, the router for every route."""
+
+    def __init__(
+        self, stats: Callable[[], Sequence[EngineStats]], healthy: Callable[[], Sequence[bool]], num_replicas: int = 1
+    ) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(stats, healthy))
         self.time_to_first_token = Histogram(
@@ -91,11 +117,24 @@ class ServerMetrics(RequestObserver):
             ["finished_reason"],
             registry=self.registry,
         )
+        self.routed = Counter(
+            "hawker:router_requests",
+            "Requests routed to each data-parallel replica, by reason (prefix_hit, least_loaded, balance).",
+            ["replica", "reason"],
+            registry=self.registry,
+        )
+        # Every series exists from the start at 0, so rate() sees the first request.
+        for replica in range(num_replicas):
+            for reason in ROUTE_REASONS:
+                self.routed.labels(replica=str(replica), reason=reason)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    # ------------------------------------------------------ RequestObserver
+    # ------------------------------------------------------ RouterObserver
+    def on_route(self, decision: RouteDecision, num_requests: int) -> None:
+        self.routed.labels(replica=str(decision.replica), reason=decision.reason).inc(num_requests)
+
     def on_step(self, seconds: float) -> None:
         self.step_time.observe(seconds)
 

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+import torch
 import uvicorn
 
 from hawker.engine.async_engine import AsyncEngine
-from hawker.engine.engine import Engine, EngineOptions
+from hawker.engine.engine import Engine, EngineOptions, resolve_device
 from hawker.engine.faults import TokenFault
 from hawker.server.app import ServerSettings, ServerState, build_app
+from hawker.server.router import ReplicaRouter
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +33,26 @@ class ServeOptions:
     max_request_body_mb: float = 16.0
     shutdown_grace_s: float = 30.0
     log_level: str = "info"
+    # Engine replicas behind the server, each with the whole model and its own
+    # KV cache; requests go where their prompt's prefix is cached.
+    data_parallel_size: int = 1
     # Test hooks: a prompt holding this token fails (or kills the engine loop).
     inject_fault_token_id: int | None = None
     inject_fatal_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.data_parallel_size < 1:
+            raise ValueError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
+        if self.data_parallel_size > 1 and self.engine.world_size > 1:
+            # torch.distributed has one default process group per process: replicas cannot each own one.
+            raise ValueError(
+                "data_parallel_size > 1 cannot be combined with tensor or pipeline parallelism yet; "
+                "run one server per tensor x pipeline group instead"
+            )
+
+
+# How long /health says 503 before a server whose distributed engine died exits.
+DEAD_RANK_EXIT_DELAY_S = 2.0
 
 
 class DrainingServer(uvicorn.Server):
@@ -49,6 +69,22 @@ class DrainingServer(uvicorn.Server):
         self.state = state
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
+        self.failure: str | None = None  # why the server gave up (then the process exits non-zero)
+
+    def fail(self, reason: str, after_s: float) -> None:
+        """Exit (non-zero) ``after_s`` seconds from now; callable from any thread.
+
+        The delay lets health checks see the 503 before the port closes.
+        """
+        if self.failure is not None or self._loop is None:
+            return
+        self.failure = reason
+        logger.error("%s: exiting in %.1f s", reason, after_s)
+
+        def stop() -> None:
+            self.should_exit = True
+
+        self._loop.call_soon_threadsafe(lambda: self._loop.call_later(after_s, stop))  # type: ignore[union-attr]
 
     async def serve(self, sockets: list | None = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -72,10 +108,10 @@ class DrainingServer(uvicorn.Server):
         for server in self.servers:
             server.close()
         grace = state.settings.shutdown_grace_s
-        if not await state.engine.wait_idle(grace):
-            aborted = state.engine.abort_all()
+        if not await state.router.wait_idle(grace):
+            aborted = state.router.abort_all()
             logger.warning("grace period of %.1f s over: aborting %d request(s)", grace, len(aborted))
-            await state.engine.wait_idle(5.0)
+            await state.router.wait_idle(5.0)
         await asyncio.sleep(0.1)  # let the last chunks reach the sockets
         self.should_exit = True
 
@@ -87,22 +123,83 @@ def served_name(model_path: str, requested: str | None) -> str:
     return path.stem if path.suffix == ".gguf" else path.name
 
 
-def run(options: ServeOptions) -> int:
-    engine = Engine.from_options(options.engine)
+def replica_engine_options(options: EngineOptions, index: int, size: int) -> EngineOptions:
+    """The engine options of data-parallel replica ``index`` of ``size``.
+
+    Replicas differ in their seed (so that unseeded sampling does not draw
+    the same numbers on every replica) and, on a node with enough GPUs, in
+    their device: replica i runs on cuda:i when the device was left as
+    "auto" or "cuda". One replica keeps the options exactly as given.
+    """
+    if size == 1:
+        return options
+    device = resolve_device(options.device)
+    if torch.device(device).type == "cuda":
+        device = _replica_cuda_device(device, index, size, options.kv_cache_memory_gb)
+    return dataclasses.replace(options, device=device, seed=options.seed + index)
+
+
+def _replica_cuda_device(device: str, index: int, size: int, kv_cache_memory_gb: float | None) -> str:
+    if torch.device(device).index is None and torch.cuda.device_count() >= size:
+        return f"cuda:{index}"
+    if kv_cache_memory_gb is None:
+        # Each replica would size its KV pool from the memory the ones before it left.
+        raise ValueError(
+            f"{size} data-parallel replicas would share {device}: set --kv-cache-memory-gb so that "
+            "their KV caches fit side by side, or run one replica per GPU"
+        )
+    return device
+
+
+def cpu_threads_per_replica(total_threads: int, size: int) -> int:
+    """Split the CPU's torch threads between replicas, so that their steps do not fight for cores."""
+    return max(1, total_threads // size)
+
+
+def build_router(options: ServeOptions) -> ReplicaRouter:
+    """Load ``data_parallel_size`` engines (one after another) behind a router."""
+    size = options.data_parallel_size
+    if size > 1 and torch.device(resolve_device(options.engine.device)).type == "cpu":
+        # torch's intra-op thread count is process-wide: every replica's step
+        # thread runs its ops on this many threads.
+        threads = cpu_threads_per_replica(torch.get_num_threads(), size)
+        logger.info("%d data-parallel replicas on CPU: %d torch thread(s) each", size, threads)
+        torch.set_num_threads(threads)
+    replicas = []
+    for index in range(size):
+        engine = Engine.from_options(replica_engine_options(options.engine, index, size))
+        _install_test_hooks(engine, options)
+        replicas.append(AsyncEngine(engine, max_waiting_requests=options.max_waiting_requests))
+    return ReplicaRouter(replicas)
+
+
+def _install_test_hooks(engine: Engine, options: ServeOptions) -> None:
     for token_id, fatal in ((options.inject_fault_token_id, False), (options.inject_fatal_token_id, True)):
         if token_id is not None:
             logger.warning("test hook: requests with token %d %s", token_id, "kill the engine" if fatal else "fail")
             engine.pre_execute_hooks.append(TokenFault(token_id, fatal=fatal))
-    async_engine = AsyncEngine(engine, max_waiting_requests=options.max_waiting_requests)
+
+
+def run(options: ServeOptions) -> int:
+    router = build_router(options)
     settings = ServerSettings(
-        served_model_name=served_name(engine.config.model_path, options.served_model_name),
+        served_model_name=served_name(router.replicas[0].engine.config.model_path, options.served_model_name),
         api_key=options.api_key,
         max_request_body_bytes=int(options.max_request_body_mb * 1024 * 1024),
         shutdown_grace_s=options.shutdown_grace_s,
     )
-    app = build_app(async_engine, settings)
+    app = build_app(router, settings)
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level)
     server = DrainingServer(config, app.state.hawker)
+    if options.engine.world_size > 1:
+        # A distributed engine whose loop died has lost a rank: it cannot
+        # recover in this process, so leave for a supervisor to restart it.
+        for replica in router.replicas:
+            replica.on_dead = lambda reason: server.fail(f"the engine died ({reason})", DEAD_RANK_EXIT_DELAY_S)
     logger.info("serving %s on http://%s:%d", settings.served_model_name, options.host, options.port)
-    server.run()
-    return 0
+    try:
+        server.run()
+    finally:
+        for replica in router.replicas:
+            replica.engine.shutdown()
+    return 1 if server.failure is not None else 0

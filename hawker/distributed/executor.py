@@ -1,0 +1,100 @@
+"""Rank 0's runner and the other ranks' step loop."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+
+from hawker.distributed.launch import WorkerProcesses
+from hawker.distributed.world import RunStep, Shutdown, World, leave_world
+from hawker.engine.errors import EngineFatalError
+from hawker.engine.model_runner import LogitsObserver, ModelOutput, ModelRunner
+from hawker.engine.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+# What the sampling rank returns to the driver: the output and, when asked, the logits it saw.
+ObservedLogits = list[tuple[list[str], torch.Tensor]]
+
+
+class DriverRunner:
+    """Broadcasts each step to every rank, runs rank 0's shard, and returns the sampled tokens.
+
+    Any failure inside a step is fatal: the ranks would no longer agree on
+    which step they are in.
+    """
+
+    def __init__(self, local: ModelRunner, world: World, workers: WorkerProcesses | None) -> None:
+        self.local = local
+        self.world = world
+        self.workers = workers
+        self._observer: LogitsObserver | None = None
+        self._closed = False
+
+    @property
+    def logits_observer(self) -> LogitsObserver | None:
+        return self._observer
+
+    @logits_observer.setter
+    def logits_observer(self, observer: LogitsObserver | None) -> None:
+        self._observer = observer
+        self.local.logits_observer = observer  # rank 0 samples itself without pipeline stages
+
+    def check_health(self) -> None:
+        reason = None if self.workers is None else self.workers.dead()
+        if reason is not None:
+            raise EngineFatalError(f"a worker rank died: {reason}")
+
+    def execute(self, step: SchedulerOutput) -> ModelOutput:
+        self.check_health()
+        try:
+            self.world.broadcast(RunStep(step, want_logits=self._observer is not None))
+            output = self.local.execute(step)
+            observed: ObservedLogits = []
+            if self.world.result_rank != 0:
+                box: list[object] = [None]
+                dist.recv_object_list(box, src=self.world.result_rank, group=self.world.control_group)
+                output, observed = box[0]  # type: ignore[misc]
+        except Exception as error:
+            self.check_health()  # a dead worker is the likelier cause: say so
+            raise EngineFatalError(f"a distributed step failed: {type(error).__name__}: {error}") from error
+        assert output is not None
+        if self._observer is not None:
+            for ids, logits in observed:
+                self._observer(ids, logits)
+        return output
+
+    def shutdown(self) -> None:
+        """Tell every rank to exit, wait for the workers, leave the process groups."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.workers is None or self.workers.dead() is None:
+                self.world.broadcast(Shutdown())
+        except Exception as error:  # a rank is gone already; kill what is left
+            logger.warning("could not tell the workers to exit (%s)", error)
+            if self.workers is not None:
+                self.workers.kill()
+        if self.workers is not None:
+            self.workers.stop()
+        leave_world()
+
+
+def serve_steps(runner: ModelRunner, world: World) -> None:
+    """A worker rank's loop: run each step the driver broadcasts until it says Shutdown."""
+    while True:
+        message = world.broadcast(None)
+        if isinstance(message, Shutdown):
+            return
+        observed: ObservedLogits = []
+        runner.logits_observer = _collector(observed) if message.want_logits else None
+        output = runner.execute(message.step)
+        if world.rank == world.result_rank:
+            dist.send_object_list([(output, observed)], dst=0, group=world.control_group)
+
+
+def _collector(observed: ObservedLogits) -> LogitsObserver:
+    return lambda ids, logits: observed.append((ids, logits.cpu()))
