@@ -114,6 +114,12 @@ def _add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = F
         "1 = off (default: %(default)s)",
     )
     parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="batch-invariant numerics: a request's tokens and logprobs are bitwise the same whatever else "
+        "runs with it (much slower for large batches; turns the CPU fast paths off)",
+    )
+    parser.add_argument(
         "--cuda-graph-max-batch-size",
         type=int,
         default=defaults.cuda_graph_max_batch_size,
@@ -141,6 +147,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "tensor_parallel_size": args.tensor_parallel_size,
         "pipeline_parallel_size": args.pipeline_parallel_size,
         "tp_overlap_chunks": args.tp_overlap_chunks,
+        "deterministic": args.deterministic,
         "device": args.device,
     }
 
@@ -297,6 +304,7 @@ def _add_bench_serve_parser(bench_sub: argparse._SubParsersAction) -> None:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from hawker.engine.engine import EngineOptions
     from hawker.server.serve import ServeOptions, run
+    from hawker.server.tracing import tracing_enabled_by_env
 
     logging.getLogger().setLevel(args.log_level.upper())
     options = ServeOptions(
@@ -310,6 +318,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         shutdown_grace_s=args.shutdown_grace_s,
         log_level=args.log_level,
         data_parallel_size=args.data_parallel_size,
+        otel_tracing=args.otel_tracing or tracing_enabled_by_env(),
+        request_log_level=args.request_log_level,
         inject_fault_token_id=args.inject_fault_token_id,
         inject_fatal_token_id=args.inject_fatal_token_id,
     )
@@ -321,7 +331,8 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="serve a model behind an OpenAI-compatible HTTP API",
         description="Serve a model behind an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
-        "/v1/models, /health, /metrics, /tokenize, /detokenize).",
+        "/v1/models, /health, /metrics, /tokenize, /detokenize), with a live dashboard at /dashboard "
+        "(its numbers: /v1/stats).",
     )
     _add_engine_args(serve, model_positional=True)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
@@ -366,6 +377,21 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "goes to the replica holding the longest cached prefix of its prompt, else the least loaded; on a "
         "CPU the replicas split the torch threads, on a node with enough GPUs replica i uses cuda:i "
         "(default: %(default)s)",
+    )
+    serve.add_argument(
+        "--request-log-level",
+        default="info",
+        choices=["debug", "info", "warning", "off"],
+        help="log one line per finished request (id, tokens, TTFT, total time, finish reason) on the "
+        "'hawker.requests' logger at this level; --log-level still filters it (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--otel-tracing",
+        action="store_true",
+        help="export one OpenTelemetry span per request with queue, prefill and decode child spans (also "
+        "HAWKER_OTEL_TRACING=1); the standard OTEL_* variables choose the exporter and endpoint "
+        "(OTEL_TRACES_EXPORTER=otlp|console|none, OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, ...); "
+        "needs pip install 'hawker[otel]'",
     )
     # Test hooks, not for users: a prompt containing the token fails / kills the engine loop.
     serve.add_argument("--inject-fault-token-id", type=int, default=None, help=argparse.SUPPRESS)

@@ -231,3 +231,6 @@ class EngineConfig:
     # Decode-only steps of at most this many sequences replay CUDA graphs
     # captured at start-up (hawker/engine/decode_graphs.py); 0 turns that off.
     cuda_graph_max_batch_size: int = 0
+    # Batch-invariant numerics (hawker/layers/batch_invariant.py): a request's
+    # tokens and logprobs do not depend on what else shares its steps.
+    batch_invariant: bool = False

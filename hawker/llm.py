@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -37,6 +38,29 @@ class LLM:
             raise ValueError(f"unknown LLM option(s): {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
         self.engine = Engine.from_options(EngineOptions(model=model, **options))
         self._ids = itertools.count()
+
+    def update_weights(self, weights: Iterable[tuple[str, Any]] | str | Path) -> int:
+        """Take new weights in place: (HF name, tensor) pairs such as ``trainer.state_dict().items()``
+        (only changed tensors are needed) or a directory of safetensors; returns the new weight version."""
+        return self.engine.update_weights(weights)
+
+    @property
+    def weight_version(self) -> int:
+        return self.engine.weight_version
+
+    def pause_generation(self, mode: str = "abort") -> list[RequestOutput]:
+        """Stop generating; ``mode="abort"`` ends the requests in flight, ``"keep"`` keeps them for later."""
+        return self.engine.pause_generation(mode)
+
+    def resume_generation(self) -> None:
+        self.engine.resume_generation()
+
+    def sleep(self, level: int = 1) -> None:
+        """Release the KV cache (level 1) and the weights too (level 2) until ``wake_up()``."""
+        self.engine.sleep(level)
+
+    def wake_up(self) -> None:
+        self.engine.wake_up()
 
     def close(self) -> None:
         """Stop the worker processes of a tensor / pipeline parallel engine (a no-op in one process)."""
@@ -103,6 +127,10 @@ class LLM:
         return None, list(prompt)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        if self.engine.paused:
+            for request_id in request_ids:
+                self.engine.abort(request_id)
+            raise ValueError("generation is paused: call resume_generation() (or wake_up()) first")
         wanted = set(request_ids)
         finished: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(request_ids), desc="Generating", disable=not use_tqdm or len(request_ids) < 2)

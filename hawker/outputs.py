@@ -43,3 +43,5 @@ class RequestOutput:
     metrics: dict[str, float] = field(default_factory=dict)
     # Why the engine failed this request (finish_reason "error"), else None.
     error: str | None = None
+    # The engine's weight version (update_weights count) when this output was made.
+    weight_version: int = 0

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 _GREEDY_EPS = 1e-5
+LOGPROBS_MODES = ("processed", "raw")
 
 
 @dataclass(frozen=True, init=False)
@@ -27,6 +28,11 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None
+    # Which distribution ``logprobs`` come from: "processed", the one the token
+    # was sampled from (after penalties, logit bias, temperature, top-k/top-p/
+    # min-p; for greedy requests, before temperature), or "raw", the model's
+    # own log-softmax (temperature 1, nothing truncated), what a trainer recomputes.
+    logprobs_mode: str = "processed"
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -81,6 +87,11 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             _check(value is None or 0 <= value <= 20, name, f"must be None or in [0, 20], got {value}")
+        _check(
+            self.logprobs_mode in LOGPROBS_MODES,
+            "logprobs_mode",
+            f"must be one of {', '.join(LOGPROBS_MODES)}, got {self.logprobs_mode!r}",
+        )
         _check(all(s for s in self.stop), "stop", "must not contain empty strings")
         _check(self.seed is None or isinstance(self.seed, int), "seed", f"must be an integer, got {self.seed!r}")
         for token_id, bias in self.logit_bias:

@@ -57,3 +57,6 @@ class AttentionMetadata:
     num_decodes: int
     decode_groups: tuple[DecodeGroup, ...]
     prefills: tuple[PrefillChunk, ...]
+    # Batch-invariant mode: each token row's own context (cache slots of
+    # positions 0..its position), attended one query at a time.
+    query_contexts: tuple[torch.Tensor, ...] | None = None

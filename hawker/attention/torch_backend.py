@@ -33,6 +33,8 @@ def paged_attention(
 ) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, Hkv, D]; caches: [blocks, block_size, Hkv, D]."""
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    if meta.query_contexts is not None:
+        return _each_query_alone(q, k_cache, v_cache, meta.query_contexts, scale)
     if not meta.prefills:
         # Decode-only step (the common one): no output buffer to assemble.
         return _decode(q, k_cache, v_cache, meta, scale)
@@ -42,6 +44,25 @@ def paged_attention(
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.length)
         out[rows] = _prefill(q[rows], k[rows], v[rows], k_cache, v_cache, chunk, scale)
+    return out
+
+
+def _each_query_alone(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, contexts: tuple[torch.Tensor, ...], scale: float
+) -> torch.Tensor:
+    """Batch-invariant attention: every query over exactly its own context, in float32.
+
+    Each query's matmul and softmax shapes depend only on its position, so
+    its result is the same whatever else is in the step (or in its chunk).
+    """
+    out = torch.empty_like(q)
+    heads, dim = q.shape[1:]
+    for row, slots in enumerate(contexts):
+        keys = _gather(k_cache, slots).float()  # [Hkv, L, D]
+        values = _gather(v_cache, slots).float()
+        query = q[row].float().reshape(keys.shape[0], heads // keys.shape[0], dim)  # [Hkv, group, D]
+        probs = torch.softmax(torch.matmul(query, keys.transpose(1, 2)) * scale, dim=-1)
+        out[row] = torch.matmul(probs, values).reshape(heads, dim).to(q.dtype)
     return out
 
 

@@ -220,8 +220,9 @@ class AsyncEngine:
             while not self._stop.is_set():
                 # Also while idle: a dead worker rank must show in /health within a poll interval.
                 self.engine.check_health()
-                self._apply_commands(block=not self.engine.has_unfinished_requests())
-                if self._stop.is_set() or not self.engine.has_unfinished_requests():
+                idle = self.engine.paused or not self.engine.has_unfinished_requests()
+                self._apply_commands(block=idle)
+                if self._stop.is_set() or self.engine.paused or not self.engine.has_unfinished_requests():
                     continue
                 start = time.perf_counter()
                 outputs = self.engine.step()

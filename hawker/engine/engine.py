@@ -10,10 +10,10 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -35,9 +35,10 @@ from hawker.engine.memory_profile import profile_num_blocks
 from hawker.engine.model_runner import ModelOutput, ModelRunner, SeqResult, build_model
 from hawker.engine.request import Request, RequestStatus
 from hawker.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
-from hawker.layers.projection import DEFAULT_FP32_MATMUL_MIN_ROWS, cpu_has_fast_half_matmul
+from hawker.layers.projection import DEFAULT_FP32_MATMUL_MIN_ROWS, ProjectionCopies, cpu_has_fast_half_matmul
 from hawker.layers.quant import DEFAULT_INT4_DECODE_MAX_ROWS
 from hawker.loader.checkpoint import Checkpoint, open_checkpoint
+from hawker.loader.safetensors import iterate_safetensors
 from hawker.loader.tokenizer import load_tokenizer
 from hawker.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from hawker.sampling_params import SamplingParams
@@ -95,6 +96,10 @@ class EngineOptions:
     # Row-parallel layers all-reduce in this many chunks, each while the next
     # is multiplied; 1 = off (one blocking all-reduce per layer).
     tp_overlap_chunks: int = 1
+    # Batch-invariant numerics: a request's tokens and logprobs are bitwise
+    # the same whatever shares its steps (fixed row tiles, one query at a
+    # time; much slower for large batches). Turns the CPU fast paths off.
+    deterministic: bool = False
 
     @property
     def world_size(self) -> int:
@@ -198,8 +203,29 @@ def world_shape(options: EngineOptions) -> dict[str, int]:
     }
 
 
+# Options whose fast paths pick kernels by batch shape, off in batch-invariant mode.
+_SHAPE_DEPENDENT_OPTIONS = (
+    "int4_decode_max_rows",
+    "fp32_matmul_min_rows",
+    "compile_decode_max_rows",
+    "cuda_graph_max_batch_size",
+)
+
+
+def _batch_invariant_options(options: EngineOptions) -> EngineOptions:
+    """``options`` with every shape-dependent fast path off; refuses ones the user turned on explicitly."""
+    for name in _SHAPE_DEPENDENT_OPTIONS:
+        if getattr(options, name):
+            raise ValueError(f"deterministic=True needs {name} off (0); it chooses kernels by batch size")
+    if options.attention_backend == "triton":
+        raise ValueError("deterministic=True runs the torch attention backend (the triton one is not batch-invariant)")
+    return dataclasses.replace(options, attention_backend="torch", **dict.fromkeys(_SHAPE_DEPENDENT_OPTIONS, 0))
+
+
 def engine_config(options: EngineOptions, parallel: ParallelConfig) -> tuple[EngineConfig, Checkpoint]:
     """The config every rank builds from the same options (``options.device`` already resolved)."""
+    if options.deterministic:
+        options = _batch_invariant_options(options)
     checkpoint = open_checkpoint(options.model)
     device = torch.device(options.device)
     model_config = ModelConfig.from_hf(checkpoint.hf_config, resolve_dtype(options.dtype, device))
@@ -227,6 +253,7 @@ def engine_config(options: EngineOptions, parallel: ParallelConfig) -> tuple[Eng
         compile_decode_max_rows=_compile_decode_max_rows(options, attention_backend),
         attention_backend=attention_backend,
         cuda_graph_max_batch_size=_cuda_graph_max_batch_size(options, attention_backend),
+        batch_invariant=options.deterministic,
     )
     return config, checkpoint
 
@@ -298,6 +325,9 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.eos_token_id = eos_id(config.model, tokenizer)
         self.runner: ModelRunner | DriverRunner
+        self.weight_version = 0  # bumped by every update_weights; reported on every output
+        self.paused = False  # pause_generation: steps do nothing until resume_generation
+        self.sleep_level = 0  # sleep(): 1 = KV cache released, 2 = weights too
         self.threads_before: int | None = None  # torch's thread count before a distributed engine shared the cores
         if world is None:
             self.runner = ModelRunner(config, model, num_blocks, self.eos_token_id)
@@ -372,6 +402,101 @@ class Engine:
         if self.threads_before is not None:
             torch.set_num_threads(self.threads_before)
             self.threads_before = None
+
+    # --------------------------------------------------------- weight updates
+    def update_weights(self, weights: Iterable[tuple[str, Any]] | str | Path) -> int:
+        """Load new values of some or all weights in place; returns the new weight version.
+
+        ``weights``: (Hugging Face name, tensor) pairs, as a trainer's
+        ``state_dict().items()`` gives them (only changed tensors are needed),
+        or a directory of safetensors files. Every name and shape is checked
+        before anything is written, so a bad update changes nothing. Cached
+        prefixes computed with the old weights are never matched again.
+        """
+        if not isinstance(self.runner, ModelRunner):
+            raise ValueError("update_weights is not supported with tensor or pipeline parallelism yet")
+        model = self.runner.model
+        if isinstance(weights, str | Path):
+            directory = Path(weights)
+            shapes = [(name, tensor.get_shape()) for name, tensor in iterate_safetensors(directory)]
+            self._check_updatable(model.check_weight_shapes(shapes))
+            written = model.load_weights(iterate_safetensors(directory), require_all=False)
+        else:
+            items = list(weights)
+            self._check_updatable(model.check_weight_shapes((name, tuple(t.shape)) for name, t in items))
+            written = model.load_weights(items, require_all=False)
+        targets = {id(param) for param in written}
+        for module in model.modules():
+            if isinstance(module, ProjectionCopies) and id(module.weight) in targets:
+                module.refresh_fp32()
+        self.kv.invalidate_prefix_cache()
+        self.weight_version += 1
+        logger.info("weights updated: %d tensors, version %d", len(written), self.weight_version)
+        return self.weight_version
+
+    def pause_generation(self, mode: str = "abort") -> list[RequestOutput]:
+        """Stop stepping, e.g. while a trainer updates the weights.
+
+        ``mode="abort"`` finishes every request in flight (finish_reason
+        "abort"; their final outputs are returned); ``"keep"`` leaves them
+        waiting, to continue after ``resume_generation`` (tokens sampled
+        before and after an update then come from different weights).
+        """
+        if mode not in ("abort", "keep"):
+            raise ValueError(f"mode must be 'abort' or 'keep', got {mode!r}")
+        self.paused = True
+        if mode == "keep":
+            return []
+        return [self._finish_group(group, RequestStatus.FINISHED_ABORTED) for group in list(self.groups.values())]
+
+    def resume_generation(self) -> None:
+        if self.sleep_level:
+            raise ValueError("the engine is asleep: call wake_up() before resume_generation()")
+        self.paused = False
+
+    def sleep(self, level: int = 1) -> None:
+        """Give memory back (for a trainer on the same device): level 1 the KV cache, level 2 the weights too.
+
+        Needs no request in flight. Generation is paused until ``wake_up``;
+        after level 2, wake_up reloads the weights from the checkpoint
+        (so pass the trainer's weights with update_weights again).
+        """
+        if level not in (1, 2):
+            raise ValueError(f"level must be 1 or 2, got {level}")
+        if self.has_unfinished_requests():
+            raise ValueError("requests are in flight: pause_generation(mode='abort') or let them finish first")
+        if not isinstance(self.runner, ModelRunner):
+            raise ValueError("sleep is not supported with tensor or pipeline parallelism yet")
+        if self.sleep_level:
+            raise ValueError("the engine is asleep already")
+        if level == 2:
+            self._check_updatable(list(self.runner.model.parameters()))  # int4 copies could not be rebuilt
+        self.paused = True
+        self.runner.release_memory(weights=level == 2)
+        self.kv.invalidate_prefix_cache()  # the cached blocks' contents are gone
+        self.sleep_level = level
+
+    def wake_up(self) -> None:
+        """Take the memory back (reloading the checkpoint's weights after level 2) and resume generation."""
+        if not self.sleep_level:
+            return
+        assert isinstance(self.runner, ModelRunner)
+        if self.sleep_level == 2:
+            self.runner.restore_memory(open_checkpoint(self.config.model_path).weights())
+            self.weight_version += 1  # back to the checkpoint's weights
+        else:
+            self.runner.restore_memory(None)
+        self.sleep_level = 0
+        self.paused = False
+
+    def _check_updatable(self, targets: Sequence[torch.nn.Parameter]) -> None:
+        ids = {id(param) for param in targets}
+        for name, module in self.runner.model.named_modules():
+            if isinstance(module, ProjectionCopies) and module.int4 is not None and id(module.weight) in ids:
+                raise ValueError(
+                    f"{name} keeps an int4 copy of its 4-bit checkpoint weight, which new values would not "
+                    "match; start the engine with int4_decode_max_rows=0 to take weight updates"
+                )
 
     # ------------------------------------------------------------- requests
     @property
@@ -501,6 +626,8 @@ class Engine:
         finish_reason "error"); the others continue. ``EngineFatalError`` is
         not contained: it propagates to the caller.
         """
+        if self.paused:
+            return []
         scheduled = self.scheduler.schedule()
         if scheduled.empty:
             return []
@@ -618,6 +745,7 @@ class Engine:
             finished=finished,
             num_cached_tokens=first.num_cached_tokens,
             metrics=_timings(first),
+            weight_version=self.weight_version,
         )
 
 

@@ -62,6 +62,8 @@ class KVCacheManager:
         self.free_queue: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.block_tables: dict[str, list[int]] = {}
         self.stats = PrefixCacheStats()
+        # Parent hash of every chain's first block; changes when cached KV goes stale.
+        self.root_hash = _ROOT_HASH
 
     # ------------------------------------------------------------------ queries
     @property
@@ -82,13 +84,16 @@ class KVCacheManager:
     def update_block_hashes(self, request: Request) -> None:
         """Extend ``request.block_hashes`` to cover every full block of its tokens."""
         hashes = request.block_hashes
-        parent = hashes[-1] if hashes else _ROOT_HASH
+        if request.hash_root is None:
+            request.hash_root = self.root_hash
+        parent = hashes[-1] if hashes else request.hash_root
         for key in _chain_keys(request.token_ids, self.block_size, len(hashes), parent):
             hashes.append(hash(key))
 
     def _key(self, request: Request, index: int) -> BlockKey:
         bs = self.block_size
-        parent = request.block_hashes[index - 1] if index else _ROOT_HASH
+        root = self.root_hash if request.hash_root is None else request.hash_root
+        parent = request.block_hashes[index - 1] if index else root
         return parent, tuple(request.token_ids[index * bs : (index + 1) * bs])
 
     def find_cached_prefix(self, request: Request) -> list[int]:
@@ -181,6 +186,16 @@ class KVCacheManager:
             if self.ref_counts[block] == 0:
                 del self.cached[key]
                 self.block_keys[block] = None
+
+    def invalidate_prefix_cache(self) -> None:
+        """Never match any block cached so far again (the KV it holds was computed with old weights).
+
+        Free cached blocks are dropped; blocks still in use stay registered
+        under the old root hash, like the chains of the requests running now,
+        so no request that arrives later can reach them.
+        """
+        self.reset_prefix_cache()
+        self.root_hash = hash((self.root_hash, "next"))
 
     def _take(self, block: int) -> None:
         if self.ref_counts[block] == 0:

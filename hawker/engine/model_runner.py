@@ -21,8 +21,9 @@ from hawker.distributed.pipeline import StageLinks, split_micro_batches
 from hawker.engine.compiled_decode import CompiledDecode, warm_up_row_counts
 from hawker.engine.sampler import Sampler, SampleRow, gather_logprobs, trim_top
 from hawker.engine.scheduler import ScheduledSeq, SchedulerOutput
+from hawker.layers.batch_invariant import DEFAULT_TILE_ROWS, RowTiler
 from hawker.layers.parallel import PPInfo, TPInfo
-from hawker.layers.projection import attach_weight_copies
+from hawker.layers.projection import ProjectionCopies, attach_weight_copies
 from hawker.loader.checkpoint import Checkpoint
 from hawker.models.registry import model_class
 from hawker.outputs import PositionLogprobs
@@ -85,8 +86,9 @@ def build_model(config: EngineConfig, checkpoint: Checkpoint, tp_group: Any = No
     tp = TPInfo(parallel.tensor_parallel_rank, parallel.tensor_parallel_size, tp_group, parallel.tp_overlap_chunks)
     pp = PPInfo(parallel.pipeline_parallel_rank, parallel.pipeline_parallel_size)
     max_positions = max(config.scheduler.max_model_len, config.model.max_position_embeddings)
+    tiler = RowTiler(DEFAULT_TILE_ROWS if config.batch_invariant else 0)
     with torch.device(config.device):
-        model = cls(config.model, tp, max_positions, pp)
+        model = cls(config.model, tp, max_positions, pp, tiler)
     model.load_weights(checkpoint.weights())
     int4_count, fp32_count = attach_weight_copies(model, config.int4_decode_max_rows, config.fp32_matmul_min_rows)
     logger.info(
@@ -116,7 +118,7 @@ class ModelRunner:
         self.kv_heads = max(1, config.model.num_kv_heads // config.parallel.tensor_parallel_size)
         self.stage = stage  # None without pipeline parallelism
         self.kv_caches = self._allocate_kv_cache(num_blocks)
-        self.sampler = Sampler(eos_token_id, seed=config.seed, device=self.device)
+        self.sampler = Sampler(eos_token_id, seed=config.seed, device=self.device, row_by_row=config.batch_invariant)
         self.logits_observer: LogitsObserver | None = None
         self.compiled_decode = self._compile_decode(config.compile_decode_max_rows)
         self.decode_graphs = self._capture_decode_graphs(config.cuda_graph_max_batch_size)
@@ -150,6 +152,40 @@ class ModelRunner:
             kv_heads=self.kv_heads,
             capture=capture,
         )
+
+    def release_memory(self, weights: bool) -> None:
+        """Free the KV cache's memory (and the weights' with ``weights``), keeping every tensor object.
+
+        Compiled graphs hold these tensors, so they are emptied in place
+        (their storage resized to nothing) rather than replaced.
+        """
+        for tensor in self._sleeping_tensors(weights):
+            tensor.untyped_storage().resize_(0)
+        self.decode_graphs = None  # they read the old device addresses
+
+    def restore_memory(self, checkpoint_weights: Any) -> None:
+        """Undo ``release_memory``: zeroed KV cache; weights reloaded from ``checkpoint_weights`` if released."""
+        weights = checkpoint_weights is not None
+        for tensor in self._sleeping_tensors(weights):
+            tensor.untyped_storage().resize_(tensor.numel() * tensor.element_size())
+        for k_cache, v_cache in self.kv_caches:
+            k_cache.zero_()
+            v_cache.zero_()
+        if weights:
+            self.model.load_weights(checkpoint_weights)
+            for module in self.model.modules():
+                if isinstance(module, ProjectionCopies):
+                    module.refresh_fp32()
+        self.decode_graphs = self._capture_decode_graphs(self.config.cuda_graph_max_batch_size)
+
+    def _sleeping_tensors(self, weights: bool) -> list[torch.Tensor]:
+        tensors = [t for pair in self.kv_caches for t in pair]
+        if weights:
+            # Tied parameters share one storage: count it once.
+            params = {id(p): p.data for p in self.model.parameters()}
+            copies = [m.fp32.weight for m in self.model.modules() if isinstance(m, ProjectionCopies) and m.fp32]
+            tensors += [*params.values(), *copies]
+        return tensors
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         cfg = self.config.model
@@ -246,7 +282,16 @@ class ModelRunner:
             num_decodes=len(decodes),
             decode_groups=self._decode_groups(decodes),
             prefills=tuple(chunks),
+            query_contexts=self._query_contexts([*decodes, *prefills]) if self.config.batch_invariant else None,
         )
+
+    def _query_contexts(self, order: Sequence[ScheduledSeq]) -> tuple[torch.Tensor, ...]:
+        """Cache slots of positions 0..p for every query row (p its position), in row order."""
+        contexts: list[torch.Tensor] = []
+        for seq in order:
+            slots = self._context_slots(seq)
+            contexts.extend(slots[: position + 1] for position in range(seq.start_pos, seq.start_pos + seq.num_tokens))
+        return tuple(contexts)
 
     def _triton_metadata(self, order: Sequence[ScheduledSeq], num_decodes: int, slot_mapping: torch.Tensor) -> Any:
         from hawker.attention import triton_backend  # needs triton, which a CPU install may lack

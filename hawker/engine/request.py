@@ -49,6 +49,10 @@ class Request:
     logprobs: list[PositionLogprobs] = field(default_factory=list)
     prompt_logprobs: list[PositionLogprobs | None] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
+    # The prefix cache's root hash when this request's chain was started: a
+    # weight update moves the cache to a new root, and blocks computed with
+    # the old weights stay keyed under the old one, never matched again.
+    hash_root: int | None = None
     # Wall-clock times (time.monotonic) for latency metrics.
     arrival_time: float = 0.0
     first_scheduled_time: float | None = None

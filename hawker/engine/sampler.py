@@ -44,25 +44,39 @@ def seeded_generator(seed: int, sample_index: int, output_index: int, device: to
 
 
 class Sampler:
-    def __init__(self, eos_token_id: int | None, seed: int = 0, device: torch.device | None = None) -> None:
+    def __init__(
+        self, eos_token_id: int | None, seed: int = 0, device: torch.device | None = None, row_by_row: bool = False
+    ) -> None:
+        """``row_by_row``: sample each row alone (batch-invariant mode: results cannot depend on the others)."""
         self.eos_token_id = eos_token_id
         self.device = device or torch.device("cpu")
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.row_by_row = row_by_row
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> SamplerResult:
+        if not self.row_by_row or len(rows) == 1:
+            return self._sample_rows(logits, rows)
+        results = [self._sample_rows(logits[i : i + 1].clone(), [row]) for i, row in enumerate(rows)]
+        return SamplerResult(token_ids=[r.token_ids[0] for r in results], logprobs=[r.logprobs[0] for r in results])
+
+    def _sample_rows(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> SamplerResult:
         logits = logits.float()
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in rows) else None
+        wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if wanted else None
         logits = self._apply_penalties(logits, rows)
         logits = _apply_logit_bias(logits, rows)
         logits = self._apply_min_tokens(logits, rows)
-        token_ids = self._sample(logits, rows)
+        processed = any(rows[i].params.logprobs_mode == "processed" for i in wanted)
+        token_ids, sampled_logprobs = self._sample(logits, rows, processed)
         logprobs: list[PositionLogprobs | None] = [None] * len(rows)
-        if raw_logprobs is not None:
-            wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-            index = torch.tensor(wanted, dtype=torch.long, device=logits.device)
-            top = max(rows[i].params.logprobs or 0 for i in wanted)
-            found = gather_logprobs(raw_logprobs[index], token_ids[index], top)
-            for row, entry in zip(wanted, found, strict=True):
+        for source, mode in ((raw_logprobs, "raw"), (sampled_logprobs, "processed")):
+            group = [i for i in wanted if rows[i].params.logprobs_mode == mode]
+            if not group or source is None:
+                continue
+            index = torch.tensor(group, dtype=torch.long, device=logits.device)
+            top = max(rows[i].params.logprobs or 0 for i in group)
+            found = gather_logprobs(source[index], token_ids[index], top)
+            for row, entry in zip(group, found, strict=True):
                 k = rows[row].params.logprobs or 0
                 logprobs[row] = trim_top(entry, int(token_ids[row]), k)
         return SamplerResult(token_ids=token_ids.tolist(), logprobs=logprobs)
@@ -118,11 +132,16 @@ class Sampler:
         return ids
 
     # -------------------------------------------------------------- sampling
-    def _sample(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+    def _sample(
+        self, logits: torch.Tensor, rows: Sequence[SampleRow], want_logprobs: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sampled token ids, and (if wanted) every row's log-probabilities under the distribution it sampled from."""
         greedy_tokens = logits.argmax(dim=-1)
+        # Greedy rows: the processed logits' log-softmax (temperature 0 has no distribution of its own).
+        sampled_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
         if not random_rows:
-            return greedy_tokens
+            return greedy_tokens, sampled_logprobs
         sub = logits[random_rows]
         params = [rows[i].params for i in random_rows]
         sub = sub / torch.tensor([p.temperature for p in params], device=sub.device).unsqueeze(1)
@@ -131,7 +150,10 @@ class Sampler:
         probs = _min_p(probs, [p.min_p for p in params])
         noise = self._exponential_noise(probs.shape, [rows[i] for i in random_rows])
         greedy_tokens[random_rows] = (probs / noise).argmax(dim=-1)
-        return greedy_tokens
+        if sampled_logprobs is not None:
+            # min_p zeroed some probabilities without renormalising: renormalise here.
+            sampled_logprobs[random_rows] = torch.log(probs / probs.sum(dim=-1, keepdim=True))
+        return greedy_tokens, sampled_logprobs
 
     def _exponential_noise(self, shape: torch.Size, rows: Sequence[SampleRow]) -> torch.Tensor:
         noise = torch.empty(shape, device=self.device)

@@ -76,6 +76,11 @@ class ProjectionCopies:
         self.fp32 = Fp32Weight(self.weight.data.float(), min_rows)
         return True
 
+    def refresh_fp32(self) -> None:
+        """After the weight changed: rewrite the float32 copy in place (a compiled decode graph holds that tensor)."""
+        if self.fp32 is not None:
+            self.fp32.weight.copy_(self.weight.data)
+
     def project(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x W^T (+ bias)`` through the copy that suits the number of rows of ``x``."""
         if self.int4 is not None and self.int4.applies_to(x):

@@ -7,7 +7,7 @@ the unfused tensors into the fused shards.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ from hawker.attention.metadata import AttentionMetadata
 from hawker.config import ModelConfig
 from hawker.layers.activation import silu_and_mul
 from hawker.layers.attention import PagedAttention
+from hawker.layers.batch_invariant import RowTiler
 from hawker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from hawker.layers.linear import ColumnParallelLinear, RowParallelLinear
 from hawker.layers.norm import RMSNorm
@@ -50,8 +51,9 @@ class FamilyOptions:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, opts: FamilyOptions, tp: TPInfo) -> None:
+    def __init__(self, cfg: ModelConfig, opts: FamilyOptions, tp: TPInfo, tiler: RowTiler) -> None:
         super().__init__()
+        self.tiler = tiler
         self.num_heads = tp.shard(cfg.num_heads)
         kv_heads = tp.heads(cfg.num_kv_heads)  # replicated when fewer than the ranks
         self.num_kv_heads = kv_heads.local
@@ -75,16 +77,16 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         tokens = hidden.shape[0]
         qk_size = (self.num_heads + self.num_kv_heads) * self.head_dim
-        qk, v = self.qkv_proj(hidden).split([qk_size, self.num_kv_heads * self.head_dim], dim=-1)
+        qk, v = self.tiler(self.qkv_proj, hidden).split([qk_size, self.num_kv_heads * self.head_dim], dim=-1)
         qk = qk.view(tokens, self.num_heads + self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
+            qk = torch.cat((self.tiler(self.q_norm, q), self.tiler(self.k_norm, k)), dim=1)
         # Queries and keys are rotated together: one set of rotary ops, not two.
         q, k = angles.apply(qk).split([self.num_heads, self.num_kv_heads], dim=1)
         out = self.attn(q, k, v, kv_cache, meta)
-        return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
+        return self.tiler(self.o_proj, out.reshape(tokens, self.num_heads * self.head_dim))
 
 
 class LlamaMLP(nn.Module):
@@ -99,18 +101,22 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, opts: FamilyOptions, tp: TPInfo) -> None:
+    def __init__(self, cfg: ModelConfig, opts: FamilyOptions, tp: TPInfo, tiler: RowTiler) -> None:
         super().__init__()
+        self.tiler = tiler
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
-        self.self_attn = LlamaAttention(cfg, opts, tp)
+        self.self_attn = LlamaAttention(cfg, opts, tp, tiler)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
         self.mlp = LlamaMLP(cfg, tp)
 
     def forward(
         self, angles: RotaryAngles, hidden: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(angles, self.input_layernorm(hidden), kv_cache, meta)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        hidden = hidden + self.self_attn(angles, self.tiler(self.input_layernorm, hidden), kv_cache, meta)
+        return hidden + self.tiler(self._mlp_block, hidden)
+
+    def _mlp_block(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.post_attention_layernorm(hidden))
 
 
 class _OtherStage(nn.Module):
@@ -118,15 +124,19 @@ class _OtherStage(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, opts: FamilyOptions, tp: TPInfo, pp: PPInfo, max_positions: int) -> None:
+    def __init__(
+        self, cfg: ModelConfig, opts: FamilyOptions, tp: TPInfo, pp: PPInfo, max_positions: int, tiler: RowTiler
+    ) -> None:
         super().__init__()
         self.pp = pp
+        self.tiler = tiler
         self.layer_range = pp.layer_range(cfg.num_layers)
         self.embed_tokens = (
             VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, cfg.dtype) if pp.is_first else None
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, opts, tp) if i in self.layer_range else _OtherStage() for i in range(cfg.num_layers)
+            LlamaDecoderLayer(cfg, opts, tp, tiler) if i in self.layer_range else _OtherStage()
+            for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype) if pp.is_last else None
         # One table for all layers (they share head_dim and theta).
@@ -148,7 +158,7 @@ class LlamaModel(nn.Module):
         local_layers = [self.layers[i] for i in self.layer_range]
         for layer, kv_cache in zip(local_layers, kv_caches, strict=True):
             hidden = layer(angles, hidden, kv_cache, meta)
-        return hidden if self.norm is None else self.norm(hidden)
+        return hidden if self.norm is None else self.tiler(self.norm, hidden)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -158,11 +168,16 @@ class LlamaForCausalLM(nn.Module):
         tp: TPInfo | None = None,
         max_positions: int | None = None,
         pp: PPInfo | None = None,
+        tiler: RowTiler | None = None,
     ) -> None:
+        """``tiler``: RowTiler(16) for batch-invariant numbers (hawker/layers/batch_invariant.py)."""
         super().__init__()
         tp, pp = tp or TPInfo(), pp or PPInfo()
         self.config = cfg
-        self.model = LlamaModel(cfg, self.family_options(cfg), tp, pp, max_positions or cfg.max_position_embeddings)
+        self.tiler = tiler or RowTiler()
+        self.model = LlamaModel(
+            cfg, self.family_options(cfg), tp, pp, max_positions or cfg.max_position_embeddings, self.tiler
+        )
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, cfg.dtype) if pp.is_last else None
         embed = self.model.embed_tokens
         if cfg.tie_word_embeddings and self.lm_head is not None and embed is not None:
@@ -188,28 +203,64 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         assert self.lm_head is not None, "only the last pipeline stage computes logits"
-        return self.lm_head.logits(hidden)
+        return self.tiler(self.lm_head.logits, hidden)
 
-    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
-        """Load HF-named tensors (or lazy slices); raises if the checkpoint leaves a parameter unset."""
+    def load_weights(self, weights: Iterable[tuple[str, Any]], require_all: bool = True) -> list[nn.Parameter]:
+        """Load HF-named tensors (or lazy slices); returns the parameters written.
+
+        ``require_all`` (loading a checkpoint) raises if a parameter is left
+        unset; a weight update passes only the tensors that changed.
+        """
         modules = dict(self.named_modules())
         loaded: set[str] = set()
+        written: list[nn.Parameter] = []
         for name, tensor in weights:
-            target = self._target(name, modules)
-            if target is None:
+            found = self._resolve(name, modules)
+            if found is None:
                 continue
-            module_name, param = target
-            prefix, _, leaf = module_name.rpartition(".")
-            shard = 0
-            if leaf in _FUSED:
-                fused, shard = _FUSED[leaf]
-                module_name = f"{prefix}.{fused}"
-            module = modules.get(module_name)
-            if module is None or not hasattr(module, "load"):
-                raise ValueError(f"checkpoint tensor {name!r} does not match any parameter of {type(self).__name__}")
+            module, module_name, param, shard = found
             module.load(param, tensor, shard)
             loaded.add(f"{module_name}.{param}#{shard}")
-        self._check_all_loaded(loaded)
+            written.append(getattr(module, param))
+        if require_all:
+            self._check_all_loaded(loaded)
+        return written
+
+    def check_weight_shapes(self, shapes: Iterable[tuple[str, Sequence[int]]]) -> list[nn.Parameter]:
+        """The parameters that tensors of these (name, shape) would write.
+
+        Raises ValueError, naming the tensor, unless every one fits a parameter of this model.
+        """
+        modules = dict(self.named_modules())
+        targets: list[nn.Parameter] = []
+        for name, shape in shapes:
+            found = self._resolve(name, modules)  # raises for a name this model does not have
+            if found is None:
+                continue  # one this model ignores (a tied LM head, rotary tables)
+            module, _, param, shard = found
+            expected = tuple(getattr(module, param).shape)
+            if isinstance(module, ColumnParallelLinear):  # one shard of a fused projection
+                expected = (module.local_sizes[shard], *expected[1:])
+            if tuple(shape) != expected:
+                raise ValueError(f"{name!r} has shape {list(shape)}; this model's is {list(expected)}")
+            targets.append(getattr(module, param))
+        return targets
+
+    def _resolve(self, name: str, modules: dict[str, nn.Module]) -> tuple[Any, str, str, int] | None:
+        """(module, its name, parameter, shard) that checkpoint tensor ``name`` fills; None if not on this rank."""
+        target = self._target(name, modules)
+        if target is None:
+            return None
+        module_name, param = target
+        prefix, _, leaf = module_name.rpartition(".")
+        shard = 0
+        if leaf in _FUSED:
+            fused, shard = _FUSED[leaf]
+            module_name = f"{prefix}.{fused}"
+        module = modules.get(module_name)
+        if module is None or not hasattr(module, "load") or not hasattr(module, param):
+            raise ValueError(f"checkpoint tensor {name!r} does not match any parameter of {type(self).__name__}")
+        return module, module_name, param, shard
 
     def _target(self, name: str, modules: dict[str, nn.Module]) -> tuple[str, str] | None:
         """(module, parameter) of this rank that a checkpoint tensor fills; None when nothing here uses it."""
