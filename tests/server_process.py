@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 API_KEY = "test-key"
@@ -92,3 +97,21 @@ def wait_ready(server: ServerProcess, timeout: float = 120.0) -> ServerProcess:
         time.sleep(0.2)
     server.stop()
     raise RuntimeError(f"server not ready after {timeout} s:\n{server.log()}")
+
+
+@contextlib.contextmanager
+def serve_in_process(app: Any) -> Iterator[str]:
+    """Run ``app`` under uvicorn on a thread of this process (so tests can reach its engines); yields its URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the in-process server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)

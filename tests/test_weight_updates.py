@@ -6,6 +6,7 @@ every position, identical greedy tokens).
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,9 @@ def _perturbed(directory: Path, target: Path, only: str | None = None) -> dict[s
             if only is None or only in name:
                 param.add_(torch.randn(param.shape, generator=generator) * 0.05)
     model.save_pretrained(target, safe_serialization=True)
+    for extra in directory.iterdir():  # the tokenizer, so that the trained copy loads on its own too
+        if not (target / extra.name).exists():
+            shutil.copy(extra, target / extra.name)
     state = model.state_dict()
     return {name: t for name, t in state.items() if only is None or only in name}
 

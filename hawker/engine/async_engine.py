@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -87,6 +88,14 @@ class _Add:
 @dataclass(frozen=True)
 class _Abort:
     request_id: str
+
+
+@dataclass(frozen=True)
+class _Call:
+    """Run ``fn`` on the engine thread (between steps); its result or error settles ``future``."""
+
+    fn: Callable[[Engine], Any]
+    future: asyncio.Future
 
 
 @dataclass(frozen=True)
@@ -197,6 +206,17 @@ class AsyncEngine:
             self.observer.on_client_gone(stream.request_id)
         self.observer.on_stream_closed(stream.request_id)
 
+    async def call(self, fn: Callable[[Engine], Any]) -> Any:
+        """Run ``fn(engine)`` on the engine thread between two steps and return what it returns.
+
+        Admin operations (weight updates, pause, sleep) go through here, so
+        they never run while a step does.
+        """
+        self.raise_if_dead()
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._commands.put(_Call(fn, future))
+        return await future
+
     def abort(self, request_id: str) -> None:
         """Abort a request (its blocks return to the pool after the current step)."""
         self._commands.put(_Abort(request_id))
@@ -238,7 +258,7 @@ class AsyncEngine:
                 self.on_dead(self.dead_reason)
 
     def _apply_commands(self, block: bool) -> None:
-        command: _Add | _Abort | None
+        command: _Add | _Abort | _Call | None
         try:
             command = self._commands.get(timeout=_IDLE_POLL_S) if block else self._commands.get_nowait()
         except queue.Empty:
@@ -251,8 +271,10 @@ class AsyncEngine:
                 break
         self._publish_stats()
 
-    def _apply(self, command: _Add | _Abort | None) -> None:
-        if isinstance(command, _Abort):
+    def _apply(self, command: _Add | _Abort | _Call | None) -> None:
+        if isinstance(command, _Call):
+            self._run_call(command)
+        elif isinstance(command, _Abort):
             # An abort can reach a request that finished meanwhile: then it is a no-op.
             final = self.engine.abort(command.request_id)
             if final is not None:
@@ -270,6 +292,18 @@ class AsyncEngine:
                 )
             except ValueError as error:  # checked before queueing; only a race lands here
                 self._post(lambda rid=command.request_id, e=error: self._deliver_error(rid, e))
+
+    def _run_call(self, call: _Call) -> None:
+        try:
+            result = call.fn(self.engine)
+        except Exception as error:  # the caller's to handle (a bad path, a wrong state)
+            self._post(lambda e=error: call.future.done() or call.future.set_exception(e))
+            return
+        # Requests that the call finished (pause with mode="abort") reach their streams.
+        finished = [r for r in result if isinstance(r, RequestOutput)] if isinstance(result, list) else []
+        if finished:
+            self._post(lambda: self._deliver(finished, None))
+        self._post(lambda: call.future.done() or call.future.set_result(result))
 
     def _publish_stats(self) -> None:
         stats = self.engine.stats()

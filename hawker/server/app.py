@@ -10,11 +10,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -28,6 +29,8 @@ from hawker.engine.async_engine import (
 from hawker.loader.tokenizer import render_chat
 from hawker.outputs import RequestOutput
 from hawker.sampling_params import SamplingParams
+from hawker.server.admin import add_admin_routes
+from hawker.server.dashboard import INDEX, STATIC_DIR
 from hawker.server.errors import (
     RETRY_AFTER_S,
     APIError,
@@ -47,12 +50,19 @@ from hawker.server.protocol import (
     TokenizeRequest,
 )
 from hawker.server.responders import ChatResponder, CompletionResponder
-from hawker.server.router import ReplicaRouter
+from hawker.server.router import ObserverGroup, ReplicaRouter
+from hawker.server.stats import StatsConfig, StatsHistory, points_json, read_snapshot
+from hawker.server.tracking import FinishedSink, RequestLog, RequestTracker
+
+if TYPE_CHECKING:
+    from hawker.server.tracing import RequestTracer
 
 logger = logging.getLogger(__name__)
 
-# Paths that stay open without an API key (probes and scrapers).
-OPEN_PATHS = frozenset({"/health", "/metrics"})
+# Paths that stay open without an API key (probes, scrapers and the dashboard,
+# which shows counts and request ids, never prompts or outputs).
+OPEN_PATHS = frozenset({"/health", "/metrics", "/v1/stats", "/dashboard"})
+OPEN_PREFIXES = ("/dashboard/static/",)
 _ENGINE_ERRORS = (EngineBusyError, EngineDeadError, RequestFailedError)
 
 Responder = CompletionResponder | ChatResponder
@@ -64,15 +74,22 @@ class ServerSettings:
     api_key: str | None = None
     max_request_body_bytes: int = 16 * 1024 * 1024
     shutdown_grace_s: float = 30.0
+    # The level of the one-line log of each finished request ("off": none).
+    request_log_level: str = "info"
+    stats: StatsConfig = field(default_factory=StatsConfig)
 
 
 class ServerState:
     """Everything the routes of one app share (kept on ``app.state``, never global)."""
 
-    def __init__(self, router: ReplicaRouter, settings: ServerSettings, metrics: ServerMetrics) -> None:
+    def __init__(
+        self, router: ReplicaRouter, settings: ServerSettings, metrics: ServerMetrics, tracker: RequestTracker
+    ) -> None:
         self.router = router
         self.settings = settings
         self.metrics = metrics
+        self.tracker = tracker
+        self.history = StatsHistory(lambda: read_snapshot(metrics.registry), settings.stats)
         self.token_text = TokenText(router.tokenizer)
         self.draining = False
         self.started_at = int(time.time())  # the model card's "created"
@@ -88,29 +105,70 @@ class ServerState:
         except EngineDeadError as error:
             raise from_engine_error(error) from None
 
-    def submit_all(self, base_id: str, prompts: list[tuple[str | None, list[int]]], params: SamplingParams) -> list:
-        """Queue one request per prompt; a rejection of any queues none."""
+    def submit_all(
+        self,
+        base_id: str,
+        prompts: list[tuple[str | None, list[int]]],
+        params: SamplingParams,
+        headers: dict[str, str] | None = None,
+    ) -> list:
+        """Queue one request per prompt; a rejection of any queues none.
+
+        ``headers``: the HTTP request's, whose trace context the requests' spans join.
+        """
         submissions = [
             Submission(base_id if len(prompts) == 1 else f"{base_id}-{index}", ids, params, text)
             for index, (text, ids) in enumerate(prompts)
         ]
         try:
-            return self.router.submit_many(submissions)
+            streams = self.router.submit_many(submissions)
         except ValueError as error:
             raise from_value_error(error) from None
         except _ENGINE_ERRORS as error:
             raise from_engine_error(error) from None
+        if headers:
+            self.tracker.attach_trace_context([s.request_id for s in submissions], headers)
+        return streams
+
+    def stats(self, since: float | None) -> dict[str, Any]:
+        """The body of GET /v1/stats: totals read now, chart points newer than ``since``, requests in flight."""
+        snapshot = read_snapshot(self.metrics.registry)
+        config = self.settings.stats
+        return {
+            "time": snapshot.time,
+            "model": self.settings.served_model_name,
+            "replicas": len(self.router.replicas),
+            "healthy": self.router.is_healthy and not self.draining,
+            "interval_s": config.interval_s,
+            "window_s": config.window_s,
+            "history_s": config.history_s,
+            "totals": snapshot.as_json(),
+            "series": points_json(self.history.points(since)),
+            "requests_in_flight": len(self.tracker),
+            "requests": [asdict(row) for row in self.tracker.rows(limit=_MAX_TABLE_ROWS)],
+        }
 
 
-def build_app(router: ReplicaRouter, settings: ServerSettings) -> FastAPI:
+# The dashboard's table shows at most this many requests (the oldest); the count shows them all.
+_MAX_TABLE_ROWS = 100
+
+
+def build_app(router: ReplicaRouter, settings: ServerSettings, tracer: RequestTracer | None = None) -> FastAPI:
+    """The HTTP app over ``router``; ``tracer`` (see hawker/server/tracing.py) adds a span per request."""
     metrics = ServerMetrics(router.replica_stats, router.replica_health, len(router.replicas))
-    router.observer = metrics
-    state = ServerState(router, settings, metrics)
+    sinks: list[FinishedSink] = [RequestLog(settings.request_log_level)]
+    if tracer is not None:
+        sinks.append(tracer)
+    tracker = RequestTracker(router.request_state, sinks, keep_trace_context=tracer is not None)
+    router.observer = ObserverGroup([metrics, tracker])
+    state = ServerState(router, settings, metrics, tracker)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         router.start()
+        sampler = asyncio.ensure_future(state.history.run())
         yield
+        sampler.cancel()
         router.stop()
 
     app = FastAPI(title="Hawker", description="OpenAI-compatible LLM inference server", lifespan=lifespan)
@@ -119,7 +177,11 @@ def build_app(router: ReplicaRouter, settings: ServerSettings) -> FastAPI:
     app.add_middleware(BodySizeLimit, limit=settings.max_request_body_bytes)
     if settings.api_key:
         app.add_middleware(ApiKeyAuth, api_key=settings.api_key)
+    # Outermost, so that it also counts the 401s and 413s of the middlewares above.
+    app.add_middleware(ErrorCounter, count=metrics.on_error_response)
     _add_routes(app, state)
+    _add_dashboard(app, state)
+    add_admin_routes(app, router.replicas, settings.api_key)
     return app
 
 
@@ -178,7 +240,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         params = _sampling_params(body.sampling_params)
         prompts = _completion_prompts(router, body)
         response_id = f"cmpl-{uuid.uuid4().hex}"
-        streams = state.submit_all(response_id, prompts, params)
+        streams = state.submit_all(response_id, prompts, params, dict(request.headers))
         responder = CompletionResponder(
             response_id=response_id,
             model=state.settings.served_model_name,
@@ -201,7 +263,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         params = _sampling_params(body.sampling_params)
         prompt = _chat_prompt(router, body.messages, body.add_generation_prompt)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = state.submit_all(response_id, [prompt], params)
+        streams = state.submit_all(response_id, [prompt], params, dict(request.headers))
         responder = ChatResponder(
             response_id=response_id,
             model=state.settings.served_model_name,
@@ -213,6 +275,20 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         if body.stream:
             return await _streamed(request, streams, responder, include_usage)
         return await _whole(request, streams, responder)
+
+
+def _add_dashboard(app: FastAPI, state: ServerState) -> None:
+    @app.get("/v1/stats")
+    async def stats(since: float | None = None) -> dict[str, Any]:
+        """What /dashboard shows: the /metrics registry's totals, its last minutes as chart points, and
+        the requests in flight. ``since``: only chart points newer than this ``t`` (seconds since the epoch)."""
+        return state.stats(since)
+
+    @app.get("/dashboard", include_in_schema=False)
+    async def dashboard() -> FileResponse:
+        return FileResponse(INDEX, media_type="text/html")
+
+    app.mount("/dashboard/static", StaticFiles(directory=STATIC_DIR), name="dashboard-static")
 
 
 # --------------------------------------------------------------- prompts
@@ -378,7 +454,7 @@ class ApiKeyAuth:
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["path"].startswith(OPEN_PREFIXES):
             await self.app(scope, receive, send)
             return
         given = dict(scope.get("headers") or []).get(b"authorization", b"")
@@ -389,6 +465,36 @@ class ApiKeyAuth:
             await error_response(error)(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+class ErrorCounter:
+    """Count every response with an error status (``hawker:http_errors_total``), whichever layer sent it."""
+
+    def __init__(self, app: ASGIApp, count: Callable[[int], None]) -> None:
+        self.app = app
+        self.count = count
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def counting_send(message: dict) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                # 499: the client left; its requests are counted as aborted instead.
+                if message["status"] >= 400 and message["status"] != 499:
+                    self.count(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception:
+            if not started:
+                self.count(500)  # Starlette's outermost handler turns it into a 500
+            raise
 
 
 class BodySizeLimit:

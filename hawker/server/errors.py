@@ -46,8 +46,13 @@ class APIError(Exception):
         self.retry_after = retry_after
 
 
+def error_type(status: int) -> str:
+    """OpenAI's error ``type`` for an HTTP status (also the label of ``hawker:http_errors_total``)."""
+    return _TYPES.get(status, "error")
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": _TYPES.get(status, "error"), "param": param, "code": code}}
+    return {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
 
 
 def error_response(error: APIError) -> JSONResponse:

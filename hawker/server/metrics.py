@@ -8,7 +8,9 @@ With data-parallel replicas every engine series carries a ``replica`` label
 (one series per replica; ``sum()`` them for the server's total, as the
 latency histograms already are); with one replica the series keep their
 unlabelled names. ``hawker:router_requests_total{replica, reason}`` counts
-where each request was routed and why.
+where each request was routed and why. ``hawker:http_errors_total{status,
+type}`` counts error responses by HTTP status and OpenAI error type (a
+client that left gets none: those requests count as aborted).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from prometheus_client.registry import Collector
 from hawker.engine.async_engine import StreamProgress
 from hawker.engine.engine import EngineStats
 from hawker.outputs import RequestOutput
+from hawker.server.errors import error_type
 from hawker.server.router import ROUTE_REASONS, RouteDecision, RouterObserver
+from hawker.server.tracking import finish_reason_label
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 _TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -123,6 +127,12 @@ class ServerMetrics(RouterObserver):
             ["replica", "reason"],
             registry=self.registry,
         )
+        self.http_errors = Counter(
+            "hawker:http_errors",
+            "HTTP responses with an error status, by status and OpenAI error type.",
+            ["status", "type"],
+            registry=self.registry,
+        )
         # Every series exists from the start at 0, so rate() sees the first request.
         for replica in range(num_replicas):
             for reason in ROUTE_REASONS:
@@ -130,6 +140,9 @@ class ServerMetrics(RouterObserver):
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def on_error_response(self, status: int) -> None:
+        self.http_errors.labels(status=str(status), type=error_type(status)).inc()
 
     # ------------------------------------------------------ RouterObserver
     def on_route(self, decision: RouteDecision, num_requests: int) -> None:
@@ -154,15 +167,8 @@ class ServerMetrics(RouterObserver):
             scheduled = output.metrics.get("first_scheduled_time")
             if scheduled is not None:
                 self.queue_time.observe(scheduled - arrival)
-        self.finished.labels(finished_reason=_finish_reason(output)).inc()
+        self.finished.labels(finished_reason=finish_reason_label(output)).inc()
 
     def on_client_gone(self, request_id: str) -> None:
         del request_id
         self.finished.labels(finished_reason="abort").inc()
-
-
-def _finish_reason(output: RequestOutput) -> str:
-    if output.error is not None:
-        return "error"
-    reasons = [c.finish_reason for c in output.outputs]
-    return "abort" if "abort" in reasons else (reasons[0] or "unknown")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -38,6 +38,7 @@ from hawker.engine.async_engine import (
 )
 from hawker.engine.engine import EngineStats
 from hawker.engine.kv_cache import BlockKey, prefix_block_keys
+from hawker.engine.request import Request, RequestStatus
 from hawker.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,14 @@ PREFIX_HIT = "prefix_hit"  # the replica holding the longest prefix of the promp
 LEAST_LOADED = "least_loaded"  # no replica holds any full block of it
 BALANCE = "balance"  # a replica held a prefix but was too far ahead in load
 ROUTE_REASONS = (PREFIX_HIT, LEAST_LOADED, BALANCE)
+
+
+# What the dashboard's in-flight table says a request is doing (``ReplicaRouter.request_state``).
+QUEUED = "queued"  # accepted, not yet seen by the scheduler
+WAITING = "waiting"  # in the scheduler's waiting queue
+PREFILL = "prefill"  # running, its prompt (or a recompute) not fully computed
+DECODE = "decode"  # running, one token per step
+PREEMPTED = "preempted"  # evicted from the KV cache; waits to recompute
 
 
 @dataclass(frozen=True)
@@ -97,11 +106,59 @@ def choose_replica(
     return RouteDecision(holder, PREFIX_HIT, longest)
 
 
+def scheduler_state(requests: Mapping[str, Request], request_id: str) -> str:
+    """The state of request ``request_id`` in a scheduler's request map (``n > 1``: its first sample)."""
+    request = requests.get(request_id) or requests.get(f"{request_id}#0")
+    if request is None:
+        return QUEUED
+    if request.status is RequestStatus.WAITING:
+        return PREEMPTED if request.num_preemptions else WAITING
+    if request.status is RequestStatus.RUNNING:
+        # A decoding request has exactly its newest token left to compute.
+        return PREFILL if request.num_tokens - request.num_computed_tokens > 1 else DECODE
+    return request.status.value  # finished this step; its last output is on its way
+
+
 class RouterObserver(RequestObserver):
     """A RequestObserver that also hears every routing decision (the server's metrics)."""
 
     def on_route(self, decision: RouteDecision, num_requests: int) -> None:
         del decision, num_requests
+
+    def on_submitted(self, replica: int, submissions: Sequence[Submission]) -> None:
+        """The requests were queued on ``replica`` (their streams exist; no output has come yet)."""
+        del replica, submissions
+
+
+class ObserverGroup(RouterObserver):
+    """Forwards every event to each of several observers, in order (metrics, then request tracking)."""
+
+    def __init__(self, observers: Sequence[RouterObserver]) -> None:
+        self.observers = tuple(observers)
+
+    def on_route(self, decision: RouteDecision, num_requests: int) -> None:
+        for observer in self.observers:
+            observer.on_route(decision, num_requests)
+
+    def on_submitted(self, replica: int, submissions: Sequence[Submission]) -> None:
+        for observer in self.observers:
+            observer.on_submitted(replica, submissions)
+
+    def on_output(self, output: RequestOutput, now: float, previous: StreamProgress | None) -> None:
+        for observer in self.observers:
+            observer.on_output(output, now, previous)
+
+    def on_step(self, seconds: float) -> None:
+        for observer in self.observers:
+            observer.on_step(seconds)
+
+    def on_client_gone(self, request_id: str) -> None:
+        for observer in self.observers:
+            observer.on_client_gone(request_id)
+
+    def on_stream_closed(self, request_id: str) -> None:
+        for observer in self.observers:
+            observer.on_stream_closed(request_id)
 
 
 @dataclass(frozen=True)
@@ -181,6 +238,15 @@ class ReplicaRouter:
     def replica_health(self) -> list[bool]:
         return [replica.is_healthy for replica in self.replicas]
 
+    def request_state(self, replica: int, request_id: str) -> str:
+        """What an in-flight request is doing (queued, waiting, prefill, decode, preempted), for the dashboard.
+
+        Reads the replica's scheduler from the event loop while its engine
+        thread steps: one dict lookup and a few attribute reads, each atomic,
+        so the answer may be a step old but is never torn.
+        """
+        return scheduler_state(self.replicas[replica].engine.scheduler.requests, request_id)
+
     def replica_of(self, request_id: str) -> int | None:
         """The replica an in-flight request was sent to."""
         route = self._routes.get(request_id)
@@ -204,6 +270,7 @@ class ReplicaRouter:
         self._num_routed += 1
         self._last_routed[decision.replica] = self._num_routed
         self.observer.on_route(decision, len(submissions))
+        self.observer.on_submitted(decision.replica, submissions)
         logger.debug("routed %s to replica %d (%s)", submissions[0].request_id, decision.replica, decision.reason)
         return streams
 

@@ -18,6 +18,7 @@ from hawker.engine.engine import Engine, EngineOptions, resolve_device
 from hawker.engine.faults import TokenFault
 from hawker.server.app import ServerSettings, ServerState, build_app
 from hawker.server.router import ReplicaRouter
+from hawker.server.tracking import REQUEST_LOG_LEVELS
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,10 @@ class ServeOptions:
     # Engine replicas behind the server, each with the whole model and its own
     # KV cache; requests go where their prompt's prefix is cached.
     data_parallel_size: int = 1
+    # One span per request (queue, prefill, decode) through OpenTelemetry, set up by the OTEL_* variables.
+    otel_tracing: bool = False
+    # The level of the one-line log of each finished request; "off" = none.
+    request_log_level: str = "info"
     # Test hooks: a prompt holding this token fails (or kills the engine loop).
     inject_fault_token_id: int | None = None
     inject_fatal_token_id: int | None = None
@@ -49,6 +54,9 @@ class ServeOptions:
                 "data_parallel_size > 1 cannot be combined with tensor or pipeline parallelism yet; "
                 "run one server per tensor x pipeline group instead"
             )
+        if self.request_log_level not in REQUEST_LOG_LEVELS:
+            choices = ", ".join(REQUEST_LOG_LEVELS)
+            raise ValueError(f"request_log_level must be one of {choices}, got {self.request_log_level!r}")
 
 
 # How long /health says 503 before a server whose distributed engine died exits.
@@ -181,14 +189,27 @@ def _install_test_hooks(engine: Engine, options: ServeOptions) -> None:
 
 
 def run(options: ServeOptions) -> int:
+    # Before the model loads, so that a missing OpenTelemetry package fails at once.
+    provider = None
+    tracer = None
+    if options.otel_tracing:
+        from hawker.server.tracing import INSTRUMENTATION_NAME, RequestTracer, provider_from_env
+
+        try:
+            provider = provider_from_env()
+        except RuntimeError as error:
+            raise ValueError(str(error)) from None  # the CLI prints it as a usage error
+        tracer = RequestTracer(provider.get_tracer(INSTRUMENTATION_NAME))
+        logger.info("OpenTelemetry tracing on: one span per request")
     router = build_router(options)
     settings = ServerSettings(
         served_model_name=served_name(router.replicas[0].engine.config.model_path, options.served_model_name),
         api_key=options.api_key,
         max_request_body_bytes=int(options.max_request_body_mb * 1024 * 1024),
         shutdown_grace_s=options.shutdown_grace_s,
+        request_log_level=options.request_log_level,
     )
-    app = build_app(router, settings)
+    app = build_app(router, settings, tracer)
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level)
     server = DrainingServer(config, app.state.hawker)
     if options.engine.world_size > 1:
@@ -202,4 +223,6 @@ def run(options: ServeOptions) -> int:
     finally:
         for replica in router.replicas:
             replica.engine.shutdown()
+        if provider is not None:
+            provider.shutdown()  # exports the spans still batched
     return 1 if server.failure is not None else 0
