@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +13,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from hawker import LLM, SamplingParams
 from hawker.cli import build_parser
@@ -34,7 +32,7 @@ from hawker.server.router import (
     choose_replica,
 )
 from hawker.server.serve import ServeOptions, build_router, cpu_threads_per_replica, replica_engine_options
-from tests.server_process import free_port
+from tests.server_process import serve_in_process
 from tests.tiny_models import VOCAB_SIZE
 
 BLOCK_SIZE = 4
@@ -226,21 +224,8 @@ def dp_server(tiny_checkpoints: dict[str, Path]) -> Iterator[_InProcessServer]:
     """The server `hawker serve --data-parallel-size 2` runs, in this process so that tests can see its engines."""
     options = ServeOptions(engine=_options(tiny_checkpoints["llama"]), data_parallel_size=2)
     router = build_router(options)
-    app = build_app(router, ServerSettings(served_model_name="tiny"))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the in-process server did not start"
-        time.sleep(0.05)
-    try:
+    with serve_in_process(build_app(router, ServerSettings(served_model_name="tiny"))) as base_url:
         yield _InProcessServer(base_url, router)
-    finally:
-        server.should_exit = True
-        thread.join(15)
 
 
 @pytest.fixture(scope="module")

@@ -8,36 +8,29 @@ turns into this loop.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import sys
-from pathlib import Path
 
 from hawker.distributed.executor import serve_steps
 from hawker.distributed.launch import die_with_parent
 from hawker.distributed.pipeline import stage_links
-from hawker.distributed.world import WorldSpec, join_world, leave_world, rank_device, share_cpu_cores
-from hawker.engine.engine import EngineOptions, engine_config, eos_id, num_kv_blocks, resolve_device
-from hawker.engine.model_runner import ModelRunner, build_model
-from hawker.loader.tokenizer import load_tokenizer
+from hawker.distributed.world import WorldSpec, leave_world
+from hawker.engine.engine import EngineOptions, eos_id, load_rank_shard, num_kv_blocks
+from hawker.engine.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
 
 def run_worker(options: EngineOptions, spec: WorldSpec, rank: int) -> None:
     """Join the world as ``rank``, load this rank's shard, run steps until the driver says stop."""
-    device = rank_device(resolve_device(options.device), rank)
-    share_cpu_cores(device, spec.world_size)
-    world = join_world(spec, rank, device)
+    shard = load_rank_shard(options, spec, rank)
     try:
-        config, checkpoint = engine_config(dataclasses.replace(options, device=device), world.parallel)
-        model = build_model(config, checkpoint, world.tp_group)
-        num_blocks = world.min_over_ranks(num_kv_blocks(config, model))
+        config, world = shard.config, shard.world
+        num_blocks = world.min_over_ranks(num_kv_blocks(config, shard.model))
         # The sampler needs the same end-of-sequence id as the driver's (min_tokens).
-        eos = eos_id(config.model, load_tokenizer(Path(checkpoint.path)))
-        runner = ModelRunner(config, model, num_blocks, eos, stage_links(world))
+        runner = ModelRunner(config, shard.model, num_blocks, eos_id(config.model, shard.tokenizer), stage_links(world))
         logger.info("rank %d ready: %s", rank, world.parallel)
         serve_steps(runner, world)
     finally:

@@ -46,7 +46,7 @@ from hawker.sampling_params import SamplingParams
 if TYPE_CHECKING:
     from hawker.distributed.executor import DriverRunner
     from hawker.distributed.launch import WorkerProcesses
-    from hawker.distributed.world import World
+    from hawker.distributed.world import World, WorldSpec
 
 logger = logging.getLogger(__name__)
 
@@ -258,6 +258,33 @@ def engine_config(options: EngineOptions, parallel: ParallelConfig) -> tuple[Eng
     return config, checkpoint
 
 
+@dataclass(frozen=True)
+class RankShard:
+    """What one rank of a tensor x pipeline world loaded: its groups, config, model shard and tokenizer."""
+
+    world: World
+    config: EngineConfig
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    threads_before: int  # torch's thread count before the ranks shared the cores
+
+
+def load_rank_shard(options: EngineOptions, spec: WorldSpec, rank: int) -> RankShard:
+    """Join the world at ``spec`` as ``rank`` and load this rank's shard (the driver and every worker)."""
+    from hawker.distributed import world  # torch.distributed set-up only when asked for
+
+    device = world.rank_device(resolve_device(options.device), rank)
+    threads_before = world.share_cpu_cores(device, spec.world_size)
+    joined = world.join_world(spec, rank, device)
+    try:
+        config, checkpoint = engine_config(dataclasses.replace(options, device=device), joined.parallel)
+        model = build_model(config, checkpoint, joined.tp_group)
+        return RankShard(joined, config, model, load_tokenizer(Path(checkpoint.path)), threads_before)
+    except BaseException:
+        world.leave_world()
+        raise
+
+
 def num_kv_blocks(config: EngineConfig, model: torch.nn.Module) -> int:
     if config.cache.sized_by_profiling:
         return profile_num_blocks(config, model, config.cache.gpu_memory_utilization)
@@ -374,14 +401,9 @@ class Engine:
             if rank != 0:
                 raise ValueError("only rank 0 builds the engine; other ranks run hawker.distributed.worker")
         try:
-            device = world.rank_device(options.device, rank)
-            options = dataclasses.replace(options, device=device)
-            threads_before = world.share_cpu_cores(device, spec.world_size)
-            joined = world.join_world(spec, rank, device)
-            config, checkpoint = engine_config(options, joined.parallel)
-            model = build_model(config, checkpoint, joined.tp_group)
-            engine = cls(config, model, load_tokenizer(Path(checkpoint.path)), world=joined, workers=workers)
-            engine.threads_before = threads_before
+            shard = load_rank_shard(options, spec, rank)
+            engine = cls(shard.config, shard.model, shard.tokenizer, world=shard.world, workers=workers)
+            engine.threads_before = shard.threads_before
             return engine
         except BaseException:
             if workers is not None:

@@ -92,8 +92,8 @@ class KVCacheManager:
 
     def _key(self, request: Request, index: int) -> BlockKey:
         bs = self.block_size
-        root = self.root_hash if request.hash_root is None else request.hash_root
-        parent = request.block_hashes[index - 1] if index else root
+        assert request.hash_root is not None, "update_block_hashes sets the root first"
+        parent = request.block_hashes[index - 1] if index else request.hash_root
         return parent, tuple(request.token_ids[index * bs : (index + 1) * bs])
 
     def find_cached_prefix(self, request: Request) -> list[int]:

@@ -62,7 +62,8 @@ class Sampler:
     def _sample_rows(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> SamplerResult:
         logits = logits.float()
         wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if wanted else None
+        raw = any(rows[i].params.logprobs_mode == "raw" for i in wanted)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if raw else None
         logits = self._apply_penalties(logits, rows)
         logits = _apply_logit_bias(logits, rows)
         logits = self._apply_min_tokens(logits, rows)
