@@ -12,7 +12,8 @@ with random weights: nothing is downloaded) it measures, in one run:
     the weights' bytes over the device's measured copy bandwidth.
 On CUDA the Hawker runs are repeated with CUDA graphs off
 (``cuda_graph_max_batch_size=0``) for the graphs' speed-up, and the graphs'
-capture time at start-up is printed. Overlapped scheduling is not built yet.
+capture time at start-up is printed, and once more with overlap scheduling
+off (``overlap_scheduling=False``) for its speed-up.
 The KV cache is sized from free memory (``gpu_memory_utilization`` 0.9)
 unless ``--kv-cache-memory-gb`` is given.
 """
@@ -103,15 +104,22 @@ class ModelFigures:
     weight_bytes: int
     copy_gb_s: float
     graph_capture_s: float | None
-    # The same Hawker runs without CUDA graphs (None where graphs cannot run).
+    # The same Hawker runs without CUDA graphs, and without overlap scheduling (None without CUDA).
     eager: HawkerRun | None
+    sequential: HawkerRun | None
 
     def graph_speedups(self) -> str:
         if self.eager is None:
             return "n/a (no CUDA)"
-        offline = self.hawker.output_tokens_per_s / self.eager.offline.output_tokens_per_s
-        single = self.single_stream_tok_s / self.eager.single_stream_tok_s
-        return f"{offline:.2f}x offline, {single:.2f}x single stream (capture {self.graph_capture_s:.1f} s)"
+        return f"{self._speedups(self.eager)} (capture {self.graph_capture_s:.1f} s)"
+
+    def overlap_speedups(self) -> str:
+        return "n/a (no CUDA)" if self.sequential is None else self._speedups(self.sequential)
+
+    def _speedups(self, without: HawkerRun) -> str:
+        offline = self.hawker.output_tokens_per_s / without.offline.output_tokens_per_s
+        single = self.single_stream_tok_s / without.single_stream_tok_s
+        return f"{offline:.2f}x offline, {single:.2f}x single stream"
 
     @property
     def bandwidth_limit_tok_s(self) -> float:
@@ -204,15 +212,24 @@ def measure_model(name: str, args: argparse.Namespace, device: str, copy_gb_s: f
     with tempfile.TemporaryDirectory(prefix=f"hawker-{name}-") as tmp:
         directory = build_checkpoint(family, shape, Path(tmp), device)
         best, weight_bytes = run_hawker_engine(name, directory, spec, device, options)
-        eager = None
+        eager = sequential = None
         if torch.device(device).type == "cuda":
             eager, _ = run_hawker_engine(name, directory, spec, device, {**options, "cuda_graph_max_batch_size": 0})
+            sequential, _ = run_hawker_engine(name, directory, spec, device, {**options, "overlap_scheduling": False})
         items = make_workload(spec, shape["vocab_size"], {0, 1, 2})
         peer = transformers_throughput(directory, items, args.transformers_batch, device)
         print(f"{name}: {peer.summary()}", flush=True)
         _empty_cache(device)
     return ModelFigures(
-        name, best.offline, peer, best.single_stream_tok_s, weight_bytes, copy_gb_s, best.graph_capture_s, eager
+        name,
+        best.offline,
+        peer,
+        best.single_stream_tok_s,
+        weight_bytes,
+        copy_gb_s,
+        best.graph_capture_s,
+        eager,
+        sequential,
     )
 
 
@@ -233,7 +250,7 @@ def table(figures: list[ModelFigures]) -> list[str]:
         lines.append(
             f"| {f.name} | {f.hawker.output_tokens_per_s:.1f} | {f.transformers.output_tokens_per_s:.1f} "
             f"({f.transformers.engine}) | {ratio:.2f}x | {f.single_stream_tok_s:.1f} | "
-            f"{f.bandwidth_limit_tok_s:.1f} | {fraction:.0%} | {f.graph_speedups()} | not built yet |"
+            f"{f.bandwidth_limit_tok_s:.1f} | {fraction:.0%} | {f.graph_speedups()} | {f.overlap_speedups()} |"
         )
     return lines
 
@@ -270,6 +287,12 @@ def main() -> None:
             else {
                 "hawker": json.loads(f.eager.offline.to_json()),
                 "single_stream_tok_s": f.eager.single_stream_tok_s,
+            },
+            "without_overlap_scheduling": None
+            if f.sequential is None
+            else {
+                "hawker": json.loads(f.sequential.offline.to_json()),
+                "single_stream_tok_s": f.sequential.single_stream_tok_s,
             },
         }
         for f in figures

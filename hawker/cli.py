@@ -126,6 +126,13 @@ def _add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = F
         help="decode-only steps of at most this many sequences replay CUDA graphs captured at start-up; "
         "0 = off (default: min(max-num-seqs, 256) on CUDA with the triton backend, else off)",
     )
+    parser.add_argument(
+        "--overlap-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.overlap_scheduling,
+        help="schedule and launch step N+1 while step N runs on the device, reading N's tokens back "
+        "afterwards (default: on for one process on a GPU, else off)",
+    )
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -148,6 +155,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "pipeline_parallel_size": args.pipeline_parallel_size,
         "tp_overlap_chunks": args.tp_overlap_chunks,
         "deterministic": args.deterministic,
+        "overlap_scheduling": args.overlap_scheduling,
         "device": args.device,
     }
 

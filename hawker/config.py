@@ -234,3 +234,6 @@ class EngineConfig:
     # Batch-invariant numerics (hawker/layers/batch_invariant.py): a request's
     # tokens and logprobs do not depend on what else shares its steps.
     batch_invariant: bool = False
+    # Schedule and launch step N+1 before reading back step N's tokens
+    # (hawker/engine/engine.py), so the device never waits for the host.
+    overlap_scheduling: bool = False

@@ -8,7 +8,7 @@ with transformers then shows that padding and staging change no logit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -27,13 +27,20 @@ def test_graph_batch_sizes_ladder() -> None:
     assert graph_batch_sizes(32) == [1, 2, 4, 8, 16, 24, 32]
 
 
-def test_padded_static_decode_path_keeps_parity(tiny_checkpoints: dict[str, Path]) -> None:
-    # Three prompts decode together: steps of 3 rows padded to the captured 4.
+@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlap"])
+def test_padded_static_decode_path_keeps_parity(tiny_checkpoints: dict[str, Path], overlap: bool) -> None:
+    # Three prompts decode together: steps of 3 rows padded to the captured 4. With
+    # overlap scheduling each step's input ids are the previous step's tokens, on the device.
     prompts = make_prompts(seed=11)[1:4]
     reference = reference_generate(tiny_checkpoints["llama"], prompts)
     # A short max_model_len keeps the fixed split count (and the interpreter's work) small.
     llm = LLM(
-        str(tiny_checkpoints["llama"]), dtype="float32", attention_backend="triton", block_size=16, max_model_len=96
+        str(tiny_checkpoints["llama"]),
+        dtype="float32",
+        attention_backend="triton",
+        block_size=16,
+        max_model_len=96,
+        overlap_scheduling=overlap,
     )
     runner = llm.engine.runner
     graphs = runner.decode_graphs_for(max_rows=4, capture="eager")
@@ -41,9 +48,9 @@ def test_padded_static_decode_path_keeps_parity(tiny_checkpoints: dict[str, Path
     replayed: list[int] = []
     run = graphs.run
 
-    def counting_run(rows: Sequence[ScheduledSeq]) -> torch.Tensor:
+    def counting_run(rows: Sequence[ScheduledSeq], fill_input_ids: Callable[[torch.Tensor], None]) -> torch.Tensor:
         replayed.append(len(rows))
-        return run(rows)
+        return run(rows, fill_input_ids)
 
     graphs.run = counting_run
     runner.decode_graphs = graphs

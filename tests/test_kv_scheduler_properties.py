@@ -1,13 +1,20 @@
 """Property tests of the paged KV cache manager and the scheduler, without a model.
 
-``Sim`` drives a ``Scheduler`` the way ``Engine`` does (schedule -> commit ->
-append a sampled token -> finish at max_tokens) and keeps a shadow of what
+``Sim`` drives a ``Scheduler`` the way ``Engine`` does (schedule -> commit,
+which leaves each sampled token pending -> read it back -> finish at
+max_tokens or at a random stop) and keeps a shadow of what
 every KV slot holds. A slot written while computing position p of a sequence
 records the whole prefix ``token_ids[: p + 1]``, because that is what the key
 and value at p depend on. Attention over a block table is correct only if every
 slot it reads records exactly the reader's own prefix, so the shadow catches a
 wrong prefix-cache hit, a block shared too early, a block evicted or reused
 while still referenced, or a write into a block somebody else relies on.
+
+With ``overlap`` the tokens of a step are read back only after the next step
+was scheduled and committed (overlap scheduling): that step computes pending
+tokens, whose true values the shadow knows (the device has them), and a
+request stopping on a read-back token leaves the newer step's work for it
+unused.
 
 After every action the pool's books and the shadow are checked; at the end the
 machine either keeps stepping until everything finished (a deadlock shows up
@@ -29,7 +36,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from hawker.config import SchedulerConfig
 from hawker.engine.kv_cache import KVCacheManager
-from hawker.engine.request import Request, RequestStatus
+from hawker.engine.request import PENDING_TOKEN, Request, RequestStatus
 from hawker.engine.scheduler import Scheduler, SchedulerOutput
 from hawker.sampling_params import SamplingParams
 
@@ -73,8 +80,13 @@ def make_request(
 class Sim:
     """The engine loop without a model, plus a shadow of the KV storage."""
 
-    def __init__(self, config: SimConfig) -> None:
+    def __init__(self, config: SimConfig, overlap: bool = False, stop_chance: float = 0.0) -> None:
         self.config = config
+        self.overlap = overlap
+        self.stop_chance = stop_chance  # of a read-back token being a stop token
+        # Sampled values not read back yet, per request, oldest first (the device's view).
+        self.future: dict[str, list[int]] = {}
+        self.in_flight: list[Request] = []  # the requests sampled by the step not read back
         self.bs = config.block_size
         self.kv = KVCacheManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.sched = Scheduler(
@@ -143,6 +155,8 @@ class Sim:
         free_before = self.kv.num_free_blocks
         done = self.sched.finish(request_id, status)
         assert done is request and done.status == status
+        assert request.num_pending_tokens == 0 and PENDING_TOKEN not in request.token_ids
+        self.future.pop(request_id, None)  # its tokens in flight are never read back
         assert request_id not in self.kv.block_tables
         assert request not in self.sched.running and request not in self.sched.waiting
         # Blocks nobody else references went back to the pool.
@@ -184,8 +198,13 @@ class Sim:
 
         assert out.num_tokens <= self.config.max_num_batched_tokens, "token budget exceeded"
         assert len(sched.running) <= self.config.max_num_seqs, "max_num_seqs exceeded"
-        if had_work:
-            assert not out.empty, "requests are pending but the step scheduled nothing"
+        if had_work and out.empty:
+            # Only allowed when every running request stops on its pending token.
+            assert any(sched.requests.get(r.request_id) is r for r in self.in_flight), "the step scheduled nothing"
+            assert all(r.num_pending_tokens for r in sched.running)
+            self.resolve(self.in_flight, rng)
+            self.in_flight = []
+            return out
         ids = [s.request_id for s in out.seqs]
         assert len(ids) == len(set(ids)), "a request was scheduled twice in one step"
         for seq in out.seqs:
@@ -218,7 +237,7 @@ class Sim:
                 block = seq.block_table[p // bs]
                 assert kv.ref_counts[block] == 1, f"block {block} is written while shared"
                 assert kv.block_keys[block] is None, f"block {block} is written while in the prefix cache"
-                self.shadow[block][p % bs] = tuple(request.token_ids[: p + 1])
+                self.shadow[block][p % bs] = tuple(self.true_tokens(request)[: p + 1])
         for seq in out.seqs:
             request = sched.requests[seq.request_id]
             self.assert_kv_valid(request, seq.start_pos + seq.num_tokens, seq.block_table)
@@ -226,20 +245,46 @@ class Sim:
         sampled = sched.commit_step(out)
         assert [r.request_id for r in sampled] == [s.request_id for s in out.seqs if s.sample]
         for request in sampled:
-            request.append_token(rng.randrange(VOCAB))
-            if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.config.max_model_len:
-                self.finish(request.request_id, RequestStatus.FINISHED_LENGTH)
+            assert request.token_ids[-1] == PENDING_TOKEN
+            # Not sampled past its limits (a pending token may already reach them).
+            assert request.num_output_tokens <= request.max_tokens
+            assert request.num_tokens <= self.config.max_model_len
+            self.future.setdefault(request.request_id, []).append(rng.randrange(VOCAB))
+        previous, self.in_flight = self.in_flight, sampled
+        if self.overlap:
+            self.resolve(previous, rng)
+        else:
+            assert not previous
+            self.resolve(sampled, rng)
+            self.in_flight = []
         return out
+
+    def resolve(self, sampled: list[Request], rng: random.Random) -> None:
+        """Read back a step's tokens, as Engine._update does; a request may stop on one."""
+        for request in sampled:
+            if self.sched.requests.get(request.request_id) is not request:
+                continue  # it finished while the step ran: its token is ignored
+            request.resolve_token(self.future[request.request_id].pop(0))
+            self.kv.cache_full_blocks(request)
+            num_output = request.num_known_tokens - request.num_prompt_tokens
+            if num_output >= request.max_tokens or request.num_known_tokens >= self.config.max_model_len:
+                self.finish(request.request_id, RequestStatus.FINISHED_LENGTH)
+            elif rng.random() < self.stop_chance:
+                self.finish(request.request_id, RequestStatus.FINISHED_STOPPED)
+
+    def true_tokens(self, request: Request) -> list[int]:
+        """The request's tokens with pending ones replaced by their sampled values."""
+        return request.token_ids[: request.num_known_tokens] + self.future.get(request.request_id, [])
 
     # ------------------------------------------------------------- checks
     def assert_kv_valid(self, request: Request, upto: int, table: tuple[int, ...] | list[int]) -> None:
         """Every slot attention reads for positions < upto holds this request's own prefix."""
         for p in range(upto):
             got = self.shadow[table[p // self.bs]][p % self.bs]
-            if got != tuple(request.token_ids[: p + 1]):
+            if got != tuple(self.true_tokens(request)[: p + 1]):
                 raise AssertionError(
                     f"{request.request_id} position {p} (block {table[p // self.bs]}) holds K/V of "
-                    f"{got}, expected {tuple(request.token_ids[: p + 1])}"
+                    f"{got}, expected {tuple(self.true_tokens(request)[: p + 1])}"
                 )
 
     def check(self) -> None:
@@ -277,9 +322,13 @@ class Sim:
                 assert (index + 1) * bs <= request.num_computed_tokens, (
                     f"block {block} is shared by {owners} but {request_id} has not computed it"
                 )
-                contents.add(tuple(request.token_ids[: (index + 1) * bs]))
+                contents.add(tuple(self.true_tokens(request)[: (index + 1) * bs]))
             assert len(contents) == 1, f"block {block} is shared by requests with different prefixes"
 
+        for request in sched.requests.values():
+            # Never computed (or sampled) past its limits, pending tokens included.
+            assert request.num_output_tokens <= request.max_tokens
+            assert request.num_tokens <= self.config.max_model_len
         for request in sched.running:
             table = tables[request.request_id]
             assert request.num_computed_tokens <= request.num_tokens
@@ -354,9 +403,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.sim: Sim | None = None
         self.drain_at_end = True
 
-    @initialize(config=sim_configs(), drain_at_end=st.booleans())
-    def setup(self, config: SimConfig, drain_at_end: bool) -> None:
-        self.sim = Sim(config)
+    @initialize(config=sim_configs(), drain_at_end=st.booleans(), overlap=st.booleans())
+    def setup(self, config: SimConfig, drain_at_end: bool, overlap: bool) -> None:
+        self.sim = Sim(config, overlap, stop_chance=0.05)
         self.drain_at_end = drain_at_end
 
     def _prompt(self, suffix: list[int], share: tuple[int, int] | None) -> list[int]:
@@ -429,10 +478,13 @@ TestSchedulerMachine.settings = settings(
     config=sim_configs(),
     requests=st.lists(st.tuples(token_lists, st.integers(1, 24), st.integers(1, 3)), min_size=1, max_size=12),
     seed=st.integers(0, 2**16),
+    overlap=st.booleans(),
 )
-def test_every_request_finishes(config: SimConfig, requests: list[tuple[list[int], int, int]], seed: int) -> None:
+def test_every_request_finishes(
+    config: SimConfig, requests: list[tuple[list[int], int, int]], seed: int, overlap: bool
+) -> None:
     """Like LLM.generate: a batch arrives at once and stepping alone must finish all of it."""
-    sim = Sim(config)
+    sim = Sim(config, overlap, stop_chance=0.05)
     for prompt, max_tokens, n in requests:
         sim.add(prompt, max_tokens, n=n)
     sim.check()

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hawker.engine.host_transfer import upload
+
 
 def padded_block_tables(
     tables: Sequence[Sequence[int]], device: torch.device, dtype: torch.dtype = torch.long
@@ -14,7 +16,7 @@ def padded_block_tables(
     """[len(tables), widest] block tables, shorter ones padded with block 0 (masked by their lengths)."""
     width = max((len(t) for t in tables), default=0)
     padded = [list(t) + [0] * (width - len(t)) for t in tables]
-    return torch.tensor(padded, dtype=dtype, device=device).reshape(len(tables), width)
+    return upload(padded, dtype, device).reshape(len(tables), width)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from hawker.attention.metadata import padded_block_tables
+from hawker.engine.host_transfer import upload
 from hawker.kernels.decode_attention import num_splits_for, paged_decode_attention
 from hawker.kernels.kv_cache import write_kv
 from hawker.kernels.prefill_attention import paged_prefill_attention
@@ -87,8 +88,8 @@ def build_metadata(
         slot_mapping=slot_mapping,
         num_decodes=num_decodes,
         block_tables=padded_block_tables([run.block_table for run in runs], device, torch.int32),
-        context_lens=torch.tensor([r.start_pos + r.num_tokens for r in runs], dtype=torch.int32, device=device),
-        prefill_query_starts=torch.tensor(starts, dtype=torch.int32, device=device),
+        context_lens=upload([r.start_pos + r.num_tokens for r in runs], torch.int32, device),
+        prefill_query_starts=upload(starts, torch.int32, device),
         max_prefill_len=max(prefill_lens, default=0),
         decode_splits=num_splits_for(num_decodes, kv_heads, decode_blocks, DECODE_TARGET_PROGRAMS),
     )

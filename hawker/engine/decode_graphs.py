@@ -24,7 +24,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -60,13 +60,17 @@ class _StaticInputs:
         self.slot_mapping = torch.full((max_rows,), -1, dtype=torch.long, device=device)
         self.block_tables = torch.zeros(max_rows, max_blocks, dtype=torch.int32, device=device)
         self.context_lens = torch.ones(max_rows, dtype=torch.int32, device=device)
+        self.uploaded: torch.cuda.Event | None = None  # recorded after the last upload's copies (CUDA)
 
     def stage(self, rows: Sequence[ScheduledSeq], padded: int, block_size: int) -> None:
         """Write ``rows`` (then padding up to ``padded`` rows) to the host buffers.
 
-        The previous step's copies out of these buffers have finished: its
-        sampled tokens were read back, which waits for the whole step.
+        With overlap scheduling the previous replay may still be queued, so
+        its copies out of these buffers are waited for first (they run
+        before its forward, so this wait is short).
         """
+        if self.uploaded is not None:
+            self.uploaded.synchronize()
         count = len(rows)
         # A decode feeds one token at position start_pos.
         positions = [row.start_pos for row in rows]
@@ -98,6 +102,9 @@ class _StaticInputs:
         )
         for device_buffer, host_buffer in pairs:
             device_buffer[:padded].copy_(host_buffer[:padded], non_blocking=True)
+        if self.input_ids.is_cuda:
+            self.uploaded = torch.cuda.Event()
+            self.uploaded.record()
 
     def metadata(self, rows: int, kv_heads: int) -> TritonAttentionMetadata:
         max_blocks = self.block_tables.shape[1]
@@ -176,11 +183,16 @@ class DecodeGraphs:
             self.outputs[rows] = self._forward(rows)
         self.graphs[rows] = graph
 
-    def run(self, rows: Sequence[ScheduledSeq]) -> torch.Tensor:
-        """Hidden states [len(rows), hidden] of one decode-only step through the captured graph."""
+    def run(self, rows: Sequence[ScheduledSeq], fill_input_ids: Callable[[torch.Tensor], None]) -> torch.Tensor:
+        """Hidden states [len(rows), hidden] of one decode-only step through the captured graph.
+
+        ``fill_input_ids`` writes the ids of pending tokens (overlap
+        scheduling) into the uploaded input ids, on the device.
+        """
         padded = self.sizes[bisect.bisect_left(self.sizes, len(rows))]
         self.inputs.stage(rows, padded, self.block_size)
         self.inputs.upload(padded)
+        fill_input_ids(self.inputs.input_ids)
         if self.capture_mode == "eager":
             return self._forward(padded)[: len(rows)]
         self.graphs[padded].replay()

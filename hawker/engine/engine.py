@@ -32,7 +32,7 @@ from hawker.engine.detokenizer import IncrementalDetokenizer
 from hawker.engine.errors import EngineFatalError
 from hawker.engine.kv_cache import KVCacheManager
 from hawker.engine.memory_profile import profile_num_blocks
-from hawker.engine.model_runner import ModelOutput, ModelRunner, SeqResult, build_model
+from hawker.engine.model_runner import LaunchedStep, ModelOutput, ModelRunner, SeqResult, build_model
 from hawker.engine.request import Request, RequestStatus
 from hawker.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from hawker.layers.projection import DEFAULT_FP32_MATMUL_MIN_ROWS, ProjectionCopies, cpu_has_fast_half_matmul
@@ -100,6 +100,14 @@ class EngineOptions:
     # the same whatever shares its steps (fixed row tiles, one query at a
     # time; much slower for large batches). Turns the CPU fast paths off.
     deterministic: bool = False
+    # Prepare and launch step N+1 while step N runs on the device, reading
+    # N's tokens back afterwards; None = on for one process on a GPU (on a
+    # CPU the forward runs on the host, so nothing would overlap).
+    overlap_scheduling: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.overlap_scheduling and self.world_size > 1:
+            raise ValueError("overlap_scheduling needs one process (no tensor or pipeline parallelism); set it off")
 
     @property
     def world_size(self) -> int:
@@ -194,6 +202,12 @@ def _cuda_graph_max_batch_size(options: EngineOptions, attention_backend: str) -
     return rows
 
 
+def _overlap_scheduling(options: EngineOptions) -> bool:
+    if options.overlap_scheduling is None:
+        return torch.device(options.device).type == "cuda" and options.world_size == 1
+    return options.overlap_scheduling
+
+
 def world_shape(options: EngineOptions) -> dict[str, int]:
     """The grid fields of a WorldSpec."""
     return {
@@ -254,6 +268,7 @@ def engine_config(options: EngineOptions, parallel: ParallelConfig) -> tuple[Eng
         attention_backend=attention_backend,
         cuda_graph_max_batch_size=_cuda_graph_max_batch_size(options, attention_backend),
         batch_invariant=options.deterministic,
+        overlap_scheduling=_overlap_scheduling(options),
     )
     return config, checkpoint
 
@@ -319,6 +334,27 @@ class _Counters:
     generation_tokens: int = 0
     num_steps: int = 0
     num_failed_requests: int = 0
+    num_step_retries: int = 0  # steps whose forward raised and were rerun one sequence at a time
+
+
+class _Completed:
+    """A step that ran to completion when launched (the distributed runners)."""
+
+    def __init__(self, output: ModelOutput) -> None:
+        self.output = output
+
+    def result(self) -> ModelOutput:
+        return self.output
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    """A launched step whose sampled tokens have not been read back."""
+
+    scheduled: SchedulerOutput
+    requests: dict[str, Request]  # its sequences' requests when it was launched
+    sampled: list[Request]  # those it gave a pending token, in order
+    handle: LaunchedStep | _Completed
 
 
 @dataclass
@@ -368,6 +404,8 @@ class Engine:
         self._arrivals = itertools.count()
         self.counters = _Counters()
         self.pre_execute_hooks: list[StepHook] = []
+        self._in_flight: _InFlight | None = None  # overlap scheduling: the step launched last
+        self._undelivered: list[RequestOutput] = []  # outputs of a step completed outside step()
         logger.info(
             "engine ready: %s, %d KV blocks of %d tokens",
             config.model.architecture,
@@ -437,6 +475,7 @@ class Engine:
         """
         if not isinstance(self.runner, ModelRunner):
             raise ValueError("update_weights is not supported with tensor or pipeline parallelism yet")
+        self._drain()  # the step in flight sampled with the old weights: read it back first
         model = self.runner.model
         if isinstance(weights, str | Path):
             directory = Path(weights)
@@ -457,7 +496,7 @@ class Engine:
         return self.weight_version
 
     def pause_generation(self, mode: str = "abort") -> list[RequestOutput]:
-        """Stop stepping, e.g. while a trainer updates the weights.
+        """Stop stepping, e.g. while a trainer updates the weights; returns the outputs this produced.
 
         ``mode="abort"`` finishes every request in flight (finish_reason
         "abort"; their final outputs are returned); ``"keep"`` leaves them
@@ -467,9 +506,13 @@ class Engine:
         if mode not in ("abort", "keep"):
             raise ValueError(f"mode must be 'abort' or 'keep', got {mode!r}")
         self.paused = True
+        self._drain()
+        outputs, self._undelivered = self._undelivered, []
         if mode == "keep":
-            return []
-        return [self._finish_group(group, RequestStatus.FINISHED_ABORTED) for group in list(self.groups.values())]
+            return outputs
+        return outputs + [
+            self._finish_group(group, RequestStatus.FINISHED_ABORTED) for group in list(self.groups.values())
+        ]
 
     def resume_generation(self) -> None:
         if self.sleep_level:
@@ -485,6 +528,7 @@ class Engine:
         """
         if level not in (1, 2):
             raise ValueError(f"level must be 1 or 2, got {level}")
+        self._drain()
         if self.has_unfinished_requests():
             raise ValueError("requests are in flight: pause_generation(mode='abort') or let them finish first")
         if not isinstance(self.runner, ModelRunner):
@@ -618,7 +662,8 @@ class Engine:
         return self._output(group)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.groups)
+        """Requests are running, or a step is in flight, or outputs wait to be returned by ``step()``."""
+        return bool(self.groups) or self._in_flight is not None or bool(self._undelivered)
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -641,27 +686,86 @@ class Engine:
 
     # ----------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
-        """Run one schedule -> execute -> update round; returns outputs of requests that changed.
+        """Run one schedule -> launch -> update round; returns outputs of requests that changed.
+
+        With overlap scheduling the update is of the step launched before:
+        this step is scheduled (each sequence sampled by the step in flight
+        has its token pending, read on the device) and queued first, then
+        the previous step's tokens are read back and applied, so the device
+        has the next step to run while the host does that work. A request
+        that stops on a read-back token has its part of the newer step
+        ignored. Without it, each step is read back as soon as launched.
 
         If the forward pass raises, the step's sequences are run again one at
         a time, so that only the requests that fail alone are failed (with
         finish_reason "error"); the others continue. ``EngineFatalError`` is
         not contained: it propagates to the caller.
         """
+        outputs, self._undelivered = self._undelivered, []
         if self.paused:
-            return []
+            return outputs
+        if self._in_flight is not None and not self._can_overlap(self._in_flight):
+            outputs += self._complete_in_flight()
         scheduled = self.scheduler.schedule()
         if scheduled.empty:
-            return []
+            return outputs + self._complete_in_flight()
         self.counters.num_steps += 1
+        previous = self._in_flight
         try:
-            model_output = self._execute(scheduled.seqs)
+            handle = self._launch(scheduled.seqs, previous)
         except EngineFatalError:
             raise
         except Exception as error:  # isolate the requests that cause it
             logger.warning("step of %d sequences failed (%s); retrying them one by one", len(scheduled.seqs), error)
-            return self._step_isolated(scheduled)
-        return self._update(scheduled, model_output)
+            self.counters.num_step_retries += 1
+            outputs += self._complete_in_flight()
+            return outputs + self._step_isolated(self._with_known_tokens(scheduled))
+        requests = {seq.request_id: self.scheduler.requests[seq.request_id] for seq in scheduled.seqs}
+        self._in_flight = _InFlight(scheduled, requests, self.scheduler.commit_step(scheduled), handle)
+        if previous is not None:
+            outputs += self._complete(previous)
+        if not self.config.overlap_scheduling or not self.scheduler.has_unfinished:
+            # Nothing to overlap with (when every request stopped on a token just read back).
+            outputs += self._complete_in_flight()
+        return outputs
+
+    def _can_overlap(self, flight: _InFlight) -> bool:
+        # Penalties read every earlier token on the host, pending ones included.
+        return not any(request.sampling_params.uses_penalties for request in flight.sampled)
+
+    def _launch(self, seqs: tuple[ScheduledSeq, ...], previous: _InFlight | None) -> LaunchedStep | _Completed:
+        for hook in self.pre_execute_hooks:
+            hook(seqs)
+        if isinstance(self.runner, ModelRunner):
+            return self.runner.launch(SchedulerOutput(seqs=seqs), None if previous is None else previous.handle)
+        assert previous is None, "overlap scheduling runs in one process"
+        return _Completed(self._execute(seqs))
+
+    def _complete(self, flight: _InFlight) -> list[RequestOutput]:
+        try:
+            output = flight.handle.result()
+        except Exception as error:  # the device failed after the launch: no later step can be trusted
+            raise EngineFatalError(f"reading back a step's results failed: {type(error).__name__}: {error}") from error
+        return self._update(flight, output)
+
+    def _complete_in_flight(self) -> list[RequestOutput]:
+        flight, self._in_flight = self._in_flight, None
+        return [] if flight is None else self._complete(flight)
+
+    def _drain(self) -> None:
+        """Read back the step in flight; its outputs are returned by the next ``step()`` (or pause)."""
+        self._undelivered += self._complete_in_flight()
+
+    def _with_known_tokens(self, scheduled: SchedulerOutput) -> SchedulerOutput:
+        """``scheduled``'s live sequences with their pending tokens replaced by the read-back ones."""
+        seqs = []
+        for seq in scheduled.seqs:
+            request = self.scheduler.requests.get(seq.request_id)
+            if request is None:  # it stopped on the token read back
+                continue
+            known = tuple(request.token_ids[seq.start_pos : seq.start_pos + seq.num_tokens])
+            seqs.append(dataclasses.replace(seq, token_ids=known))
+        return SchedulerOutput(seqs=tuple(seqs))
 
     def _execute(self, seqs: tuple[ScheduledSeq, ...]) -> ModelOutput:
         for hook in self.pre_execute_hooks:
@@ -688,7 +792,9 @@ class Engine:
                 failed.append(self.fail(group_id, f"{type(error).__name__}: {error}"))
         # Failing a group removed all its sequences from the scheduler, including any that ran before.
         survivors = SchedulerOutput(seqs=tuple(s for s in scheduled.seqs if s.request_id in self.scheduler.requests))
-        return failed + self._update(survivors, ModelOutput(results=results))
+        requests = {seq.request_id: self.scheduler.requests[seq.request_id] for seq in survivors.seqs}
+        flight = _InFlight(survivors, requests, self.scheduler.commit_step(survivors), _Completed(ModelOutput(results)))
+        return failed + self._complete(flight)
 
     def fail(self, request_id: str, reason: str) -> RequestOutput:
         """Finish every sequence of a request with finish_reason "error"; returns its final output."""
@@ -697,31 +803,39 @@ class Engine:
         output.error = reason
         return output
 
-    def _update(self, scheduled: SchedulerOutput, model_output: ModelOutput) -> list[RequestOutput]:
+    def _update(self, flight: _InFlight, model_output: ModelOutput) -> list[RequestOutput]:
+        """Apply a step's read-back results to the requests that are still the ones it ran."""
+        scheduled = flight.scheduled
         for seq in scheduled.seqs:
             result = model_output.results.get(seq.request_id)
-            request = self.scheduler.requests.get(seq.request_id)
-            if result is not None and result.prompt_logprobs and request is not None:
+            request = flight.requests[seq.request_id]
+            if result is not None and result.prompt_logprobs and self._is_live(request):
                 _record_prompt_logprobs(request, seq.start_pos, result.prompt_logprobs)
         self.counters.prompt_tokens += sum(
             max(0, min(s.start_pos + s.num_tokens, s.num_prompt_tokens) - s.start_pos) for s in scheduled.seqs
         )
         touched: dict[str, _Group] = {}
         now = time.monotonic()
-        for request in self.scheduler.commit_step(scheduled):
-            result = model_output.results[request.request_id]
-            if result.token_id is None:
+        for request in flight.sampled:
+            if not self._is_live(request):  # it finished (stopped, aborted) while the step ran
                 continue
+            token = model_output.results[request.request_id].token_id
+            assert token is not None, "a sampling sequence always gets a token"
             group = self.groups[request.parent_id or request.request_id]
-            request.append_token(result.token_id)
+            request.resolve_token(token)
+            self.kv.cache_full_blocks(request)  # the block holding it may be computed already
             self.counters.generation_tokens += 1
             if request.first_token_time is None:
                 request.first_token_time = now
-            if result.logprobs is not None:
-                request.logprobs.append(result.logprobs)
-            self._check_stop(group, request, result.token_id)
+            logprobs = model_output.results[request.request_id].logprobs
+            if logprobs is not None:
+                request.logprobs.append(logprobs)
+            self._check_stop(group, request, token)
             touched[group.request_id] = group
         return [self._output(group) for group in touched.values()]
+
+    def _is_live(self, request: Request) -> bool:
+        return self.scheduler.requests.get(request.request_id) is request
 
     def _check_stop(self, group: _Group, request: Request, token: int) -> None:
         params = request.sampling_params
@@ -729,14 +843,16 @@ class Engine:
         stop_string = detok.add_token(token)
         status: RequestStatus | None = None
         reason: int | str | None = None
-        under_min = request.num_output_tokens < params.min_tokens
+        # Counts of known tokens: with overlap the next one may be pending already.
+        num_output = request.num_known_tokens - request.num_prompt_tokens
+        under_min = num_output < params.min_tokens
         if stop_string is not None and not under_min:
             status, reason = RequestStatus.FINISHED_STOPPED, stop_string
         elif not under_min and token == self.eos_token_id and not params.ignore_eos:
             status = RequestStatus.FINISHED_STOPPED
         elif not under_min and token in params.stop_token_ids:
             status, reason = RequestStatus.FINISHED_STOPPED, token
-        elif request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
+        elif num_output >= request.max_tokens or request.num_known_tokens >= self.max_model_len:
             status = RequestStatus.FINISHED_LENGTH
         if status is not None:
             self.scheduler.finish(request.request_id, status, reason)

@@ -87,7 +87,9 @@ class KVCacheManager:
         if request.hash_root is None:
             request.hash_root = self.root_hash
         parent = hashes[-1] if hashes else request.hash_root
-        for key in _chain_keys(request.token_ids, self.block_size, len(hashes), parent):
+        # Pending tokens (overlap scheduling) are not known yet: their blocks wait.
+        known = request.token_ids[: request.num_known_tokens] if request.num_pending_tokens else request.token_ids
+        for key in _chain_keys(known, self.block_size, len(hashes), parent):
             hashes.append(hash(key))
 
     def _key(self, request: Request, index: int) -> BlockKey:

@@ -19,7 +19,9 @@ from hawker.attention.metadata import AttentionMetadata, DecodeGroup, PrefillChu
 from hawker.config import EngineConfig
 from hawker.distributed.pipeline import StageLinks, split_micro_batches
 from hawker.engine.compiled_decode import CompiledDecode, warm_up_row_counts
-from hawker.engine.sampler import Sampler, SampleRow, gather_logprobs, trim_top
+from hawker.engine.host_transfer import HostCopy, upload
+from hawker.engine.request import PENDING_TOKEN
+from hawker.engine.sampler import PendingSample, Sampler, SampleRow, logprob_entries, logprob_tensors, trim_top
 from hawker.engine.scheduler import ScheduledSeq, SchedulerOutput
 from hawker.layers.batch_invariant import DEFAULT_TILE_ROWS, RowTiler
 from hawker.layers.parallel import PPInfo, TPInfo
@@ -44,6 +46,52 @@ class SeqResult:
 @dataclass(frozen=True)
 class ModelOutput:
     results: dict[str, SeqResult]
+
+
+@dataclass(frozen=True)
+class _PromptLogprobs:
+    """One sequence's prompt logprobs of this step, gathered on the device."""
+
+    request_id: str
+    targets: tuple[int, ...]
+    top_k: int
+    copy: HostCopy  # of logprob_tensors' five
+
+    def entries(self) -> list[PositionLogprobs]:
+        found = logprob_entries(*self.copy.wait())
+        return [trim_top(e, t, self.top_k) for e, t in zip(found, self.targets, strict=True)]
+
+
+class LaunchedStep:
+    """A step queued on the device. Its sampled tokens stay there (``token_ids``,
+    row ``token_rows[request_id]``) for the next step to read; ``result()``
+    waits for this step only and reads them back with their logprobs."""
+
+    def __init__(
+        self,
+        request_ids: list[str],
+        sampled_ids: list[str],
+        sample: PendingSample | None,
+        prompt_logprobs: list[_PromptLogprobs],
+    ) -> None:
+        self.request_ids = request_ids
+        self.token_rows = {request_id: row for row, request_id in enumerate(sampled_ids)}
+        self.token_ids = sample.token_ids if sample is not None else None
+        self._sample = sample
+        self._prompt_logprobs = prompt_logprobs
+
+    def result(self) -> ModelOutput:
+        prompt = {p.request_id: p.entries() for p in self._prompt_logprobs}
+        results: dict[str, SeqResult] = {}
+        if self._sample is not None:
+            sampled = self._sample.result()
+            for request_id, row in self.token_rows.items():
+                token, logprobs = sampled.token_ids[row], sampled.logprobs[row]
+                results[request_id] = SeqResult(token, logprobs, prompt.get(request_id))
+        for request_id in self.request_ids:
+            if request_id not in results:
+                results[request_id] = SeqResult(None, None, prompt.get(request_id))
+        return ModelOutput(results=results)
 
 
 @dataclass(frozen=True)
@@ -204,16 +252,47 @@ class ModelRunner:
         """Run one step; returns the sampled tokens (None on a pipeline stage that does not sample)."""
         if self.stage is not None:
             return self._execute_stage(step, self.stage)
+        return self.launch(step).result()
+
+    @torch.inference_mode()
+    def launch(self, step: SchedulerOutput, previous: LaunchedStep | None = None) -> LaunchedStep:
+        """Queue one step on the device without waiting for it (on a CPU it runs here).
+
+        Tokens of ``step`` that are PENDING_TOKEN were sampled by ``previous``
+        (the step still in flight) and are read from its device tensor.
+        """
+        assert self.stage is None, "pipeline stages run through execute()"
         graphs = self.decode_graphs
         if graphs is not None and graphs.handles(len(step.seqs)) and all(map(_is_decode, step.seqs)):
-            hidden = graphs.run(step.seqs)
-            return self._sample(step.seqs, list(range(1, len(step.seqs) + 1)), hidden)
+            row_ends = list(range(1, len(step.seqs) + 1))
+            hidden = graphs.run(step.seqs, lambda ids: self._fill_pending(ids, step.seqs, row_ends, previous))
+            return self._launch_sample(step.seqs, row_ends, hidden)
         batch = self._prepare(step.seqs)
+        self._fill_pending(batch.input_ids, batch.order, batch.row_ends, previous)
         forward = self.model
         if self.compiled_decode is not None and self.compiled_decode.handles(batch.input_ids, batch.meta):
             forward = self.compiled_decode
         hidden = forward(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
-        return self._sample(batch.order, batch.row_ends, hidden)
+        return self._launch_sample(batch.order, batch.row_ends, hidden)
+
+    def _fill_pending(
+        self,
+        input_ids: torch.Tensor,
+        order: Sequence[ScheduledSeq],
+        row_ends: Sequence[int],
+        previous: LaunchedStep | None,
+    ) -> None:
+        """Copy pending tokens (a sequence's last, sampled by ``previous``) into ``input_ids`` on the device."""
+        pending = [(seq, end - 1) for seq, end in zip(order, row_ends, strict=True) if PENDING_TOKEN in seq.token_ids]
+        if not pending:
+            return
+        if any(PENDING_TOKEN in seq.token_ids[:-1] for seq, _ in pending):
+            raise RuntimeError("only a sequence's last token can be pending")
+        if previous is None or previous.token_ids is None:
+            raise RuntimeError("a step reads pending tokens but the step that samples them is not given")
+        sources = [previous.token_rows[seq.request_id] for seq, _ in pending]
+        rows = upload([row for _, row in pending], torch.long, self.device)
+        input_ids[rows] = previous.token_ids[upload(sources, torch.long, self.device)]
 
     def _execute_stage(self, step: SchedulerOutput, stage: StageLinks) -> ModelOutput | None:
         """This pipeline stage's part of a step, one micro-batch after another."""
@@ -231,7 +310,7 @@ class ModelRunner:
                 hidden = hidden.contiguous()
                 in_flight.append((dist.isend(hidden, dst=stage.next_rank), hidden))
             else:
-                results.update(self._sample(batch.order, batch.row_ends, hidden).results)
+                results.update(self._launch_sample(batch.order, batch.row_ends, hidden).result().results)
         for work, _ in in_flight:
             work.wait()
         return ModelOutput(results=results) if stage.next_rank is None else None
@@ -253,15 +332,15 @@ class ModelRunner:
             positions.extend(span)
             slots.extend(seq.block_table[p // bs] * bs + p % bs for p in span)
             row_ends.append(len(ids))
-        slot_mapping = torch.tensor(slots, dtype=torch.long, device=self.device)
+        slot_mapping = upload(slots, torch.long, self.device)
         if self.config.attention_backend == "triton":
             meta = self._triton_metadata(order, len(decodes), slot_mapping)
         else:
             meta = self._torch_metadata(decodes, prefills, row_ends, slot_mapping)
         return _Batch(
             order=order,
-            input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
-            positions=torch.tensor(positions, dtype=torch.long, device=self.device),
+            input_ids=upload(ids, torch.long, self.device),
+            positions=upload(positions, torch.long, self.device),
             meta=meta,
             row_ends=row_ends,
         )
@@ -305,7 +384,7 @@ class ModelRunner:
         groups: list[DecodeGroup] = []
         for first, count in split_by_length(context_lens):
             members = decodes[first : first + count]
-            lens = torch.tensor(context_lens[first : first + count], dtype=torch.long, device=self.device)
+            lens = upload(context_lens[first : first + count], torch.long, self.device)
             longest = context_lens[first]
             table = padded_block_tables([s.block_table for s in members], self.device)
             mask = torch.arange(longest, device=self.device).unsqueeze(0) < lens.unsqueeze(1)
@@ -315,7 +394,7 @@ class ModelRunner:
 
     def _context_slots(self, seq: ScheduledSeq) -> torch.Tensor:
         """Cache slots of every position of ``seq`` up to the end of this step's chunk."""
-        table = torch.tensor([seq.block_table], dtype=torch.long, device=self.device)
+        table = upload([seq.block_table], torch.long, self.device)
         return self._slots(table, seq.start_pos + seq.num_tokens)[0]
 
     def _slots(self, tables: torch.Tensor, length: int) -> torch.Tensor:
@@ -325,13 +404,15 @@ class ModelRunner:
         positions = torch.arange(length, device=self.device)
         return tables[:, positions // self.block_size] * self.block_size + positions % self.block_size
 
-    def _sample(self, order: Sequence[ScheduledSeq], row_ends: Sequence[int], hidden: torch.Tensor) -> ModelOutput:
-        """Sample the sequences of ``order`` whose last row (exclusive ``row_ends``) is in ``hidden``."""
+    def _launch_sample(
+        self, order: Sequence[ScheduledSeq], row_ends: Sequence[int], hidden: torch.Tensor
+    ) -> LaunchedStep:
+        """Queue sampling of the sequences of ``order`` whose last row (exclusive ``row_ends``) is in ``hidden``."""
         sampled = [(seq, end - 1) for seq, end in zip(order, row_ends, strict=True) if seq.sample]
-        results: dict[str, SeqResult] = {}
-        prompt_lps = self._prompt_logprobs(order, row_ends, hidden)
+        prompt_logprobs = self._launch_prompt_logprobs(order, row_ends, hidden)
+        pending = None
         if sampled:
-            rows = torch.tensor([row for _, row in sampled], dtype=torch.long, device=self.device)
+            rows = upload([row for _, row in sampled], torch.long, self.device)
             logits = self.model.compute_logits(hidden[rows]).float()
             if self.logits_observer is not None:
                 self.logits_observer([seq.request_id for seq, _ in sampled], logits)
@@ -339,26 +420,22 @@ class ModelRunner:
                 SampleRow(s.sampling_params, s.sample_index, s.output_index, s.history, s.num_prompt_tokens)
                 for s, _ in sampled
             ]
-            out = self.sampler(logits, sample_rows)
-            for (seq, _), token, lps in zip(sampled, out.token_ids, out.logprobs, strict=True):
-                results[seq.request_id] = SeqResult(token, lps, prompt_lps.get(seq.request_id))
-        for seq in order:
-            if seq.request_id not in results:
-                results[seq.request_id] = SeqResult(None, None, prompt_lps.get(seq.request_id))
-        return ModelOutput(results=results)
+            pending = self.sampler.launch(logits, sample_rows)
+        request_ids = [seq.request_id for seq in order]
+        return LaunchedStep(request_ids, [seq.request_id for seq, _ in sampled], pending, prompt_logprobs)
 
-    def _prompt_logprobs(
+    def _launch_prompt_logprobs(
         self, order: Sequence[ScheduledSeq], row_ends: Sequence[int], hidden: torch.Tensor
-    ) -> dict[str, list[PositionLogprobs]]:
-        found: dict[str, list[PositionLogprobs]] = {}
+    ) -> list[_PromptLogprobs]:
+        found: list[_PromptLogprobs] = []
         for seq, end in zip(order, row_ends, strict=True):
             targets = seq.prompt_logprob_targets
             if not targets:
                 continue
             first = end - seq.num_tokens
             logits = self.model.compute_logits(hidden[first : first + len(targets)]).float()
-            chosen = torch.tensor(targets, dtype=torch.long, device=self.device)
+            chosen = upload(targets, torch.long, self.device)
             k = seq.sampling_params.prompt_logprobs or 0
-            entries = gather_logprobs(torch.log_softmax(logits, dim=-1), chosen, k)
-            found[seq.request_id] = [trim_top(e, t, k) for e, t in zip(entries, targets, strict=True)]
+            tensors = logprob_tensors(torch.log_softmax(logits, dim=-1), chosen, k)
+            found.append(_PromptLogprobs(seq.request_id, targets, k, HostCopy(tensors)))
         return found

@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 from hawker.outputs import PositionLogprobs
 from hawker.sampling_params import SamplingParams
 
+# Stands in token_ids for a token sampled by a step still running on the
+# device (overlap scheduling): the next step reads it there, not from here.
+PENDING_TOKEN = -1
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -41,6 +45,8 @@ class Request:
     # A sibling whose full prompt blocks this request reuses (n > 1).
     prefix_donor_id: str | None = None
     token_ids: list[int] = field(default_factory=list)
+    # Trailing PENDING_TOKEN entries of token_ids (sampled, not yet read back).
+    num_pending_tokens: int = 0
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
     num_preemptions: int = 0
@@ -72,11 +78,18 @@ class Request:
 
     @property
     def num_output_tokens(self) -> int:
+        """Generated tokens, counting pending ones (what the next sample's index is)."""
         return len(self.token_ids) - len(self.prompt_token_ids)
 
     @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose ids are known on the host (all but the pending ones)."""
+        return len(self.token_ids) - self.num_pending_tokens
+
+    @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
+        """Generated tokens known on the host."""
+        return self.token_ids[self.num_prompt_tokens : self.num_known_tokens]
 
     @property
     def finished(self) -> bool:
@@ -86,5 +99,18 @@ class Request:
     def wants_prompt_logprobs(self) -> bool:
         return self.sampling_params.prompt_logprobs is not None
 
-    def append_token(self, token_id: int) -> None:
-        self.token_ids.append(token_id)
+    def append_pending_token(self) -> None:
+        """A step that samples this sequence was launched; its token is read back later."""
+        self.token_ids.append(PENDING_TOKEN)
+        self.num_pending_tokens += 1
+
+    def resolve_token(self, token_id: int) -> None:
+        """The oldest pending token's id has been read back."""
+        assert self.num_pending_tokens > 0, "no pending token to resolve"
+        self.token_ids[self.num_known_tokens] = token_id
+        self.num_pending_tokens -= 1
+
+    def drop_pending_tokens(self) -> None:
+        """Forget tokens of steps whose results will be ignored (the request finished)."""
+        del self.token_ids[self.num_known_tokens :]
+        self.num_pending_tokens = 0

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hawker.engine.host_transfer import HostCopy, upload
 from hawker.outputs import Logprob, PositionLogprobs
 from hawker.sampling_params import SamplingParams
 
@@ -37,6 +38,47 @@ class SamplerResult:
     logprobs: list[PositionLogprobs | None]
 
 
+@dataclass(frozen=True)
+class _LogprobGroup:
+    """Rows whose logprobs come from one distribution (raw or processed), gathered on the device."""
+
+    rows: tuple[int, ...]
+    top_ks: tuple[int, ...]
+    tensors: tuple[torch.Tensor, ...]  # logprob_tensors' five
+
+
+class PendingSample:
+    """Sampled token ids on the device (``token_ids``), read back with their logprobs by ``result()``."""
+
+    def __init__(self, token_ids: torch.Tensor, groups: tuple[_LogprobGroup, ...]) -> None:
+        self.token_ids = token_ids
+        self._groups = groups
+        self._parts: list[PendingSample] = []
+        self._copy = HostCopy([token_ids, *(t for g in groups for t in g.tensors)])
+
+    @classmethod
+    def joined(cls, parts: list[PendingSample]) -> PendingSample:
+        """One pending sample over ``parts``' rows, in order (row-by-row sampling)."""
+        joined = cls(torch.cat([p.token_ids for p in parts]), ())
+        joined._parts = parts
+        return joined
+
+    def result(self) -> SamplerResult:
+        if self._parts:
+            results = [p.result() for p in self._parts]
+            return SamplerResult([t for r in results for t in r.token_ids], [lp for r in results for lp in r.logprobs])
+        host = self._copy.wait()
+        token_ids: list[int] = host[0].tolist()
+        logprobs: list[PositionLogprobs | None] = [None] * len(token_ids)
+        offset = 1
+        for group in self._groups:
+            entries = logprob_entries(*host[offset : offset + len(group.tensors)])
+            offset += len(group.tensors)
+            for row, k, entry in zip(group.rows, group.top_ks, entries, strict=True):
+                logprobs[row] = trim_top(entry, token_ids[row], k)
+        return SamplerResult(token_ids=token_ids, logprobs=logprobs)
+
+
 def seeded_generator(seed: int, sample_index: int, output_index: int, device: torch.device) -> torch.Generator:
     """A generator whose state depends only on (seed, sample, position)."""
     mixed = hash((seed, sample_index, output_index)) & 0x7FFF_FFFF_FFFF_FFFF
@@ -54,12 +96,15 @@ class Sampler:
         self.row_by_row = row_by_row
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> SamplerResult:
-        if not self.row_by_row or len(rows) == 1:
-            return self._sample_rows(logits, rows)
-        results = [self._sample_rows(logits[i : i + 1].clone(), [row]) for i, row in enumerate(rows)]
-        return SamplerResult(token_ids=[r.token_ids[0] for r in results], logprobs=[r.logprobs[0] for r in results])
+        return self.launch(logits, rows).result()
 
-    def _sample_rows(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> SamplerResult:
+    def launch(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> PendingSample:
+        """Queue the sampling of every row on the device; the result is read back by ``result()``."""
+        if not self.row_by_row or len(rows) == 1:
+            return self._launch_rows(logits, rows)
+        return PendingSample.joined([self._launch_rows(logits[i : i + 1].clone(), [row]) for i, row in enumerate(rows)])
+
+    def _launch_rows(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> PendingSample:
         logits = logits.float()
         wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         raw = any(rows[i].params.logprobs_mode == "raw" for i in wanted)
@@ -69,18 +114,16 @@ class Sampler:
         logits = self._apply_min_tokens(logits, rows)
         processed = any(rows[i].params.logprobs_mode == "processed" for i in wanted)
         token_ids, sampled_logprobs = self._sample(logits, rows, processed)
-        logprobs: list[PositionLogprobs | None] = [None] * len(rows)
+        groups: list[_LogprobGroup] = []
         for source, mode in ((raw_logprobs, "raw"), (sampled_logprobs, "processed")):
             group = [i for i in wanted if rows[i].params.logprobs_mode == mode]
             if not group or source is None:
                 continue
-            index = torch.tensor(group, dtype=torch.long, device=logits.device)
+            index = upload(group, torch.long, logits.device)
             top = max(rows[i].params.logprobs or 0 for i in group)
-            found = gather_logprobs(source[index], token_ids[index], top)
-            for row, entry in zip(group, found, strict=True):
-                k = rows[row].params.logprobs or 0
-                logprobs[row] = trim_top(entry, int(token_ids[row]), k)
-        return SamplerResult(token_ids=token_ids.tolist(), logprobs=logprobs)
+            tensors = logprob_tensors(source[index], token_ids[index], top)
+            groups.append(_LogprobGroup(tuple(group), tuple(rows[i].params.logprobs or 0 for i in group), tensors))
+        return PendingSample(token_ids, tuple(groups))
 
     # ------------------------------------------------------------ processors
     def _apply_penalties(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
@@ -89,14 +132,15 @@ class Sampler:
             return logits
         vocab = logits.shape[-1]
         device = logits.device
-        sub = logits[penalized]
+        penalized_rows = upload(penalized, torch.long, device)
+        sub = logits[penalized_rows]
         width = max(len(rows[i].history) for i in penalized)
-        history = torch.full((len(penalized), width), vocab, dtype=torch.long, device=device)
-        is_output = torch.zeros((len(penalized), width), dtype=torch.bool, device=device)
-        for j, i in enumerate(penalized):
-            row = rows[i]
-            history[j, : len(row.history)] = torch.tensor(row.history, dtype=torch.long)
-            is_output[j, row.num_prompt_tokens : len(row.history)] = True
+        # Padded with the id `vocab`; output tokens are the columns num_prompt_tokens .. len(history).
+        padded = [[*rows[i].history, *[vocab] * (width - len(rows[i].history))] for i in penalized]
+        history = upload(padded, torch.long, device)
+        columns = torch.arange(width, device=device).unsqueeze(0)
+        output_starts = upload([rows[i].num_prompt_tokens for i in penalized], torch.long, device).unsqueeze(1)
+        is_output = (columns >= output_starts) & (history < vocab)
         # One extra column absorbs the padding id `vocab`.
         seen = torch.zeros((len(penalized), vocab + 1), device=device)
         seen.scatter_(1, history, 1.0)
@@ -105,7 +149,7 @@ class Sampler:
         seen, out_counts = seen[:, :vocab] > 0, out_counts[:, :vocab]
 
         def column(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, device=device).unsqueeze(1)
+            return upload(values, torch.float32, device).unsqueeze(1)
 
         rep = column([rows[i].params.repetition_penalty for i in penalized])
         rep_applied = torch.where(sub > 0, sub / rep, sub * rep)
@@ -113,7 +157,7 @@ class Sampler:
         sub = sub - column([rows[i].params.frequency_penalty for i in penalized]) * out_counts
         sub = sub - column([rows[i].params.presence_penalty for i in penalized]) * (out_counts > 0).float()
         logits = logits.clone()
-        logits[penalized] = sub
+        logits[penalized_rows] = sub
         return logits
 
     def _apply_min_tokens(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
@@ -121,9 +165,11 @@ class Sampler:
         blocked = [(i, ids) for i, ids in blocked if ids]
         if not blocked:
             return logits
+        pairs = [(i, token) for i, ids in blocked for token in ids]  # rare: only rows still under min_tokens
+        row_index = upload([i for i, _ in pairs], torch.long, logits.device)
+        token_index = upload([t for _, t in pairs], torch.long, logits.device)
         logits = logits.clone()
-        for i, ids in blocked:  # rare: only rows still under min_tokens
-            logits[i, list(ids)] = _NEG_INF
+        logits[row_index, token_index] = _NEG_INF
         return logits
 
     def _stop_ids(self, params: SamplingParams) -> set[int]:
@@ -143,17 +189,18 @@ class Sampler:
         random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
         if not random_rows:
             return greedy_tokens, sampled_logprobs
-        sub = logits[random_rows]
+        random_index = upload(random_rows, torch.long, logits.device)
+        sub = logits[random_index]
         params = [rows[i].params for i in random_rows]
-        sub = sub / torch.tensor([p.temperature for p in params], device=sub.device).unsqueeze(1)
+        sub = sub / upload([p.temperature for p in params], torch.float32, sub.device).unsqueeze(1)
         sub = _top_k_top_p(sub, [p.top_k for p in params], [p.top_p for p in params])
         probs = torch.softmax(sub, dim=-1)
         probs = _min_p(probs, [p.min_p for p in params])
         noise = self._exponential_noise(probs.shape, [rows[i] for i in random_rows])
-        greedy_tokens[random_rows] = (probs / noise).argmax(dim=-1)
+        greedy_tokens[random_index] = (probs / noise).argmax(dim=-1)
         if sampled_logprobs is not None:
             # min_p zeroed some probabilities without renormalising: renormalise here.
-            sampled_logprobs[random_rows] = torch.log(probs / probs.sum(dim=-1, keepdim=True))
+            sampled_logprobs[random_index] = torch.log(probs / probs.sum(dim=-1, keepdim=True))
         return greedy_tokens, sampled_logprobs
 
     def _exponential_noise(self, shape: torch.Size, rows: Sequence[SampleRow]) -> torch.Tensor:
@@ -173,9 +220,9 @@ def _top_k_top_p(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
-    k = torch.tensor([vocab if k == -1 else min(k, vocab) for k in top_ks], device=logits.device).unsqueeze(1)
+    k = upload([vocab if k == -1 else min(k, vocab) for k in top_ks], torch.long, logits.device).unsqueeze(1)
     drop = ranks >= k
-    p = torch.tensor(top_ps, device=logits.device).unsqueeze(1)
+    p = upload(top_ps, torch.float32, logits.device).unsqueeze(1)
     sorted_probs = torch.softmax(sorted_logits.masked_fill(drop, _NEG_INF), dim=-1)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
@@ -187,15 +234,31 @@ def _top_k_top_p(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -
 def _min_p(probs: torch.Tensor, min_ps: list[float]) -> torch.Tensor:
     if all(m <= 0.0 for m in min_ps):
         return probs
-    threshold = torch.tensor(min_ps, device=probs.device).unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+    threshold = upload(min_ps, torch.float32, probs.device).unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
     return probs.masked_fill(probs < threshold, 0.0)
 
 
 def gather_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, top: int) -> list[PositionLogprobs]:
     """Top-``top`` entries plus the chosen token for each row, with ranks (1 = best)."""
+    return logprob_entries(*logprob_tensors(logprobs, chosen, top))
+
+
+def logprob_tensors(logprobs: torch.Tensor, chosen: torch.Tensor, top: int) -> tuple[torch.Tensor, ...]:
+    """The device half of ``gather_logprobs``: chosen ids, their logprobs and ranks, top ids and logprobs."""
     chosen_lp = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1)
     chosen_rank = (logprobs > chosen_lp.unsqueeze(1)).sum(dim=1) + 1
     top_lp, top_ids = logprobs.topk(top, dim=-1) if top > 0 else (logprobs[:, :0], chosen[:, None][:, :0])
+    return chosen, chosen_lp, chosen_rank, top_ids, top_lp
+
+
+def logprob_entries(
+    chosen: torch.Tensor,
+    chosen_lp: torch.Tensor,
+    chosen_rank: torch.Tensor,
+    top_ids: torch.Tensor,
+    top_lp: torch.Tensor,
+) -> list[PositionLogprobs]:
+    """The host half of ``gather_logprobs``, from host copies of ``logprob_tensors``."""
     result: list[PositionLogprobs] = []
     rows = zip(
         chosen.tolist(), chosen_lp.tolist(), chosen_rank.tolist(), top_ids.tolist(), top_lp.tolist(), strict=True
@@ -221,8 +284,8 @@ def _apply_logit_bias(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.
     device = logits.device
     logits = logits.clone()
     logits.index_put_(
-        (torch.tensor(row_index, device=device), torch.tensor(token_index, device=device)),
-        torch.tensor(bias, dtype=logits.dtype, device=device),
+        (upload(row_index, torch.long, device), upload(token_index, torch.long, device)),
+        upload(bias, logits.dtype, device),
         accumulate=True,
     )
     return logits

@@ -89,6 +89,7 @@ class Scheduler:
             self.waiting.remove(request)
         request.status = status
         request.stop_reason = reason
+        request.drop_pending_tokens()
         self.kv.free(request)
         return request
 
@@ -109,6 +110,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget.tokens > 0:
             request = self.running[index]
+            if self._finishes_on_pending_token(request):
+                index += 1  # it stops when that token is read back; nothing more to compute
+                continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget.tokens)
             while not self.kv.allocate(request, num_new):
                 victim = self.running.pop()
@@ -120,11 +124,18 @@ class Scheduler:
             budget.tokens -= num_new
             index += 1
 
+    def _finishes_on_pending_token(self, request: Request) -> bool:
+        """Its pending token (sampled by the step in flight) reaches max_tokens or max_model_len."""
+        return request.num_pending_tokens > 0 and (
+            request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.config.max_model_len
+        )
+
     def _admit_waiting(self, budget: _StepBudget, seqs: list[ScheduledSeq]) -> None:
         skipped: list[Request] = []
         while self.waiting and budget.tokens > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting.popleft()
-            if self._waits_for_donor(request):
+            # A preempted request re-prefills its tokens, so they must all be known.
+            if request.num_pending_tokens or self._waits_for_donor(request):
                 skipped.append(request)
                 continue
             computed = self._reusable_prefix(request)
@@ -190,7 +201,11 @@ class Scheduler:
 
     # ----------------------------------------------------------------- update
     def commit_step(self, output: SchedulerOutput) -> list[Request]:
-        """Advance computed-token counts; returns the requests that get a sample."""
+        """Advance computed-token counts of a launched step; returns the requests it samples.
+
+        Each of them gets a pending token at once, so that the next step can
+        be scheduled before this one's tokens are read back (``resolve_token``).
+        """
         sampled: list[Request] = []
         for seq in output.seqs:
             request = self.requests.get(seq.request_id)
@@ -199,5 +214,6 @@ class Scheduler:
             request.num_computed_tokens += seq.num_tokens
             self.kv.cache_full_blocks(request)
             if seq.sample:
+                request.append_pending_token()
                 sampled.append(request)
         return sampled
