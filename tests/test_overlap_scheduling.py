@@ -9,16 +9,22 @@ same results as reading every step back at once, and transformers' logits.
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from hawker import LLM, SamplingParams
 from hawker.engine.engine import Engine, EngineOptions
 from hawker.engine.faults import TokenFault
 from hawker.outputs import RequestOutput
+from hawker.server.app import ServerSettings, build_app
+from hawker.server.serve import ServeOptions, build_router
+from tests.server_process import serve_in_process
 from tests.test_parity import (
     NUM_NEW_TOKENS,
     Reference,
@@ -256,3 +262,35 @@ def test_overlap_needs_one_process() -> None:
     with pytest.raises(ValueError, match="overlap_scheduling"):
         EngineOptions(overlap_scheduling=True, tensor_parallel_size=2)
     assert EngineOptions(overlap_scheduling=None, tensor_parallel_size=2).world_size == 2
+
+
+def test_server_streams_with_overlap(tiny_checkpoints: dict[str, Path]) -> None:
+    """The HTTP path (AsyncEngine loop, streaming) on an overlapped engine gives the sequential engine's text."""
+    checkpoint = tiny_checkpoints["llama"]
+    prompts = make_prompts(seed=8)[1:4]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    expected = [o.outputs[0].text for o in LLM(str(checkpoint), dtype="float32").generate(prompts, params)]
+    engine = EngineOptions(model=str(checkpoint), dtype="float32", kv_cache_memory_gb=0.02, overlap_scheduling=True)
+    router = build_router(ServeOptions(engine=engine))
+    app = build_app(router, ServerSettings(served_model_name="tiny"))
+    with serve_in_process(app) as base_url, concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        streamed = list(pool.map(lambda prompt: stream_text(base_url, prompt), prompts))
+    assert streamed == expected
+    served = router.replicas[0].engine
+    assert served.config.overlap_scheduling and served.counters.num_step_retries == 0
+
+
+def stream_text(base_url: str, prompt: list[int]) -> str:
+    """Stream a greedy completion; the text of its chunks, checked to end with finish_reason "length"."""
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0, "stream": True, "ignore_eos": True}
+    text, finish = "", None
+    with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choice = json.loads(line[len("data: ") :])["choices"][0]
+            text += choice["text"]
+            finish = choice.get("finish_reason") or finish
+    assert finish == "length"
+    return text
