@@ -131,10 +131,11 @@ def mixed_requests(baseline: list[list[int]], text: list[str]) -> list[SamplingP
     ]
 
 
-def generate_mixed(checkpoint: Path, overlap: bool, prompts: list[list[int]], params: list[SamplingParams]) -> LLM:
+def generate_mixed(
+    checkpoint: Path, overlap: bool, prompts: list[list[int]], params: list[SamplingParams]
+) -> tuple[LLM, list[RequestOutput]]:
     llm = LLM(str(checkpoint), dtype="float32", overlap_scheduling=overlap, max_num_batched_tokens=32, block_size=4)
-    llm.outputs = llm.generate(prompts, params, use_tqdm=False)  # type: ignore[attr-defined]
-    return llm
+    return llm, llm.generate(prompts, params, use_tqdm=False)
 
 
 def test_overlap_matches_sequential_on_mixed_requests(tiny_checkpoints: dict[str, Path]) -> None:
@@ -143,15 +144,15 @@ def test_overlap_matches_sequential_on_mixed_requests(tiny_checkpoints: dict[str
     greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     baseline = LLM(str(checkpoint), dtype="float32").generate(prompts, greedy, use_tqdm=False)
     params = mixed_requests([o.outputs[0].token_ids for o in baseline], [o.outputs[0].text for o in baseline])
-    sequential = generate_mixed(checkpoint, False, prompts, params)
-    overlap = generate_mixed(checkpoint, True, prompts, params)
-    outputs = [o.outputs[0] for o in sequential.outputs]  # type: ignore[attr-defined]
+    sequential, sequential_outputs = generate_mixed(checkpoint, False, prompts, params)
+    overlap, overlap_outputs = generate_mixed(checkpoint, True, prompts, params)
+    outputs = [o.outputs[0] for o in sequential_outputs]
     # The stop token and stop string really stopped their requests early (else this would not test them).
     assert [outputs[3].finish_reason, outputs[5].finish_reason] == ["stop", "stop"]
     assert outputs[3].stop_reason == params[3].stop_token_ids[0] and outputs[5].stop_reason == params[5].stop[0]
     assert len(outputs[4].token_ids) >= 6  # min_tokens held the stop token back
-    for seq_out, ovl_out in zip(sequential.outputs, overlap.outputs, strict=True):  # type: ignore[attr-defined]
-        assert_same_output(seq_out, ovl_out)
+    for expected, got in zip(sequential_outputs, overlap_outputs, strict=True):
+        assert_same_output(expected, got)
     assert_idle(sequential)
     assert_idle(overlap)
 

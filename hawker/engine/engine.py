@@ -720,8 +720,7 @@ class Engine:
             self.counters.num_step_retries += 1
             outputs += self._complete_in_flight()
             return outputs + self._step_isolated(self._with_known_tokens(scheduled))
-        requests = {seq.request_id: self.scheduler.requests[seq.request_id] for seq in scheduled.seqs}
-        self._in_flight = _InFlight(scheduled, requests, self.scheduler.commit_step(scheduled), handle)
+        self._in_flight = self._commit(scheduled, handle)
         if previous is not None:
             outputs += self._complete(previous)
         if not self.config.overlap_scheduling or not self.scheduler.has_unfinished:
@@ -736,10 +735,18 @@ class Engine:
     def _launch(self, seqs: tuple[ScheduledSeq, ...], previous: _InFlight | None) -> LaunchedStep | _Completed:
         for hook in self.pre_execute_hooks:
             hook(seqs)
+        step = SchedulerOutput(seqs=seqs)
         if isinstance(self.runner, ModelRunner):
-            return self.runner.launch(SchedulerOutput(seqs=seqs), None if previous is None else previous.handle)
+            return self.runner.launch(step, None if previous is None else previous.handle)
         assert previous is None, "overlap scheduling runs in one process"
-        return _Completed(self._execute(seqs))
+        output = self.runner.execute(step)
+        assert output is not None, "the driver's runner always returns the sampled tokens"
+        return _Completed(output)
+
+    def _commit(self, scheduled: SchedulerOutput, handle: LaunchedStep | _Completed) -> _InFlight:
+        """Advance the scheduler past a launched step (its samples pending) and remember what it ran."""
+        requests = {seq.request_id: self.scheduler.requests[seq.request_id] for seq in scheduled.seqs}
+        return _InFlight(scheduled, requests, self.scheduler.commit_step(scheduled), handle)
 
     def _complete(self, flight: _InFlight) -> list[RequestOutput]:
         try:
@@ -767,13 +774,6 @@ class Engine:
             seqs.append(dataclasses.replace(seq, token_ids=known))
         return SchedulerOutput(seqs=tuple(seqs))
 
-    def _execute(self, seqs: tuple[ScheduledSeq, ...]) -> ModelOutput:
-        for hook in self.pre_execute_hooks:
-            hook(seqs)
-        output = self.runner.execute(SchedulerOutput(seqs=seqs))
-        assert output is not None, "the driver's runner always returns the sampled tokens"
-        return output
-
     def _step_isolated(self, scheduled: SchedulerOutput) -> list[RequestOutput]:
         """Run each sequence alone; fail the groups whose sequence still fails."""
         results: dict[str, SeqResult] = {}
@@ -783,7 +783,7 @@ class Engine:
             if request is None:  # its group failed earlier in this loop
                 continue
             try:
-                results.update(self._execute((seq,)).results)
+                results.update(self._launch((seq,), None).result().results)
             except EngineFatalError:
                 raise
             except Exception as error:
@@ -792,9 +792,7 @@ class Engine:
                 failed.append(self.fail(group_id, f"{type(error).__name__}: {error}"))
         # Failing a group removed all its sequences from the scheduler, including any that ran before.
         survivors = SchedulerOutput(seqs=tuple(s for s in scheduled.seqs if s.request_id in self.scheduler.requests))
-        requests = {seq.request_id: self.scheduler.requests[seq.request_id] for seq in survivors.seqs}
-        flight = _InFlight(survivors, requests, self.scheduler.commit_step(survivors), _Completed(ModelOutput(results)))
-        return failed + self._complete(flight)
+        return failed + self._complete(self._commit(survivors, _Completed(ModelOutput(results))))
 
     def fail(self, request_id: str, reason: str) -> RequestOutput:
         """Finish every sequence of a request with finish_reason "error"; returns its final output."""
@@ -819,7 +817,8 @@ class Engine:
         for request in flight.sampled:
             if not self._is_live(request):  # it finished (stopped, aborted) while the step ran
                 continue
-            token = model_output.results[request.request_id].token_id
+            result = model_output.results[request.request_id]
+            token = result.token_id
             assert token is not None, "a sampling sequence always gets a token"
             group = self.groups[request.parent_id or request.request_id]
             request.resolve_token(token)
@@ -827,9 +826,8 @@ class Engine:
             self.counters.generation_tokens += 1
             if request.first_token_time is None:
                 request.first_token_time = now
-            logprobs = model_output.results[request.request_id].logprobs
-            if logprobs is not None:
-                request.logprobs.append(logprobs)
+            if result.logprobs is not None:
+                request.logprobs.append(result.logprobs)
             self._check_stop(group, request, token)
             touched[group.request_id] = group
         return [self._output(group) for group in touched.values()]

@@ -21,9 +21,15 @@ BlockKey = tuple[int, tuple[int, ...]]
 _ROOT_HASH = 0
 
 
-def _chain_keys(token_ids: Sequence[int], block_size: int, first_block: int, parent: int) -> Iterator[BlockKey]:
-    """Keys of the full blocks from ``first_block`` on; ``parent`` is the hash of the key before it."""
-    for i in range(first_block, len(token_ids) // block_size):
+def _chain_keys(
+    token_ids: Sequence[int], block_size: int, first_block: int, parent: int, num_tokens: int | None = None
+) -> Iterator[BlockKey]:
+    """Keys of the full blocks of the first ``num_tokens`` (default all) from ``first_block`` on.
+
+    ``parent`` is the hash of the key before ``first_block``.
+    """
+    end = len(token_ids) if num_tokens is None else num_tokens
+    for i in range(first_block, end // block_size):
         key = (parent, tuple(token_ids[i * block_size : (i + 1) * block_size]))
         yield key
         parent = hash(key)
@@ -88,8 +94,7 @@ class KVCacheManager:
             request.hash_root = self.root_hash
         parent = hashes[-1] if hashes else request.hash_root
         # Pending tokens (overlap scheduling) are not known yet: their blocks wait.
-        known = request.token_ids[: request.num_known_tokens] if request.num_pending_tokens else request.token_ids
-        for key in _chain_keys(known, self.block_size, len(hashes), parent):
+        for key in _chain_keys(request.token_ids, self.block_size, len(hashes), parent, request.num_known_tokens):
             hashes.append(hash(key))
 
     def _key(self, request: Request, index: int) -> BlockKey:

@@ -21,7 +21,15 @@ from hawker.distributed.pipeline import StageLinks, split_micro_batches
 from hawker.engine.compiled_decode import CompiledDecode, warm_up_row_counts
 from hawker.engine.host_transfer import HostCopy, upload
 from hawker.engine.request import PENDING_TOKEN
-from hawker.engine.sampler import PendingSample, Sampler, SampleRow, logprob_entries, logprob_tensors, trim_top
+from hawker.engine.sampler import (
+    JoinedSample,
+    PendingSample,
+    Sampler,
+    SampleRow,
+    logprob_entries,
+    logprob_tensors,
+    trim_top,
+)
 from hawker.engine.scheduler import ScheduledSeq, SchedulerOutput
 from hawker.layers.batch_invariant import DEFAULT_TILE_ROWS, RowTiler
 from hawker.layers.parallel import PPInfo, TPInfo
@@ -71,7 +79,7 @@ class LaunchedStep:
         self,
         request_ids: list[str],
         sampled_ids: list[str],
-        sample: PendingSample | None,
+        sample: PendingSample | JoinedSample | None,
         prompt_logprobs: list[_PromptLogprobs],
     ) -> None:
         self.request_ids = request_ids
@@ -282,12 +290,15 @@ class ModelRunner:
         row_ends: Sequence[int],
         previous: LaunchedStep | None,
     ) -> None:
-        """Copy pending tokens (a sequence's last, sampled by ``previous``) into ``input_ids`` on the device."""
-        pending = [(seq, end - 1) for seq, end in zip(order, row_ends, strict=True) if PENDING_TOKEN in seq.token_ids]
+        """Copy pending tokens into ``input_ids`` on the device.
+
+        Only a sequence's last token can be pending (sampled by ``previous``):
+        the scheduler never re-admits a request whose tokens are not all known.
+        """
+        rows = zip(order, row_ends, strict=True)
+        pending = [(seq, end - 1) for seq, end in rows if seq.token_ids[-1] == PENDING_TOKEN]
         if not pending:
             return
-        if any(PENDING_TOKEN in seq.token_ids[:-1] for seq, _ in pending):
-            raise RuntimeError("only a sequence's last token can be pending")
         if previous is None or previous.token_ids is None:
             raise RuntimeError("a step reads pending tokens but the step that samples them is not given")
         sources = [previous.token_rows[seq.request_id] for seq, _ in pending]

@@ -53,20 +53,9 @@ class PendingSample:
     def __init__(self, token_ids: torch.Tensor, groups: tuple[_LogprobGroup, ...]) -> None:
         self.token_ids = token_ids
         self._groups = groups
-        self._parts: list[PendingSample] = []
         self._copy = HostCopy([token_ids, *(t for g in groups for t in g.tensors)])
 
-    @classmethod
-    def joined(cls, parts: list[PendingSample]) -> PendingSample:
-        """One pending sample over ``parts``' rows, in order (row-by-row sampling)."""
-        joined = cls(torch.cat([p.token_ids for p in parts]), ())
-        joined._parts = parts
-        return joined
-
     def result(self) -> SamplerResult:
-        if self._parts:
-            results = [p.result() for p in self._parts]
-            return SamplerResult([t for r in results for t in r.token_ids], [lp for r in results for lp in r.logprobs])
         host = self._copy.wait()
         token_ids: list[int] = host[0].tolist()
         logprobs: list[PositionLogprobs | None] = [None] * len(token_ids)
@@ -77,6 +66,18 @@ class PendingSample:
             for row, k, entry in zip(group.rows, group.top_ks, entries, strict=True):
                 logprobs[row] = trim_top(entry, token_ids[row], k)
         return SamplerResult(token_ids=token_ids, logprobs=logprobs)
+
+
+class JoinedSample:
+    """Pending samples of consecutive rows read back as one (row-by-row sampling)."""
+
+    def __init__(self, parts: list[PendingSample]) -> None:
+        self.token_ids = torch.cat([p.token_ids for p in parts])
+        self._parts = parts
+
+    def result(self) -> SamplerResult:
+        results = [p.result() for p in self._parts]
+        return SamplerResult([t for r in results for t in r.token_ids], [lp for r in results for lp in r.logprobs])
 
 
 def seeded_generator(seed: int, sample_index: int, output_index: int, device: torch.device) -> torch.Generator:
@@ -98,11 +99,11 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> SamplerResult:
         return self.launch(logits, rows).result()
 
-    def launch(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> PendingSample:
+    def launch(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> PendingSample | JoinedSample:
         """Queue the sampling of every row on the device; the result is read back by ``result()``."""
         if not self.row_by_row or len(rows) == 1:
             return self._launch_rows(logits, rows)
-        return PendingSample.joined([self._launch_rows(logits[i : i + 1].clone(), [row]) for i, row in enumerate(rows)])
+        return JoinedSample([self._launch_rows(logits[i : i + 1].clone(), [row]) for i, row in enumerate(rows)])
 
     def _launch_rows(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> PendingSample:
         logits = logits.float()
@@ -238,13 +239,8 @@ def _min_p(probs: torch.Tensor, min_ps: list[float]) -> torch.Tensor:
     return probs.masked_fill(probs < threshold, 0.0)
 
 
-def gather_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, top: int) -> list[PositionLogprobs]:
-    """Top-``top`` entries plus the chosen token for each row, with ranks (1 = best)."""
-    return logprob_entries(*logprob_tensors(logprobs, chosen, top))
-
-
 def logprob_tensors(logprobs: torch.Tensor, chosen: torch.Tensor, top: int) -> tuple[torch.Tensor, ...]:
-    """The device half of ``gather_logprobs``: chosen ids, their logprobs and ranks, top ids and logprobs."""
+    """Each row's chosen id, its logprob and rank (1 = best), and the top-``top`` ids and logprobs, on the device."""
     chosen_lp = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1)
     chosen_rank = (logprobs > chosen_lp.unsqueeze(1)).sum(dim=1) + 1
     top_lp, top_ids = logprobs.topk(top, dim=-1) if top > 0 else (logprobs[:, :0], chosen[:, None][:, :0])
@@ -258,7 +254,7 @@ def logprob_entries(
     top_ids: torch.Tensor,
     top_lp: torch.Tensor,
 ) -> list[PositionLogprobs]:
-    """The host half of ``gather_logprobs``, from host copies of ``logprob_tensors``."""
+    """Per row, the top entries plus the chosen token, from host copies of ``logprob_tensors``' five."""
     result: list[PositionLogprobs] = []
     rows = zip(
         chosen.tolist(), chosen_lp.tolist(), chosen_rank.tolist(), top_ids.tolist(), top_lp.tolist(), strict=True
