@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hawker.engine.engine import EngineOptions
+from hawker.server.protocol import DEFAULT_MAX_TOKENS
 
 
 def _add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = False) -> None:
@@ -323,6 +324,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name,
         max_waiting_requests=args.max_waiting_requests,
         max_request_body_mb=args.max_request_body_mb,
+        max_tokens_default=args.max_tokens_default,
         shutdown_grace_s=args.shutdown_grace_s,
         log_level=args.log_level,
         data_parallel_size=args.data_parallel_size,
@@ -357,7 +359,16 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "--max-waiting-requests",
         type=int,
         default=1024,
-        help="waiting requests beyond this get 429 with Retry-After (default: %(default)s)",
+        help="sequences (a request's n samples each) that may wait to be scheduled; beyond this a request gets "
+        "429 with Retry-After, and one that alone needs more gets 400 (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-tokens-default",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help="max_tokens of a request that sets none (a chat request without max_tokens or "
+        "max_completion_tokens, a completion with max_tokens null), lowered to what the prompt leaves of "
+        "the context; bounds how long one request can hold the server (default: %(default)s)",
     )
     serve.add_argument(
         "--max-request-body-mb",

@@ -32,6 +32,34 @@ from hawker import LLM, SamplingParams
         ({"stop": ["ok", ""]}, ["stop", "empty"]),
         ({"seed": "abc"}, ["seed", "integer"]),
         ({"temprature": 0.5}, ["temprature", "unknown", "temperature"]),
+        # Bounds (OpenAI's ranges where it states them; see hawker/sampling_params.py).
+        ({"n": 129}, ["n", "128", "129"]),
+        ({"n": 10**9}, ["n", "128"]),
+        ({"n": 2.0}, ["n", "integer"]),
+        ({"temperature": 2.01}, ["temperature", "<= 2"]),
+        ({"temperature": float("inf")}, ["temperature", "finite"]),
+        ({"temperature": float("nan")}, ["temperature", "finite"]),
+        ({"top_p": float("nan")}, ["top_p", "finite"]),
+        ({"min_p": float("-inf")}, ["min_p", "finite"]),
+        ({"presence_penalty": float("nan")}, ["presence_penalty", "finite"]),
+        ({"frequency_penalty": float("inf")}, ["frequency_penalty", "finite"]),
+        ({"repetition_penalty": 2.5}, ["repetition_penalty", "<= 2"]),
+        ({"repetition_penalty": float("nan")}, ["repetition_penalty", "finite"]),
+        ({"top_k": -2}, ["top_k", "-1"]),
+        ({"max_tokens": 2**20 + 1}, ["max_tokens", str(2**20)]),
+        ({"min_tokens": 2**20 + 1, "max_tokens": None}, ["min_tokens", str(2**20)]),
+        ({"logprobs": 10**6}, ["logprobs", "[0, 20]"]),
+        ({"seed": 2**63}, ["seed", "64 bits"]),
+        ({"seed": -(2**63) - 1}, ["seed", "64 bits"]),
+        ({"seed": True}, ["seed", "integer"]),
+        ({"stop": ["x"] * 33}, ["stop", "32", "33"]),
+        ({"stop": "x" * 1025}, ["stop", "1024", "1025"]),
+        ({"stop_token_ids": [-3]}, ["stop_token_ids", ">= 0", "-3"]),
+        ({"stop_token_ids": list(range(1025))}, ["stop_token_ids", "1024", "1025"]),
+        ({"logit_bias": {i: 1.0 for i in range(301)}}, ["logit_bias", "300", "301"]),
+        ({"logit_bias": {5: float("nan")}}, ["logit_bias", "[-100, 100]"]),
+        ({"logit_bias": {5: float("inf")}}, ["logit_bias", "[-100, 100]"]),
+        ({"logit_bias": {-1: 1.0}}, ["logit_bias", ">= 0", "-1"]),
     ],
 )
 def test_invalid_sampling_params_name_the_field(kwargs: dict[str, object], names: list[str]) -> None:
@@ -44,6 +72,47 @@ def test_invalid_sampling_params_name_the_field(kwargs: dict[str, object], names
 def test_valid_edge_values_are_accepted() -> None:
     params = SamplingParams(temperature=0.0, top_p=1.0, top_k=-1, min_p=0.0, n=1, max_tokens=1, logprobs=20)
     assert params.greedy
+    SamplingParams(
+        n=128,
+        temperature=2.0,
+        repetition_penalty=2.0,
+        presence_penalty=-2.0,
+        frequency_penalty=2.0,
+        seed=2**63 - 1,
+        stop=["x" * 1024] * 32,
+        stop_token_ids=[0] * 1024,
+        logit_bias={i: -100.0 for i in range(300)},
+        max_tokens=2**20,
+        min_tokens=2**20,
+        prompt_logprobs=20,
+    )
+    SamplingParams(seed=-(2**63), repetition_penalty=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "names"),
+    [
+        ({"logit_bias": {384: 1.0}}, ["logit_bias", "384", "[0, 384)"]),
+        ({"stop_token_ids": [5, 384]}, ["stop_token_ids", "384", "[0, 384)"]),
+        ({"top_k": 385}, ["top_k", "384", "385"]),
+    ],
+)
+def test_ids_outside_the_vocabulary_name_the_field(kwargs: dict[str, object], names: list[str]) -> None:
+    params = SamplingParams(**kwargs)
+    with pytest.raises(ValueError) as info:
+        params.check_vocab(384)
+    assert str(info.value).startswith(names[0])
+    for name in names:
+        assert name in str(info.value)
+    SamplingParams(logit_bias={383: 1.0}, stop_token_ids=[0, 383], top_k=384, logprobs=20).check_vocab(384)
+
+
+def test_replace_validates_the_copy() -> None:
+    params = SamplingParams(n=2, stop=["x"], logit_bias={5: 1.0}, max_tokens=None, min_tokens=3)
+    copy = params.replace(max_tokens=8)
+    assert copy.max_tokens == 8 and copy.stop == ("x",) and copy.logit_bias == ((5, 1.0),) and copy.n == 2
+    with pytest.raises(ValueError, match="min_tokens"):
+        params.replace(max_tokens=2)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +137,10 @@ def _assert_untouched(llm: LLM) -> None:
         (list(range(3, 43)), SamplingParams(max_tokens=10), ["40 tokens", "max_tokens is 10", "50", "48"]),
         ([5, 6, 100000], SamplingParams(), ["100000", "vocabulary"]),
         ([5, -1], SamplingParams(), ["-1", "vocabulary"]),
+        ([5, 6], SamplingParams(stop_token_ids=[100000]), ["stop_token_ids", "100000", "vocabulary"]),
+        ([5, 6], SamplingParams(logit_bias={100000: 1.0}), ["logit_bias", "100000", "vocabulary"]),
+        ([5, 6], SamplingParams(top_k=100000), ["top_k", "100000"]),
+        (list(range(3, 43)), SamplingParams(max_tokens=None, min_tokens=9), ["min_tokens", "8", "9"]),
     ],
 )
 def test_bad_prompt_raises_and_allocates_nothing(

@@ -124,7 +124,8 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._progress: dict[str, StreamProgress] = {}
-        self._pending_adds = 0
+        # Sequences (a request's n samples each) handed to the loop thread and not yet in its scheduler.
+        self._pending_seqs = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -174,28 +175,46 @@ class AsyncEngine:
     def submit_many(self, submissions: Sequence[Submission]) -> list[RequestStream]:
         """Validate every request, then queue them all: a rejection queues none.
 
-        Raises ``ValueError`` (bad request), ``EngineBusyError`` (the waiting
-        queue has no room for all of them) or ``EngineDeadError`` before
-        anything is queued. Closing a stream before its last output aborts
-        its request.
+        Raises ``ValueError`` (bad request, or more sequences than the waiting
+        queue holds even when empty), ``EngineBusyError`` (the waiting queue
+        has no room for them now) or ``EngineDeadError`` before anything is
+        queued. The queue counts sequences: a request with ``n`` samples takes
+        ``n`` places. Closing a stream before its last output aborts its request.
         """
         self.raise_if_dead()
+        self._check_fits_queue(submissions)
         for item in submissions:
             if item.request_id in self._streams:
                 raise ValueError(f"request id {item.request_id!r} is already in use")
             self.engine.validate(item.prompt_token_ids, item.params)
-        waiting = self.stats().num_waiting + self._pending_adds
-        if waiting + len(submissions) > self.max_waiting_requests:
-            raise EngineBusyError(f"{waiting} requests are waiting (limit {self.max_waiting_requests}); retry later")
+        asked = sum(item.params.n for item in submissions)
+        waiting = self.stats().num_waiting + self._pending_seqs
+        if waiting + asked > self.max_waiting_requests:
+            raise EngineBusyError(
+                f"{waiting} sequences are waiting and this request adds {asked} "
+                f"(limit {self.max_waiting_requests}); retry later"
+            )
         streams = []
         for item in submissions:
             stream = RequestStream(item.request_id, self._release)
             self._streams[item.request_id] = stream
-            self._pending_adds += 1
+            self._pending_seqs += item.params.n
             command = _Add(item.request_id, list(item.prompt_token_ids), item.params, item.prompt, time.monotonic())
             self._commands.put(command)
             streams.append(stream)
         return streams
+
+    def _check_fits_queue(self, submissions: Sequence[Submission]) -> None:
+        """A request with more sequences than the whole waiting queue could never be queued: a 400, not a 429."""
+        asked = sum(item.params.n for item in submissions)
+        if asked <= self.max_waiting_requests:
+            return
+        # Named after the field the client should lower (the error's "param").
+        field = "n" if len(submissions) == 1 else "prompt"
+        raise ValueError(
+            f"{field} too large: the request needs {asked} sequences ({len(submissions)} prompt(s) x n), but at most "
+            f"{self.max_waiting_requests} may wait at once (max_waiting_requests); send fewer prompts or samples"
+        )
 
     def _release(self, stream: RequestStream) -> None:
         """A stream closed: forget it; abort its request unless it finished."""
@@ -281,7 +300,7 @@ class AsyncEngine:
                 logger.info("aborted request %s", command.request_id)
                 self._post(lambda: self._deliver([final], None))
         elif isinstance(command, _Add):
-            self._post(self._added)
+            self._post(lambda n=command.params.n: self._added(n))
             try:
                 self.engine.add_request(
                     command.request_id,
@@ -317,8 +336,8 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(callback)
 
     # ------------------------------------------------- event-loop callbacks
-    def _added(self) -> None:
-        self._pending_adds -= 1
+    def _added(self, num_seqs: int) -> None:
+        self._pending_seqs -= num_seqs
 
     def _deliver(self, outputs: list[RequestOutput], step_seconds: float | None) -> None:
         if step_seconds is not None:

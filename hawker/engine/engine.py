@@ -623,9 +623,7 @@ class Engine:
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        bad = [t for t, _ in params.logit_bias if t >= vocab]
-        if bad:
-            raise ValueError(f"logit_bias token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        params.check_vocab(vocab)
         limit = self.max_model_len
         if num_prompt >= limit:
             raise ValueError(
@@ -634,9 +632,11 @@ class Engine:
         max_tokens = params.max_tokens if params.max_tokens is not None else limit - num_prompt
         if num_prompt + max_tokens > limit:
             raise ValueError(
-                f"the prompt has {num_prompt} tokens and max_tokens is {max_tokens}: "
+                f"max_tokens is {max_tokens} and the prompt has {num_prompt} tokens: "
                 f"{num_prompt + max_tokens} exceeds max_model_len {limit}"
             )
+        if params.min_tokens > max_tokens:
+            raise ValueError(f"min_tokens must be <= max_tokens ({max_tokens}), got {params.min_tokens}")
         needed = self.kv.blocks_needed(num_prompt + max_tokens)
         if needed > self.kv.num_blocks:
             raise ValueError(

@@ -43,11 +43,13 @@ from hawker.server.errors import (
 from hawker.server.formatting import TokenText
 from hawker.server.metrics import ServerMetrics
 from hawker.server.protocol import (
+    DEFAULT_MAX_TOKENS,
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
+    check_text_fits,
 )
 from hawker.server.responders import ChatResponder, CompletionResponder
 from hawker.server.router import ObserverGroup, ReplicaRouter
@@ -74,9 +76,16 @@ class ServerSettings:
     api_key: str | None = None
     max_request_body_bytes: int = 16 * 1024 * 1024
     shutdown_grace_s: float = 30.0
+    # The max_tokens of a request that sets none (chat's default; completions' when null),
+    # lowered to what the prompt leaves of the context (see ServerState.fill_max_tokens).
+    max_tokens_default: int = DEFAULT_MAX_TOKENS
     # The level of the one-line log of each finished request ("off": none).
     request_log_level: str = "info"
     stats: StatsConfig = field(default_factory=StatsConfig)
+
+    def __post_init__(self) -> None:
+        if self.max_tokens_default < 1:
+            raise ValueError(f"max_tokens_default must be >= 1, got {self.max_tokens_default}")
 
 
 class ServerState:
@@ -116,11 +125,12 @@ class ServerState:
 
         ``headers``: the HTTP request's, whose trace context the requests' spans join.
         """
-        submissions = [
-            Submission(base_id if len(prompts) == 1 else f"{base_id}-{index}", ids, params, text)
-            for index, (text, ids) in enumerate(prompts)
-        ]
+        names = [base_id] if len(prompts) == 1 else [f"{base_id}-{index}" for index in range(len(prompts))]
         try:
+            submissions = [
+                Submission(name, ids, self.fill_max_tokens(params, ids), text)
+                for name, (text, ids) in zip(names, prompts, strict=True)
+            ]
             streams = self.router.submit_many(submissions)
         except ValueError as error:
             raise from_value_error(error) from None
@@ -129,6 +139,16 @@ class ServerState:
         if headers:
             self.tracker.attach_trace_context([s.request_id for s in submissions], headers)
         return streams
+
+    def fill_max_tokens(self, params: SamplingParams, prompt_ids: list[int]) -> SamplingParams:
+        """``params`` with ``max_tokens`` set when the request left it out: ``max_tokens_default``
+        (or ``min_tokens`` if that is more), lowered to the room the prompt leaves in the context."""
+        if params.max_tokens is not None:
+            return params
+        room = self.router.max_model_len - len(prompt_ids)
+        if room < 1:
+            return params  # the engine says why the prompt does not fit
+        return params.replace(max_tokens=min(max(self.settings.max_tokens_default, params.min_tokens), room))
 
     def stats(self, since: float | None) -> dict[str, Any]:
         """The body of GET /v1/stats: totals read now, chart points newer than ``since``, requests in flight."""
@@ -221,6 +241,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         if body.messages is not None:
             _, ids = _chat_prompt(router, body.messages, body.add_generation_prompt)
         else:
+            _check_text_fits(router, body.prompt or "", "prompt")
             ids = router.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens).input_ids
         return {"tokens": ids, "count": len(ids), "max_model_len": router.max_model_len}
 
@@ -244,8 +265,9 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         responder = CompletionResponder(
             response_id=response_id,
             model=state.settings.served_model_name,
-            n=params.n,
+            n=body.n,
             token_text=state.token_text,
+            keep_best=body.num_candidates > body.n,
             echo=body.echo,
             logprobs=body.logprobs,
             # Only echo shows the prompt's text; token-id prompts are decoded just for it.
@@ -303,6 +325,9 @@ def _completion_prompts(router: ReplicaRouter, body: CompletionRequest) -> list[
     prompts = body.prompts()
     if not prompts:
         raise APIError(400, "prompt is empty: give a string, a list of strings or token ids", param="prompt")
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            _check_text_fits(router, prompt, "prompt")
     # Strings are tokenized exactly as LLM.generate does, so both give the same tokens.
     return [(p, router.tokenizer(p).input_ids) if isinstance(p, str) else (None, list(p)) for p in prompts]
 
@@ -314,8 +339,16 @@ def _chat_prompt(
         text = render_chat(router.tokenizer, [m.as_template_message() for m in messages], add_generation_prompt)
     except (TemplateError, ValueError) as error:
         raise APIError(400, f"the messages do not fit the chat template: {error}", param="messages") from None
+    _check_text_fits(router, text, "messages")
     # As LLM.chat: the template already holds the special tokens.
     return text, router.tokenizer(text, add_special_tokens=False).input_ids
+
+
+def _check_text_fits(router: ReplicaRouter, text: str, param: str) -> None:
+    try:
+        check_text_fits(text, router.max_model_len, param)
+    except ValueError as error:
+        raise from_value_error(error) from None
 
 
 def _log_ignored(fields: list[str]) -> None:

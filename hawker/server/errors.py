@@ -86,6 +86,11 @@ _PARAM_NAMES = {
     "seed",
     "logit_bias",
     "top_logprobs",
+    "best_of",
+    "max_completion_tokens",
+    "stop_token_ids",
+    "prompt",
+    "messages",
 }
 
 

@@ -1,8 +1,11 @@
 """Request bodies of the OpenAI-compatible API (pydantic), and their SamplingParams.
 
-Field *types* are checked here (a wrong type is a 400 naming the field);
-value *ranges* are checked once, by ``SamplingParams`` (same messages as the
-offline API). Unknown fields are accepted and ignored, as vLLM does, so that
+Field *types* and *sizes* are checked here (a wrong type, a non-finite number
+or a list over its bound is a 400 naming the field, before anything is built
+from the request); value *ranges* are checked once, by ``SamplingParams``
+(same messages as the offline API). Every list is validated ``fail_fast``: a
+list of a million bad items stops at the first, instead of building a million
+error records. Unknown fields are accepted and ignored, as vLLM does, so that
 clients sending newer OpenAI fields keep working; the server logs them.
 """
 
@@ -10,39 +13,129 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from hawker.sampling_params import SamplingParams
+from hawker.sampling_params import (
+    MAX_LOGIT_BIAS_ENTRIES,
+    MAX_LOGPROBS,
+    MAX_SEQUENCE_TOKENS,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    SamplingParams,
+)
+
+# Sizes only the HTTP API has (SamplingParams holds the rest, shared with the offline API).
+MAX_PROMPTS = 2048  # prompts in one completions request: OpenAI's limit on input arrays
+MAX_MESSAGES = 2048  # OpenAI: messages holds at most 2048 entries
+MAX_CONTENT_PARTS = 2048  # parts of one message's content (as many as messages)
+MAX_NAME_CHARS = 256  # model, user and message name: identifiers, never text
+MAX_BEST_OF = 20  # OpenAI: best_of at most 20; each candidate is a sequence that runs to the end
+# A prompt text longer than max_model_len times this many characters cannot fit
+# the context (common BPE vocabularies' longest tokens are runs of up to ~128 of
+# one character), so it is refused before the tokenizer spends seconds on it.
+MAX_CHARS_PER_TOKEN = 128
+# The max_tokens of a request that sets none (a server option). Without it, a chat
+# request may generate up to the whole context (8k tokens for the default model:
+# minutes of a CPU server's time); 1024 tokens is a long answer, and tens of
+# seconds of decoding on a CPU.
+DEFAULT_MAX_TOKENS = 1024
+
+# JSON "Infinity", "-Infinity" and "NaN" (which Python's json reads) are refused
+# in every float field, and so is a number too large for a float (1e400).
+_CONFIG = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
+def _bounded(limit: int, what: str) -> BeforeValidator:
+    """Refuse a list longer than ``limit`` before its items are validated (an item-by-item union would not)."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, list) and len(value) > limit:
+            raise ValueError(f"may hold at most {limit} {what}, got {len(value)}")
+        return value
+
+    return BeforeValidator(check)
+
+
+def _check_prompt(value: Any) -> Any:
+    """A prompt list: at most MAX_PROMPTS prompts, or one prompt of at most MAX_SEQUENCE_TOKENS token ids."""
+    if not isinstance(value, list):
+        return value
+    is_ids = bool(value) and isinstance(value[0], int)
+    limit, what = (MAX_SEQUENCE_TOKENS, "token ids") if is_ids else (MAX_PROMPTS, "prompts")
+    if len(value) > limit:
+        raise ValueError(f"may hold at most {limit} {what}, got {len(value)}")
+    for item in value:
+        if isinstance(item, list) and len(item) > MAX_SEQUENCE_TOKENS:
+            raise ValueError(f"prompts may hold at most {MAX_SEQUENCE_TOKENS} token ids each, got {len(item)}")
+    return value
+
+
+def _check_stop(value: Any) -> Any:
+    items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    if len(items) > MAX_STOP_STRINGS:
+        raise ValueError(f"may hold at most {MAX_STOP_STRINGS} strings, got {len(items)}")
+    longest = max((len(item) for item in items if isinstance(item, str)), default=0)
+    if longest > MAX_STOP_CHARS:
+        raise ValueError(f"strings must be at most {MAX_STOP_CHARS} characters, got {longest}")
+    return value
+
+
+Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
+TokenIds = Annotated[list[int], Field(max_length=MAX_SEQUENCE_TOKENS, fail_fast=True)]
+Prompt = Annotated[
+    str
+    | Annotated[list[str], Field(max_length=MAX_PROMPTS, fail_fast=True)]
+    | TokenIds
+    | Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS, fail_fast=True)],
+    BeforeValidator(_check_prompt),
+]
+Stop = Annotated[
+    str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS, fail_fast=True)] | None,
+    BeforeValidator(_check_stop),
+]
+
+
+def check_text_fits(text: str, max_model_len: int, param: str) -> None:
+    """Raise ``ValueError`` for a text too long to fit ``max_model_len`` tokens, before it is tokenized."""
+    limit = max_model_len * MAX_CHARS_PER_TOKEN
+    if len(text) > limit:
+        raise ValueError(
+            f"{param} has {len(text)} characters: more than max_model_len ({max_model_len}) tokens "
+            f"can hold ({limit} characters at most)"
+        )
 
 
 class StreamOptions(BaseModel):
+    model_config = _CONFIG
+
     include_usage: bool = False
 
 
 class _SamplingFields(BaseModel):
     """Fields shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = _CONFIG
 
-    model: str | None = None
+    model: Name | None = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = None
     top_p: float | None = None
-    stop: str | list[str] | None = None
+    stop: Stop = None
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    logit_bias: Annotated[dict[str, float], Field(max_length=MAX_LOGIT_BIAS_ENTRIES, fail_fast=True)] | None = None
+    user: Name | None = None
     # vLLM's extras.
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: Annotated[list[int], Field(max_length=MAX_STOP_TOKEN_IDS, fail_fast=True)] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -76,21 +169,41 @@ class _SamplingFields(BaseModel):
         return kwargs
 
 
-TokenIds = list[int]
-
-
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | TokenIds | list[TokenIds]
+    prompt: Prompt
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
+    # Candidates per prompt, of which the n best (highest mean token logprob) are returned.
+    best_of: int | None = None
+
+    @property
+    def num_candidates(self) -> int:
+        """Sequences run per prompt: ``best_of`` when it asks for more than ``n``, else ``n``."""
+        return self.best_of if self.best_of is not None and self.best_of > self.n else self.n
 
     def sampling_params(self) -> SamplingParams:
+        self._check_best_of()
         # echo + logprobs reports the prompt tokens' logprobs too.
         prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
-        return SamplingParams(**self._sampling_kwargs(self.max_tokens, self.logprobs, prompt_logprobs))
+        logprobs = self.logprobs
+        if self.num_candidates > self.n and logprobs is None:
+            logprobs = 0  # candidates are ranked by their tokens' logprobs; the response leaves them out
+        kwargs = self._sampling_kwargs(self.max_tokens, logprobs, prompt_logprobs)
+        return SamplingParams(**(kwargs | {"n": self.num_candidates}))
 
-    def prompts(self) -> list[str | TokenIds]:
+    def _check_best_of(self) -> None:
+        best_of = self.best_of
+        if best_of is None or best_of == self.n:
+            return
+        if best_of < self.n:
+            raise ValueError(f"best_of must be >= n ({self.n}), got {best_of}")
+        if best_of > MAX_BEST_OF:
+            raise ValueError(f"best_of must be at most {MAX_BEST_OF} when it exceeds n, got {best_of}")
+        if self.stream:
+            raise ValueError("best_of greater than n cannot be streamed (the best are known only at the end)")
+
+    def prompts(self) -> list[str | list[int]]:
         prompt = self.prompt
         if isinstance(prompt, str):
             return [prompt]
@@ -100,16 +213,24 @@ class CompletionRequest(_SamplingFields):
 
 
 class TextPart(BaseModel):
+    model_config = _CONFIG
+
     type: Literal["text"]
     text: str
 
 
+Content = Annotated[
+    str | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS, fail_fast=True)] | None,
+    _bounded(MAX_CONTENT_PARTS, "parts"),
+]
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = _CONFIG
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Content = None
+    name: Name | None = None
 
     def as_template_message(self) -> dict[str, Any]:
         content = self.content
@@ -121,8 +242,13 @@ class ChatMessage(BaseModel):
         return message
 
 
+Messages = Annotated[
+    list[ChatMessage], Field(max_length=MAX_MESSAGES, fail_fast=True), _bounded(MAX_MESSAGES, "messages")
+]
+
+
 class ChatCompletionRequest(_SamplingFields):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[Messages, Field(min_length=1)]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
@@ -131,23 +257,32 @@ class ChatCompletionRequest(_SamplingFields):
 
     def sampling_params(self) -> SamplingParams:
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        if self.max_completion_tokens is not None and not 1 <= self.max_completion_tokens <= MAX_SEQUENCE_TOKENS:
+            message = f"must be >= 1 and <= {MAX_SEQUENCE_TOKENS}, got {self.max_completion_tokens}"
+            raise ValueError(f"max_completion_tokens {message}")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return SamplingParams(**self._sampling_kwargs(max_tokens, logprobs, None))
 
 
 class TokenizeRequest(BaseModel):
-    model: str | None = None
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    model: Name | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Messages | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
 
 class DetokenizeRequest(BaseModel):
-    model: str | None = None
-    tokens: list[int]
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    model: Name | None = None
+    tokens: TokenIds
 
 
 def _bias(logit_bias: dict[str, float] | None) -> dict[int, float] | None:

@@ -6,6 +6,8 @@ A response covers one or more engine requests (one per prompt); choice
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +58,9 @@ class CompletionResponder(_Base):
     echo: bool = False
     logprobs: int | None = None
     prompt_texts: list[str] = field(default_factory=list)
+    # best_of > n: each prompt ran best_of candidates, of which the n best are shown
+    # (never streamed); usage still counts every candidate's tokens, as OpenAI bills them.
+    keep_best: bool = False
 
     kind = "text_completion"
     chunk_kind = "text_completion"
@@ -91,7 +96,8 @@ class CompletionResponder(_Base):
 
     def full(self, finals: list[RequestOutput]) -> dict[str, Any]:
         choices = []
-        for prompt_index, output in enumerate(finals):
+        shown = [best_candidates(output, self.n) for output in finals] if self.keep_best else finals
+        for prompt_index, output in enumerate(shown):
             prefix = self.prompt_texts[prompt_index] if self.echo else ""
             for completion in output.outputs:
                 logprobs = None
@@ -108,6 +114,24 @@ class CompletionResponder(_Base):
                 )
         choices.sort(key=lambda choice: choice["index"])
         return self._envelope(self.kind, choices) | {"usage": usage(finals)}
+
+
+def best_candidates(output: RequestOutput, n: int) -> RequestOutput:
+    """``output`` with only its ``n`` best completions, re-indexed best first.
+
+    Best is OpenAI's ``best_of`` rule: the highest log probability per token
+    (the mean logprob of the tokens the sampler chose).
+    """
+    ranked = sorted(output.outputs, key=_mean_logprob, reverse=True)[:n]
+    kept = [dataclasses.replace(completion, index=index) for index, completion in enumerate(ranked)]
+    return dataclasses.replace(output, outputs=kept)
+
+
+def _mean_logprob(completion: CompletionOutput) -> float:
+    entries = completion.logprobs or []
+    pairs = zip(completion.token_ids, entries, strict=False)  # no entries at all if logprobs were off
+    chosen = [entry[token].logprob for token, entry in pairs if token in entry]
+    return sum(chosen) / len(chosen) if chosen else -math.inf
 
 
 @dataclass

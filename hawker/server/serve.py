@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import signal
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from hawker.engine.async_engine import AsyncEngine
 from hawker.engine.engine import Engine, EngineOptions, resolve_device
 from hawker.engine.faults import TokenFault
 from hawker.server.app import ServerSettings, ServerState, build_app
+from hawker.server.protocol import DEFAULT_MAX_TOKENS
 from hawker.server.router import ReplicaRouter
 from hawker.server.tracking import REQUEST_LOG_LEVELS
 
@@ -32,6 +34,7 @@ class ServeOptions:
     served_model_name: str | None = None
     max_waiting_requests: int = 1024
     max_request_body_mb: float = 16.0
+    max_tokens_default: int = DEFAULT_MAX_TOKENS
     shutdown_grace_s: float = 30.0
     log_level: str = "info"
     # Engine replicas behind the server, each with the whole model and its own
@@ -207,9 +210,15 @@ def run(options: ServeOptions) -> int:
         api_key=options.api_key,
         max_request_body_bytes=int(options.max_request_body_mb * 1024 * 1024),
         shutdown_grace_s=options.shutdown_grace_s,
+        max_tokens_default=options.max_tokens_default,
         request_log_level=options.request_log_level,
     )
     app = build_app(router, settings, tracer)
+    # What is alive now (the model, torch, transformers: ~500k objects) lives as long as the
+    # server. Frozen, it is no longer traversed by every full collection, which otherwise
+    # makes parsing one large JSON body (say a million small lists) seconds slower.
+    gc.collect()
+    gc.freeze()
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level)
     server = DrainingServer(config, app.state.hawker)
     if options.engine.world_size > 1:
