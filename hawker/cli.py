@@ -121,6 +121,14 @@ def _add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = F
         "runs with it (much slower for large batches; turns the CPU fast paths off)",
     )
     parser.add_argument(
+        "--consistent-numerics",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.consistent_numerics,
+        help="a token's numbers do not depend on the step's size: the same greedy text cold, after a "
+        "prefix-cache hit, for every one of n choices and beside up to 16 decoding requests (fixed row "
+        "tiles; default: on for the torch attention backend, i.e. on a CPU)",
+    )
+    parser.add_argument(
         "--cuda-graph-max-batch-size",
         type=int,
         default=defaults.cuda_graph_max_batch_size,
@@ -156,6 +164,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "pipeline_parallel_size": args.pipeline_parallel_size,
         "tp_overlap_chunks": args.tp_overlap_chunks,
         "deterministic": args.deterministic,
+        "consistent_numerics": args.consistent_numerics,
         "overlap_scheduling": args.overlap_scheduling,
         "device": args.device,
     }

@@ -237,3 +237,8 @@ class EngineConfig:
     # Schedule and launch step N+1 before reading back step N's tokens
     # (hawker/engine/engine.py), so the device never waits for the host.
     overlap_scheduling: bool = False
+    # Consistent numerics (hawker/layers/projection.py): projections multiply
+    # on fixed tiles of this many rows, prefill attention on aligned query
+    # tiles, and the runner keeps prefill and decode rows in separate
+    # forwards; 0 = off (kernels chosen by the step's size).
+    dense_tile_rows: int = 0

@@ -126,7 +126,8 @@ def q8_head_checkpoint(tiny_checkpoints: dict[str, Path], tmp_path_factory: pyte
 def test_q8_lm_head_as_int4_halves_keeps_parity_with_transformers(q8_head_checkpoint: Path) -> None:
     prompts = make_prompts(seed=4)[:3]  # three sequences: decode steps within the pair's 4 rows
     reference = reference_generate(q8_head_checkpoint, prompts)
-    llm = LLM(str(q8_head_checkpoint), dtype="float32", int4_decode_max_rows=8)
+    # The 8-bit pair belongs to the size-tuned kernels (consistent numerics uses dense tiles there).
+    llm = LLM(str(q8_head_checkpoint), dtype="float32", int4_decode_max_rows=8, consistent_numerics=False)
     copies = {name: m.int4 for name, m in llm.engine.runner.model.named_modules() if getattr(m, "int4", None)}
     assert list(copies) == ["lm_head"] and isinstance(copies["lm_head"], Int8PairWeight)
     tokens, logits = run_hawker(llm, prompts)

@@ -62,3 +62,6 @@ class AttentionMetadata:
     # Batch-invariant mode: each token row's own context (cache slots of
     # positions 0..its position), attended one query at a time.
     query_contexts: tuple[torch.Tensor, ...] | None = None
+    # Consistent numerics: prefill queries attend on tiles of this many rows
+    # aligned to multiples of it in the sequence (0 = one call per chunk).
+    prefill_tile_rows: int = 0

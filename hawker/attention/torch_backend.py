@@ -17,9 +17,11 @@ from hawker.attention.metadata import AttentionMetadata, DecodeGroup, PrefillChu
 def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
 ) -> None:
+    """Write the step's keys and values; rows past ``slots`` are padding (consistent numerics) and are not kept."""
     heads, dim = k_cache.shape[-2:]
-    k_cache.view(-1, heads, dim).index_copy_(0, slots, k)
-    v_cache.view(-1, heads, dim).index_copy_(0, slots, v)
+    real = slots.shape[0]
+    k_cache.view(-1, heads, dim).index_copy_(0, slots, k[:real])
+    v_cache.view(-1, heads, dim).index_copy_(0, slots, v[:real])
 
 
 def paged_attention(
@@ -38,12 +40,18 @@ def paged_attention(
     if not meta.prefills:
         # Decode-only step (the common one): no output buffer to assemble.
         return _decode(q, k_cache, v_cache, meta, scale)
-    out = torch.empty_like(q)
+    # Zeros: rows past the last chunk are padding (consistent numerics) and must hold finite values.
+    out = torch.zeros_like(q)
     if meta.num_decodes:
         out[: meta.num_decodes] = _decode(q[: meta.num_decodes], k_cache, v_cache, meta, scale)
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.length)
-        out[rows] = _prefill(q[rows], k[rows], v[rows], k_cache, v_cache, chunk, scale)
+        if meta.prefill_tile_rows:
+            out[rows] = _prefill_tiled(
+                q[rows], k[rows], v[rows], k_cache, v_cache, chunk, scale, meta.prefill_tile_rows
+            )
+        else:
+            out[rows] = _prefill(q[rows], k[rows], v[rows], k_cache, v_cache, chunk, scale)
     return out
 
 
@@ -129,3 +137,55 @@ def _prefill(
     mask = (key_pos.unsqueeze(0) <= query_pos.unsqueeze(1))[None, None]
     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
     return out[0].transpose(0, 1)
+
+
+def _prefill_tiled(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    chunk: PrefillChunk,
+    scale: float,
+    tile: int,
+) -> torch.Tensor:
+    """Prefill attention whose result for a query depends only on its position and the chunk's end.
+
+    SDPA's CPU kernel blocks its work by the number of queries, so a prompt's
+    last tokens come out differently when they are a whole prompt's tail (cold)
+    or a short chunk after a prefix-cache hit. Here every call has the same
+    shape for a given query position: queries on tiles of ``tile`` positions
+    aligned to multiples of ``tile`` (missing rows are zero queries), each
+    tile over the keys up to its last position, with an explicit causal mask.
+    """
+    end = chunk.context_len
+    if chunk.start_pos == 0:
+        keys, values = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, end, D]: the chunk is the whole context
+    else:
+        assert chunk.context_slots is not None
+        keys = _gather(k_cache, chunk.context_slots)
+        values = _gather(v_cache, chunk.context_slots)
+    queries = q.transpose(0, 1)  # [H, length, D]
+    out = torch.empty_like(queries)
+    for tile_start in range(chunk.start_pos // tile * tile, end, tile):
+        tile_end = min(tile_start + tile, end)
+        first = max(tile_start, chunk.start_pos)  # the first real query of the tile
+        padded = queries.new_zeros((queries.shape[0], tile, queries.shape[2]))
+        padded[:, first - tile_start : tile_end - tile_start] = queries[
+            :, first - chunk.start_pos : tile_end - chunk.start_pos
+        ]
+        # Padding rows past the end take the last position's mask, so no row is fully masked.
+        query_pos = torch.arange(tile_start, tile_start + tile, device=q.device).clamp(max=tile_end - 1)
+        mask = torch.arange(tile_end, device=q.device).unsqueeze(0) <= query_pos.unsqueeze(1)
+        attended = F.scaled_dot_product_attention(
+            padded.unsqueeze(0),
+            keys[:, :tile_end].contiguous().unsqueeze(0),
+            values[:, :tile_end].contiguous().unsqueeze(0),
+            attn_mask=mask[None, None],
+            scale=scale,
+            enable_gqa=True,
+        )[0]
+        out[:, first - chunk.start_pos : tile_end - chunk.start_pos] = attended[
+            :, first - tile_start : tile_end - tile_start
+        ]
+    return out.transpose(0, 1)

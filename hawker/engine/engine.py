@@ -35,7 +35,12 @@ from hawker.engine.memory_profile import profile_num_blocks
 from hawker.engine.model_runner import LaunchedStep, ModelOutput, ModelRunner, SeqResult, build_model
 from hawker.engine.request import Request, RequestStatus
 from hawker.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
-from hawker.layers.projection import DEFAULT_FP32_MATMUL_MIN_ROWS, ProjectionCopies, cpu_has_fast_half_matmul
+from hawker.layers.projection import (
+    DEFAULT_DENSE_TILE_ROWS,
+    DEFAULT_FP32_MATMUL_MIN_ROWS,
+    ProjectionCopies,
+    cpu_has_fast_half_matmul,
+)
 from hawker.layers.quant import DEFAULT_INT4_DECODE_MAX_ROWS
 from hawker.loader.checkpoint import Checkpoint, open_checkpoint
 from hawker.loader.safetensors import iterate_safetensors
@@ -104,6 +109,12 @@ class EngineOptions:
     # N's tokens back afterwards; None = on for one process on a GPU (on a
     # CPU the forward runs on the host, so nothing would overlap).
     overlap_scheduling: bool | None = None
+    # A token's numbers independent of the step's size (prefix-cache hits,
+    # n > 1 and steps of up to 16 decodes give the same greedy text as a
+    # cold request): fixed row tiles and kernels chosen by the kind of row
+    # (hawker/layers/projection.py). None = on for the torch attention
+    # backend (CPU), which is what it covers; False = size-tuned kernels.
+    consistent_numerics: bool | None = None
 
     def __post_init__(self) -> None:
         if self.overlap_scheduling and self.world_size > 1:
@@ -202,6 +213,15 @@ def _cuda_graph_max_batch_size(options: EngineOptions, attention_backend: str) -
     return rows
 
 
+def _dense_tile_rows(options: EngineOptions, attention_backend: str) -> int:
+    """Row tiles of consistent numerics (0 = off); batch-invariant mode has its own, stricter tiling."""
+    covered = attention_backend == "torch" and not options.deterministic
+    wanted = options.consistent_numerics
+    if wanted and not covered:
+        raise ValueError("consistent_numerics needs the torch attention backend and deterministic off")
+    return DEFAULT_DENSE_TILE_ROWS if covered and wanted is not False else 0
+
+
 def _overlap_scheduling(options: EngineOptions) -> bool:
     if options.overlap_scheduling is None:
         return torch.device(options.device).type == "cuda" and options.world_size == 1
@@ -269,6 +289,7 @@ def engine_config(options: EngineOptions, parallel: ParallelConfig) -> tuple[Eng
         cuda_graph_max_batch_size=_cuda_graph_max_batch_size(options, attention_backend),
         batch_invariant=options.deterministic,
         overlap_scheduling=_overlap_scheduling(options),
+        dense_tile_rows=_dense_tile_rows(options, attention_backend),
     )
     return config, checkpoint
 

@@ -131,8 +131,16 @@ def split_by_length(context_lens: Sequence[int]) -> list[tuple[int, int]]:
     return runs
 
 
+# Consistent numerics: decode keys are padded to a multiple of this many
+# positions. SDPA's CPU kernel gives a query the same result for any such
+# padding of its (masked) keys, but not for padding to an arbitrary length.
+DECODE_KEY_MULTIPLE = 16
+
+
 def _is_decode(seq: ScheduledSeq) -> bool:
-    return seq.num_tokens == 1 and seq.start_pos > 0
+    """One generated token. A prompt's one-token tail (after a prefix-cache hit) is a prefill chunk: it
+    must take the prefill kernels, as it does when the whole prompt is computed (consistent numerics)."""
+    return seq.num_tokens == 1 and seq.start_pos >= seq.num_prompt_tokens
 
 
 def build_model(config: EngineConfig, checkpoint: Checkpoint, tp_group: Any = None) -> nn.Module:
@@ -146,7 +154,9 @@ def build_model(config: EngineConfig, checkpoint: Checkpoint, tp_group: Any = No
     with torch.device(config.device):
         model = cls(config.model, tp, max_positions, pp, tiler)
     model.load_weights(checkpoint.weights())
-    int4_count, fp32_count = attach_weight_copies(model, config.int4_decode_max_rows, config.fp32_matmul_min_rows)
+    int4_count, fp32_count = attach_weight_copies(
+        model, config.int4_decode_max_rows, config.fp32_matmul_min_rows, config.dense_tile_rows
+    )
     logger.info(
         "weight copies: int4 for %d 4-bit layers (steps of <= %d rows), float32 for %d (steps of >= %d rows)",
         int4_count,
@@ -275,13 +285,39 @@ class ModelRunner:
             row_ends = list(range(1, len(step.seqs) + 1))
             hidden = graphs.run(step.seqs, lambda ids: self._fill_pending(ids, step.seqs, row_ends, previous))
             return self._launch_sample(step.seqs, row_ends, hidden)
-        batch = self._prepare(step.seqs)
-        self._fill_pending(batch.input_ids, batch.order, batch.row_ends, previous)
-        forward = self.model
-        if self.compiled_decode is not None and self.compiled_decode.handles(batch.input_ids, batch.meta):
-            forward = self.compiled_decode
-        hidden = forward(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
-        return self._launch_sample(batch.order, batch.row_ends, hidden)
+        order: list[ScheduledSeq] = []
+        row_ends: list[int] = []
+        hiddens: list[torch.Tensor] = []
+        for seqs in self._forward_groups(step.seqs):
+            batch = self._prepare(self._twice_if_alone(seqs))
+            self._fill_pending(batch.input_ids, batch.order, batch.row_ends, previous)
+            forward = self.model
+            if self.compiled_decode is not None and self.compiled_decode.handles(batch.input_ids, batch.meta):
+                forward = self.compiled_decode
+            hidden = forward(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+            offset = row_ends[-1] if row_ends else 0
+            order += batch.order[: len(seqs)]
+            row_ends += [offset + end for end in batch.row_ends[: len(seqs)]]
+            hiddens.append(hidden[: row_ends[-1] - offset])  # without padding rows
+        hidden = hiddens[0] if len(hiddens) == 1 else torch.cat(hiddens)
+        return self._launch_sample(order, row_ends, hidden)
+
+    def _twice_if_alone(self, seqs: Sequence[ScheduledSeq]) -> Sequence[ScheduledSeq]:
+        """Consistent numerics: a lone decode runs as two identical rows (the copy writes the same cache
+        slot with the same values and is dropped), because the compiled graph for one row is another
+        program than the one for 2..max rows and rounds differently."""
+        if self.config.dense_tile_rows and self.compiled_decode is not None and len(seqs) == 1 and _is_decode(seqs[0]):
+            return [seqs[0], seqs[0]]
+        return seqs
+
+    def _forward_groups(self, seqs: Sequence[ScheduledSeq]) -> list[Sequence[ScheduledSeq]]:
+        """The sequences of a step in the forwards that run them: one, or (consistent numerics) the
+        decodes and the prefill chunks apart, so that a token's kernels never depend on the other kind."""
+        if not self.config.dense_tile_rows:
+            return [seqs]
+        decodes = [s for s in seqs if _is_decode(s)]
+        prefills = [s for s in seqs if not _is_decode(s)]
+        return [group for group in (decodes, prefills) if group]
 
     def _fill_pending(
         self,
@@ -343,6 +379,14 @@ class ModelRunner:
             positions.extend(span)
             slots.extend(seq.block_table[p // bs] * bs + p % bs for p in span)
             row_ends.append(len(ids))
+        tile = self.config.dense_tile_rows
+        if tile and prefills:
+            # Consistent numerics: a prefill forward has a whole number of row
+            # tiles, never the few rows that would take the decode kernels.
+            # Padding rows (token 0 at position 0) write no cache slot.
+            padding = -len(ids) % tile
+            ids.extend([0] * padding)
+            positions.extend([0] * padding)
         slot_mapping = upload(slots, torch.long, self.device)
         if self.config.attention_backend == "triton":
             meta = self._triton_metadata(order, len(decodes), slot_mapping)
@@ -373,6 +417,7 @@ class ModelRunner:
             decode_groups=self._decode_groups(decodes),
             prefills=tuple(chunks),
             query_contexts=self._query_contexts([*decodes, *prefills]) if self.config.batch_invariant else None,
+            prefill_tile_rows=self.config.dense_tile_rows,
         )
 
     def _query_contexts(self, order: Sequence[ScheduledSeq]) -> tuple[torch.Tensor, ...]:
@@ -390,14 +435,23 @@ class ModelRunner:
         return triton_backend.build_metadata(runs, num_decodes, slot_mapping, self.kv_heads, self.device)
 
     def _decode_groups(self, decodes: Sequence[ScheduledSeq]) -> tuple[DecodeGroup, ...]:
-        """``decodes`` (longest context first) split into groups, each padded to its own longest context."""
+        """``decodes`` (longest context first) split into groups, each padded to its own longest context.
+
+        Consistent numerics: rounded up to a multiple of ``DECODE_KEY_MULTIPLE``,
+        so a decode's attention does not depend on the group it lands in.
+        """
         context_lens = [s.start_pos + 1 for s in decodes]
+        multiple = DECODE_KEY_MULTIPLE if self.config.dense_tile_rows else 1
         groups: list[DecodeGroup] = []
         for first, count in split_by_length(context_lens):
             members = decodes[first : first + count]
             lens = upload(context_lens[first : first + count], torch.long, self.device)
-            longest = context_lens[first]
-            table = padded_block_tables([s.block_table for s in members], self.device)
+            longest = -(-context_lens[first] // multiple) * multiple
+            # Padded positions past a table's end read block 0 (masked out).
+            width = -(-longest // self.block_size)
+            table = padded_block_tables(
+                [[*s.block_table, *[0] * (width - len(s.block_table))] for s in members], self.device
+            )
             mask = torch.arange(longest, device=self.device).unsqueeze(0) < lens.unsqueeze(1)
             slots = self._slots(table, longest)
             groups.append(DecodeGroup(first, count, longest, slots, mask[:, None, None, :]))

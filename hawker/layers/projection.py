@@ -13,10 +13,25 @@ make the common CPU cases faster without changing what is computed:
   exactly and the product is rounded back to bfloat16 once, which is what a
   bfloat16 matmul with float32 accumulation computes too; only the order of
   the sums differs.
+
+Consistent numerics (the default, ``EngineConfig.consistent_numerics``): a
+token's numbers must not depend on how many rows its step has, or a prompt
+would decode differently cold and after a prefix-cache hit. The kernels'
+reduction order depends on the shape they are given (oneDNN picks its
+algorithm by the number of rows: on the development CPU rows 1-32 and
+>= 768 share one order, 33-512 another), so a layer with ``dense_tile_rows``
+set multiplies every input of more than ``SMALL_ROWS`` rows on fixed tiles
+of that many rows and smaller inputs on tiles of ``SMALL_ROWS``, and uses
+its int4 copy (whose kernel gives each row the same result whatever the
+number of rows) only for inputs of at most ``SMALL_ROWS`` rows. The model
+runner never gives a prefill so few rows (it pads prefill forwards), so a
+prompt token always takes the large-tile path and a decode token of a step
+of up to ``SMALL_ROWS`` sequences always the int4 or small-tile one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +49,12 @@ from hawker.layers.quant import (
 # Below about this many rows torch's bfloat16 matmul is as fast as float32
 # after widening the input (measured on the development CPU: 28-32 rows).
 DEFAULT_FP32_MATMUL_MIN_ROWS = 32
+# Consistent numerics: inputs of at most this many rows (decode steps of a
+# few sequences) take the int4 copy or small tiles; larger ones fixed large tiles.
+SMALL_ROWS = 16
+# Rows per tile of the large-input path: large enough that the matmul runs
+# near its full rate, small enough that a short prefill wastes little on padding.
+DEFAULT_DENSE_TILE_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -56,6 +77,8 @@ class ProjectionCopies:
     weight: torch.Tensor
     int4: Int4Weight | Int8PairWeight | None = None
     fp32: Fp32Weight | None = None
+    # > 0: consistent numerics, inputs multiplied on fixed row tiles (see the module docstring).
+    dense_tile_rows: int = 0
 
     def attach_int4(self, max_rows: int) -> bool:
         """Keep an int4 copy of the (loaded) weight for inputs of at most ``max_rows`` rows.
@@ -83,6 +106,8 @@ class ProjectionCopies:
 
     def project(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x W^T (+ bias)`` through the copy that suits the number of rows of ``x``."""
+        if self.dense_tile_rows and x.dim() == 2:
+            return self._project_consistently(x, bias)
         if self.int4 is not None and self.int4.applies_to(x):
             out = self.int4.matmul(x)
             return out if bias is None else out + bias
@@ -90,16 +115,67 @@ class ProjectionCopies:
             return self.fp32.matmul(x, bias)
         return F.linear(x, self.weight, bias)
 
+    def _project_consistently(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The same result for a row whatever the other rows: int4 or ``SMALL_ROWS`` tiles for small inputs,
+        ``dense_tile_rows`` tiles for large ones (the bias is added after the matmul, row by row)."""
+        rows = x.shape[0]
+        if rows <= SMALL_ROWS and self.int4 is not None:
+            out = self.int4.matmul(x)
+        else:
+            tile = SMALL_ROWS if rows <= SMALL_ROWS else self.dense_tile_rows
+            out = tiled_rows(self._dense_matmul, x, tile)
+        return out if bias is None else out + bias
 
-def attach_weight_copies(model: nn.Module, int4_max_rows: int, fp32_min_rows: int) -> tuple[int, int]:
+    def _dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp32 is not None:
+            return self.fp32.matmul(x, None)
+        return F.linear(x, self.weight)
+
+
+def tiled_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int) -> torch.Tensor:
+    """``fn`` (row-wise) applied to ``x`` on tiles of exactly ``tile`` rows, the last one zero-padded.
+
+    Every call then has one shape, so every row is reduced in one order; full
+    tiles are views (no copy), only a partial last tile is copied.
+    """
+    rows = x.shape[0]
+    if rows == tile:
+        return fn(x)
+    parts = []
+    for first in range(0, rows, tile):
+        piece = x[first : first + tile]
+        if piece.shape[0] < tile:
+            padded = x.new_zeros((tile, *x.shape[1:]))
+            padded[: piece.shape[0]] = piece
+            piece = fn(padded)[: rows - first]
+        else:
+            piece = fn(piece)
+        parts.append(piece)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def attach_weight_copies(
+    model: nn.Module, int4_max_rows: int, fp32_min_rows: int, dense_tile_rows: int = 0
+) -> tuple[int, int]:
     """Give every projection of a loaded model the copies asked for (0 = none of that kind).
 
     int4 copies go only to layers whose weights are 4- or 8-bit already, float32
-    copies only to half-precision ones. Returns how many layers got each.
+    copies only to half-precision ones. ``dense_tile_rows`` > 0 turns on
+    consistent numerics (module docstring): then only 4-bit layers get int4
+    copies (the 8-bit pair pays off only below ``SMALL_ROWS`` rows), and a
+    float32 copy serves every large input. Returns how many layers got each.
     """
     int4_count = fp32_count = 0
     for module in model.modules():
         if not isinstance(module, ProjectionCopies):
+            continue
+        module.dense_tile_rows = dense_tile_rows
+        if dense_tile_rows:
+            if int4_max_rows:
+                module.int4 = quantize_int4(module.weight.data, SMALL_ROWS)
+                int4_count += module.int4 is not None
+            if fp32_min_rows:
+                fp32_count += module.attach_fp32(fp32_min_rows)
             continue
         if int4_max_rows:
             int4_count += module.attach_int4(int4_max_rows)
