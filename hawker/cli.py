@@ -321,7 +321,7 @@ def _add_bench_serve_parser(bench_sub: argparse._SubParsersAction) -> None:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from hawker.engine.engine import EngineOptions
-    from hawker.server.serve import ServeOptions, run
+    from hawker.server.serve import ServeOptions, exit_process, run
     from hawker.server.tracing import tracing_enabled_by_env
 
     logging.getLogger().setLevel(args.log_level.upper())
@@ -335,6 +335,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_request_body_mb=args.max_request_body_mb,
         max_tokens_default=args.max_tokens_default,
         shutdown_grace_s=args.shutdown_grace_s,
+        allowed_weight_roots=tuple(args.allowed_weight_roots),
         log_level=args.log_level,
         data_parallel_size=args.data_parallel_size,
         otel_tracing=args.otel_tracing or tracing_enabled_by_env(),
@@ -342,7 +343,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         inject_fault_token_id=args.inject_fault_token_id,
         inject_fatal_token_id=args.inject_fatal_token_id,
     )
-    return run(options)
+    # Straight out once the server has stopped: the interpreter's teardown would outlast the grace period.
+    exit_process(run(options))
 
 
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -389,7 +391,16 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "--shutdown-grace-s",
         type=float,
         default=30.0,
-        help="on SIGTERM, how long in-flight requests may finish before they are aborted (default: %(default)s)",
+        help="on SIGTERM, the longest the server takes to exit: in-flight requests may finish until shortly "
+        "before it ends (up to 0.5 s is kept for shutting down), then they are aborted (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--allowed-weight-roots",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="/admin/update_weights loads only directories under one of these (symlinks resolved); "
+        "default: any directory the server can read. Files are always confined to the directory given",
     )
     serve.add_argument(
         "--log-level",

@@ -43,8 +43,8 @@ from hawker.layers.projection import (
 )
 from hawker.layers.quant import DEFAULT_INT4_DECODE_MAX_ROWS
 from hawker.loader.checkpoint import Checkpoint, open_checkpoint
-from hawker.loader.safetensors import iterate_safetensors
 from hawker.loader.tokenizer import load_tokenizer
+from hawker.loader.update_files import open_update
 from hawker.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from hawker.sampling_params import SamplingParams
 
@@ -490,19 +490,20 @@ class Engine:
 
         ``weights``: (Hugging Face name, tensor) pairs, as a trainer's
         ``state_dict().items()`` gives them (only changed tensors are needed),
-        or a directory of safetensors files. Every name and shape is checked
-        before anything is written, so a bad update changes nothing. Cached
-        prefixes computed with the old weights are never matched again.
+        or a directory of safetensors files (every file it reads must lie inside
+        it, and their headers are checked first: hawker/loader/update_files.py).
+        Every name, dtype and shape is checked before anything is written, so a
+        bad update changes nothing. Cached prefixes computed with the old
+        weights are never matched again.
         """
         if not isinstance(self.runner, ModelRunner):
             raise ValueError("update_weights is not supported with tensor or pipeline parallelism yet")
         self._drain()  # the step in flight sampled with the old weights: read it back first
         model = self.runner.model
         if isinstance(weights, str | Path):
-            directory = Path(weights)
-            shapes = [(name, tensor.get_shape()) for name, tensor in iterate_safetensors(directory)]
-            self._check_updatable(model.check_weight_shapes(shapes))
-            written = model.load_weights(iterate_safetensors(directory), require_all=False)
+            update = open_update(weights)
+            self._check_updatable(model.check_weight_shapes(update.shapes()))
+            written = model.load_weights(update.weights(), require_all=False)
         else:
             items = list(weights)
             self._check_updatable(model.check_weight_shapes((name, tuple(t.shape)) for name, t in items))

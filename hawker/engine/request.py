@@ -67,6 +67,10 @@ class Request:
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
+        if self.wants_prompt_logprobs and not self.prompt_logprobs:
+            # The first prompt token has no context. Set here, not when the first prompt
+            # logprobs arrive: a one-token prompt has none to compute, yet still needs its entry.
+            self.prompt_logprobs = [None]
 
     @property
     def num_prompt_tokens(self) -> int:

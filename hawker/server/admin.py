@@ -9,7 +9,8 @@ runs on every replica's engine thread between two steps
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI
@@ -17,7 +18,8 @@ from pydantic import BaseModel, ConfigDict
 
 from hawker.engine.async_engine import AsyncEngine
 from hawker.engine.engine import Engine
-from hawker.server.errors import APIError
+from hawker.loader.update_files import confined_directory
+from hawker.server.errors import APIError, error_responses
 
 
 class PauseRequest(BaseModel):
@@ -27,7 +29,9 @@ class PauseRequest(BaseModel):
 
 class UpdateWeightsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    path: str  # a directory of safetensors files with Hugging Face names (all or some of the weights)
+    # A directory of safetensors files with Hugging Face names (all or some of the weights). Only files
+    # inside it are read, and it must lie under one of the server's --allowed-weight-roots if any are set.
+    path: str
 
 
 class SleepRequest(BaseModel):
@@ -35,36 +39,49 @@ class SleepRequest(BaseModel):
     level: Literal[1, 2] = 1
 
 
-def add_admin_routes(app: FastAPI, replicas: list[AsyncEngine], api_key: str | None) -> None:
-    async def on_every_replica(operation: Callable[[Engine], Any]) -> list[Any]:
+_ADMIN_ERRORS = error_responses(400, 401, 403, 413)
+
+
+def add_admin_routes(
+    app: FastAPI, replicas: list[AsyncEngine], api_key: str | None, allowed_weight_roots: Sequence[Path] = ()
+) -> None:
+    def require_admin() -> None:
         if not api_key:
             raise APIError(403, "admin endpoints need the server to be started with --api-key", code="forbidden")
+
+    async def on_every_replica(operation: Callable[[Engine], Any], param: str | None = None) -> list[Any]:
+        require_admin()
         try:
             return [await replica.call(operation) for replica in replicas]
         except ValueError as error:
-            raise APIError(400, str(error)) from error
+            raise APIError(400, str(error), param=param) from error
 
-    @app.post("/admin/pause")
+    @app.post("/admin/pause", responses=_ADMIN_ERRORS)
     async def pause(body: PauseRequest) -> dict[str, Any]:
         finished = await on_every_replica(lambda engine: engine.pause_generation(body.mode))
         return {"paused": True, "aborted_requests": sum(len(outputs) for outputs in finished)}
 
-    @app.post("/admin/resume")
+    @app.post("/admin/resume", responses=_ADMIN_ERRORS)
     async def resume() -> dict[str, Any]:
         await on_every_replica(lambda engine: engine.resume_generation())
         return {"paused": False}
 
-    @app.post("/admin/update_weights")
+    @app.post("/admin/update_weights", responses=_ADMIN_ERRORS)
     async def update_weights(body: UpdateWeightsRequest) -> dict[str, Any]:
-        versions = await on_every_replica(lambda engine: engine.update_weights(body.path))
+        require_admin()  # before the path is looked at: an open server says nothing about its files
+        try:
+            directory = confined_directory(body.path, allowed_weight_roots)
+        except ValueError as error:
+            raise APIError(400, str(error), param="path") from None
+        versions = await on_every_replica(lambda engine: engine.update_weights(directory), param="path")
         return {"weight_version": max(versions)}
 
-    @app.post("/admin/sleep")
+    @app.post("/admin/sleep", responses=_ADMIN_ERRORS)
     async def sleep(body: SleepRequest) -> dict[str, Any]:
         await on_every_replica(lambda engine: engine.sleep(body.level))
         return {"sleeping": body.level}
 
-    @app.post("/admin/wake_up")
+    @app.post("/admin/wake_up", responses=_ADMIN_ERRORS)
     async def wake_up() -> dict[str, Any]:
         await on_every_replica(lambda engine: engine.wake_up())
         return {"sleeping": 0}

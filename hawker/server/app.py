@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -36,11 +36,20 @@ from hawker.server.errors import (
     APIError,
     error_body,
     error_response,
+    error_responses,
     from_engine_error,
     from_value_error,
     install_error_handlers,
 )
 from hawker.server.formatting import TokenText
+from hawker.server.guards import (
+    ApiKeyAuth,
+    BodySizeLimit,
+    ErrorCounter,
+    RequestGuard,
+    guarded_sse,
+    request_id_of,
+)
 from hawker.server.metrics import ServerMetrics
 from hawker.server.protocol import (
     DEFAULT_MAX_TOKENS,
@@ -54,6 +63,7 @@ from hawker.server.protocol import (
 from hawker.server.responders import ChatResponder, CompletionResponder
 from hawker.server.router import ObserverGroup, ReplicaRouter
 from hawker.server.stats import StatsConfig, StatsHistory, points_json, read_snapshot
+from hawker.server.text_input import TextCheckedRoute
 from hawker.server.tracking import FinishedSink, RequestLog, RequestTracker
 
 if TYPE_CHECKING:
@@ -76,6 +86,8 @@ class ServerSettings:
     api_key: str | None = None
     max_request_body_bytes: int = 16 * 1024 * 1024
     shutdown_grace_s: float = 30.0
+    # /admin/update_weights loads only from directories under one of these (resolved; none: anywhere).
+    allowed_weight_roots: tuple[Path, ...] = ()
     # The max_tokens of a request that sets none (chat's default; completions' when null),
     # lowered to what the prompt leaves of the context (see ServerState.fill_max_tokens).
     max_tokens_default: int = DEFAULT_MAX_TOKENS
@@ -172,6 +184,12 @@ class ServerState:
 # The dashboard's table shows at most this many requests (the oldest); the count shows them all.
 _MAX_TABLE_ROWS = 100
 
+# Completions and chat: their errors, and a 200 that is JSON, or server-sent events when "stream" is true.
+_GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+    **error_responses(400, 401, 404, 413, 429, 500, 503),
+}
+
 
 def build_app(router: ReplicaRouter, settings: ServerSettings, tracer: RequestTracer | None = None) -> FastAPI:
     """The HTTP app over ``router``; ``tracer`` (see hawker/server/tracing.py) adds a span per request."""
@@ -193,22 +211,26 @@ def build_app(router: ReplicaRouter, settings: ServerSettings, tracer: RequestTr
 
     app = FastAPI(title="Hawker", description="OpenAI-compatible LLM inference server", lifespan=lifespan)
     app.state.hawker = state
+    # Every route's JSON body is checked for text that is not valid Unicode before it is validated.
+    app.router.route_class = TextCheckedRoute
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, limit=settings.max_request_body_bytes)
     if settings.api_key:
-        app.add_middleware(ApiKeyAuth, api_key=settings.api_key)
-    # Outermost, so that it also counts the 401s and 413s of the middlewares above.
+        app.add_middleware(ApiKeyAuth, api_key=settings.api_key, open_paths=OPEN_PATHS, open_prefixes=OPEN_PREFIXES)
+    # Counts the 401s and 413s of the middlewares above, and the catch-all's 500s below.
     app.add_middleware(ErrorCounter, count=metrics.on_error_response)
+    # Outermost: a request id for every response, and OpenAI's error shape for any exception.
+    app.add_middleware(RequestGuard)
     _add_routes(app, state)
     _add_dashboard(app, state)
-    add_admin_routes(app, router.replicas, settings.api_key)
+    add_admin_routes(app, router.replicas, settings.api_key, settings.allowed_weight_roots)
     return app
 
 
 def _add_routes(app: FastAPI, state: ServerState) -> None:
     router = state.router
 
-    @app.get("/health")
+    @app.get("/health", responses=error_responses(503))
     async def health() -> Response:
         try:
             router.raise_if_dead()
@@ -218,11 +240,11 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             return error_response(APIError(503, "the server is shutting down", retry_after=RETRY_AFTER_S))
         return Response(status_code=200)
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses=error_responses())
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=error_responses(401))
     async def models() -> dict[str, Any]:
         card = {
             "id": state.settings.served_model_name,
@@ -233,7 +255,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         }
         return {"object": "list", "data": [card]}
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=error_responses(400, 401, 404, 413, 503))
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         state.check_serving(body.model)
         if (body.prompt is None) == (body.messages is None):
@@ -245,7 +267,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             ids = router.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens).input_ids
         return {"tokens": ids, "count": len(ids), "max_model_len": router.max_model_len}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=error_responses(400, 401, 404, 413, 503))
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         state.check_serving(body.model)
         vocab = router.vocab_size
@@ -254,7 +276,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens")
         return {"prompt": router.tokenizer.decode(body.tokens)}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         state.check_serving(body.model)
         _log_ignored(body.ignored_fields())
@@ -278,7 +300,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             return await _streamed(request, streams, responder, include_usage)
         return await _whole(request, streams, responder)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         state.check_serving(body.model)
         _log_ignored(body.ignored_fields())
@@ -300,7 +322,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
 
 def _add_dashboard(app: FastAPI, state: ServerState) -> None:
-    @app.get("/v1/stats")
+    @app.get("/v1/stats", responses=error_responses(400))
     async def stats(since: float | None = None) -> dict[str, Any]:
         """What /dashboard shows: the /metrics registry's totals, its last minutes as chart points, and
         the requests in flight. ``since``: only chart points newer than this ``t`` (seconds since the epoch)."""
@@ -415,7 +437,8 @@ async def _streamed(
             _close(streams)
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    # Guarded: whatever fails while streaming, the client gets an error event and [DONE].
+    return StreamingResponse(guarded_sse(events(), request_id_of(request)), media_type="text/event-stream")
 
 
 async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -472,100 +495,6 @@ def _close(streams: list[RequestStream]) -> None:
 
 
 def _sse(body: dict[str, Any]) -> str:
-    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-
-# ----------------------------------------------------------- middleware
-ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
-
-
-class ApiKeyAuth:
-    """Require ``Authorization: Bearer <key>`` on every path but the probes."""
-
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["path"].startswith(OPEN_PREFIXES):
-            await self.app(scope, receive, send)
-            return
-        given = dict(scope.get("headers") or []).get(b"authorization", b"")
-        if not hmac.compare_digest(given, self.expected):
-            error = APIError(
-                401, "missing or invalid API key (send Authorization: Bearer <key>)", code="invalid_api_key"
-            )
-            await error_response(error)(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-
-class ErrorCounter:
-    """Count every response with an error status (``hawker:http_errors_total``), whichever layer sent it."""
-
-    def __init__(self, app: ASGIApp, count: Callable[[int], None]) -> None:
-        self.app = app
-        self.count = count
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def counting_send(message: dict) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                # 499: the client left; its requests are counted as aborted instead.
-                if message["status"] >= 400 and message["status"] != 499:
-                    self.count(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, counting_send)
-        except Exception:
-            if not started:
-                self.count(500)  # Starlette's outermost handler turns it into a 500
-            raise
-
-
-class BodySizeLimit:
-    """413 for a request body over ``limit`` bytes, declared or streamed."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._reject(scope, receive, send)
-            return
-        received = 0
-        too_large = False
-
-        async def counting_receive() -> dict:
-            nonlocal received, too_large
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    too_large = True
-                    return {"type": "http.disconnect"}  # the app stops reading
-            return message
-
-        async def guarded_send(message: dict) -> None:
-            if not too_large:
-                await send(message)
-
-        await self.app(scope, counting_receive, guarded_send)
-        if too_large:
-            await self._reject(scope, receive, send)
-
-    async def _reject(self, scope: dict, receive: Callable, send: Callable) -> None:
-        message = f"the request body is larger than the limit of {self.limit} bytes"
-        await error_response(APIError(413, message, code="request_too_large"))(scope, receive, send)
+    # allow_nan=False: a stray infinity fails here (guarded_sse turns it into an error event)
+    # instead of going out as "Infinity", which is not JSON.
+    return f"data: {json.dumps(body, ensure_ascii=False, allow_nan=False)}\n\n"

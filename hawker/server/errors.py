@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import re
 from http import HTTPStatus
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hawker.engine.async_engine import EngineBusyError, EngineDeadError, RequestFailedError
@@ -18,6 +21,7 @@ RETRY_AFTER_S = 1
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
@@ -55,9 +59,55 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
 
 
+class ErrorJSONResponse(JSONResponse):
+    """JSON with non-ASCII characters escaped: an error message may quote what the client sent,
+    and text that is not valid Unicode (a lone UTF-16 surrogate) cannot be encoded as UTF-8."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def error_response(error: APIError) -> JSONResponse:
     headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
-    return JSONResponse(error_body(error.status, error.message, error.param, error.code), error.status, headers)
+    return ErrorJSONResponse(error_body(error.status, error.message, error.param, error.code), error.status, headers)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """What every error response holds (OpenAI's shape)."""
+
+    error: ErrorDetail
+
+
+_WHEN = {
+    400: "The request is invalid (malformed JSON, a wrong type, a value out of range, text that is not valid Unicode)",
+    401: "The server runs with --api-key and the request has no valid Authorization: Bearer header (or several)",
+    403: "Admin routes on a server started without --api-key",
+    404: "No such model (or route)",
+    413: "The request body is larger than --max-request-body-mb",
+    429: "The waiting queue is full; retry after Retry-After seconds",
+    500: "The engine failed on this request, or an unexpected error (its message names the request id)",
+    503: "The server is shutting down or its engine is not running",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` for a route: the error statuses it sends, each with ``ErrorBody``.
+
+    "default" covers any other error status, also in that shape (and stops
+    FastAPI from advertising its 422, which this server never sends).
+    """
+    declared: dict[int | str, dict[str, Any]] = {
+        status: {"model": ErrorBody, "description": _WHEN[status]} for status in sorted({*statuses, 500})
+    }
+    declared["default"] = {"model": ErrorBody, "description": "Any other error, in the same shape"}
+    return declared
 
 
 def from_value_error(error: ValueError) -> APIError:
@@ -112,7 +162,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0] if error.errors() else {}
-        location = [str(part) for part in first.get("loc", ()) if part != "body"]
+        # "body" / "query" say where the field was, not which field: the param is the field itself.
+        location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query")]
         if first.get("type") == "json_invalid":
             message = f"the request body is not valid JSON: {first.get('msg', '')}"
             return error_response(APIError(400, message, code="invalid_json"))

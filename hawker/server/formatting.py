@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,6 +11,17 @@ from transformers import PreTrainedTokenizerBase
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from hawker.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+
+# What a logprob of -inf (a token the sampling filters ruled out: top_k, top_p, min_p) or NaN is
+# reported as: JSON has no infinities, and vLLM's API reports the same floor.
+LOWEST_LOGPROB = -9999.0
+
+
+def json_logprob(logprob: float) -> float:
+    """``logprob`` as JSON can hold it: no lower than ``LOWEST_LOGPROB`` (and never -inf or NaN)."""
+    if math.isnan(logprob) or logprob < LOWEST_LOGPROB:
+        return LOWEST_LOGPROB
+    return logprob
 
 
 @dataclass
@@ -132,9 +144,9 @@ def completion_logprobs(
             token_logprobs.append(None)
             top_logprobs.append(None)
             continue
-        token_logprobs.append(entry[token_id].logprob)
+        token_logprobs.append(json_logprob(entry[token_id].logprob))
         ranked = sorted(entry.items(), key=lambda item: item[1].rank)
-        top_logprobs.append({token_text(tid): lp.logprob for tid, lp in ranked})
+        top_logprobs.append({token_text(tid): json_logprob(lp.logprob) for tid, lp in ranked})
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
 
 
@@ -155,4 +167,8 @@ def chat_logprobs(
 
 
 def _token_logprob(token_id: int, logprob: float, token_text: TokenText) -> dict[str, Any]:
-    return {"token": token_text(token_id), "logprob": logprob, "bytes": list(token_text.token_bytes(token_id))}
+    return {
+        "token": token_text(token_id),
+        "logprob": json_logprob(logprob),
+        "bytes": list(token_text.token_bytes(token_id)),
+    }

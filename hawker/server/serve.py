@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import logging
+import os
 import signal
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import NoReturn
 
 import torch
 import uvicorn
@@ -35,7 +41,10 @@ class ServeOptions:
     max_waiting_requests: int = 1024
     max_request_body_mb: float = 16.0
     max_tokens_default: int = DEFAULT_MAX_TOKENS
+    # SIGTERM to exit, in-flight requests included: they are aborted shortly before it runs out.
     shutdown_grace_s: float = 30.0
+    # /admin/update_weights only loads directories under these (none given: any directory).
+    allowed_weight_roots: tuple[str, ...] = ()
     log_level: str = "info"
     # Engine replicas behind the server, each with the whole model and its own
     # KV cache; requests go where their prompt's prefix is cached.
@@ -57,6 +66,11 @@ class ServeOptions:
                 "data_parallel_size > 1 cannot be combined with tensor or pipeline parallelism yet; "
                 "run one server per tensor x pipeline group instead"
             )
+        if not self.shutdown_grace_s >= 0:
+            raise ValueError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
+        for root in self.allowed_weight_roots:
+            if not Path(root).expanduser().is_dir():
+                raise ValueError(f"allowed weight root {root!r} is not a directory")
         if self.request_log_level not in REQUEST_LOG_LEVELS:
             choices = ", ".join(REQUEST_LOG_LEVELS)
             raise ValueError(f"request_log_level must be one of {choices}, got {self.request_log_level!r}")
@@ -64,15 +78,34 @@ class ServeOptions:
 
 # How long /health says 503 before a server whose distributed engine died exits.
 DEAD_RANK_EXIT_DELAY_S = 2.0
+# Of the grace period, what is kept for the steps after the abort (at most half of it): the aborted
+# streams' last chunks, uvicorn's shutdown (0.1-0.2 s of fixed waits), the engine threads' stop.
+EXIT_RESERVE_S = 0.5
+
+
+def exit_process(code: int) -> NoReturn:
+    """Exit now, once logs and stdio are flushed, skipping the interpreter's teardown.
+
+    Tearing down torch and transformers takes 0.5-1 s on a small CPU, which a
+    supervisor's grace period would otherwise have to cover. Called only once
+    the server has stopped (or its grace period is over).
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # closed or broken: nothing more can be said
+            stream.flush()
+    os._exit(code)
 
 
 class DrainingServer(uvicorn.Server):
     """uvicorn, except that SIGTERM/SIGINT drain first.
 
     The first signal stops accepting (listening sockets close, new requests
-    on open connections get 503), waits up to the grace period for in-flight
-    requests, aborts the rest (their clients get finish_reason "abort"), then
-    exits normally (status 0). A second signal exits at once.
+    on open connections get 503), waits for in-flight requests until shortly
+    before the grace period ends, aborts the rest (their clients get
+    finish_reason "abort"), then exits normally (status 0). The grace period
+    bounds the whole exit: should shutting down still be under way when it
+    ends, the process exits then. A second signal exits at once.
     """
 
     def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
@@ -80,6 +113,7 @@ class DrainingServer(uvicorn.Server):
         self.state = state
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
+        self._drain_task: asyncio.Task | None = None
         self.failure: str | None = None  # why the server gave up (then the process exits non-zero)
 
     def fail(self, reason: str, after_s: float) -> None:
@@ -110,20 +144,34 @@ class DrainingServer(uvicorn.Server):
             self.force_exit = self._draining
             return
         self._draining = True
-        logger.info("received %s: draining", signal.Signals(sig).name)
-        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()))  # type: ignore[union-attr]
+        grace = self.state.settings.shutdown_grace_s
+        deadline = time.monotonic() + grace
+        logger.info("received %s: draining (grace period %.1f s)", signal.Signals(sig).name, grace)
+        # The bound, whatever blocks the orderly path (a long step, a stuck connection, a thread join).
+        watchdog = threading.Timer(grace, self._grace_over)
+        watchdog.daemon = True
+        watchdog.start()
+        self._loop.call_soon_threadsafe(self._start_drain, deadline)
 
-    async def _drain(self) -> None:
+    def _start_drain(self, deadline: float) -> None:
+        self._drain_task = asyncio.get_running_loop().create_task(self._drain(deadline))
+
+    def _grace_over(self) -> None:
+        logger.error("still shutting down when the grace period ended: exiting now")
+        exit_process(1 if self.failure is not None else 0)
+
+    async def _drain(self, deadline: float) -> None:
         state = self.state
         state.draining = True
         for server in self.servers:
             server.close()
         grace = state.settings.shutdown_grace_s
-        if not await state.router.wait_idle(grace):
+        abort_at = deadline - min(EXIT_RESERVE_S, grace / 2)
+        if not await state.router.wait_idle(max(0.0, abort_at - time.monotonic())):
             aborted = state.router.abort_all()
-            logger.warning("grace period of %.1f s over: aborting %d request(s)", grace, len(aborted))
-            await state.router.wait_idle(5.0)
-        await asyncio.sleep(0.1)  # let the last chunks reach the sockets
+            logger.warning("grace period of %.1f s ending: aborting %d request(s)", grace, len(aborted))
+            await state.router.wait_idle(max(0.0, deadline - time.monotonic()) / 2)
+        await asyncio.sleep(0.05)  # let the last chunks reach the sockets
         self.should_exit = True
 
 
@@ -210,6 +258,7 @@ def run(options: ServeOptions) -> int:
         api_key=options.api_key,
         max_request_body_bytes=int(options.max_request_body_mb * 1024 * 1024),
         shutdown_grace_s=options.shutdown_grace_s,
+        allowed_weight_roots=tuple(Path(root).expanduser().resolve() for root in options.allowed_weight_roots),
         max_tokens_default=options.max_tokens_default,
         request_log_level=options.request_log_level,
     )
