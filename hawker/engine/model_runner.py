@@ -31,6 +31,7 @@ from hawker.engine.sampler import (
     trim_top,
 )
 from hawker.engine.scheduler import ScheduledSeq, SchedulerOutput
+from hawker.engine.step_kinds import DECODE_KEY_MULTIPLE, forward_groups, is_decode
 from hawker.layers.batch_invariant import DEFAULT_TILE_ROWS, RowTiler
 from hawker.layers.parallel import PPInfo, TPInfo
 from hawker.layers.projection import ProjectionCopies, attach_weight_copies
@@ -129,18 +130,6 @@ def split_by_length(context_lens: Sequence[int]) -> list[tuple[int, int]]:
     if context_lens:
         runs.append((first, len(context_lens) - first))
     return runs
-
-
-# Consistent numerics: decode keys are padded to a multiple of this many
-# positions. SDPA's CPU kernel gives a query the same result for any such
-# padding of its (masked) keys, but not for padding to an arbitrary length.
-DECODE_KEY_MULTIPLE = 16
-
-
-def _is_decode(seq: ScheduledSeq) -> bool:
-    """One generated token. A prompt's one-token tail (after a prefix-cache hit) is a prefill chunk: it
-    must take the prefill kernels, as it does when the whole prompt is computed (consistent numerics)."""
-    return seq.num_tokens == 1 and seq.start_pos >= seq.num_prompt_tokens
 
 
 def build_model(config: EngineConfig, checkpoint: Checkpoint, tp_group: Any = None) -> nn.Module:
@@ -281,14 +270,14 @@ class ModelRunner:
         """
         assert self.stage is None, "pipeline stages run through execute()"
         graphs = self.decode_graphs
-        if graphs is not None and graphs.handles(len(step.seqs)) and all(map(_is_decode, step.seqs)):
+        if graphs is not None and graphs.handles(len(step.seqs)) and all(map(is_decode, step.seqs)):
             row_ends = list(range(1, len(step.seqs) + 1))
             hidden = graphs.run(step.seqs, lambda ids: self._fill_pending(ids, step.seqs, row_ends, previous))
             return self._launch_sample(step.seqs, row_ends, hidden)
         order: list[ScheduledSeq] = []
         row_ends: list[int] = []
         hiddens: list[torch.Tensor] = []
-        for seqs in self._forward_groups(step.seqs):
+        for seqs in forward_groups(step.seqs, apart=bool(self.config.dense_tile_rows)):
             batch = self._prepare(self._twice_if_alone(seqs))
             self._fill_pending(batch.input_ids, batch.order, batch.row_ends, previous)
             forward = self.model
@@ -306,18 +295,9 @@ class ModelRunner:
         """Consistent numerics: a lone decode runs as two identical rows (the copy writes the same cache
         slot with the same values and is dropped), because the compiled graph for one row is another
         program than the one for 2..max rows and rounds differently."""
-        if self.config.dense_tile_rows and self.compiled_decode is not None and len(seqs) == 1 and _is_decode(seqs[0]):
+        if self.config.dense_tile_rows and self.compiled_decode is not None and len(seqs) == 1 and is_decode(seqs[0]):
             return [seqs[0], seqs[0]]
         return seqs
-
-    def _forward_groups(self, seqs: Sequence[ScheduledSeq]) -> list[Sequence[ScheduledSeq]]:
-        """The sequences of a step in the forwards that run them: one, or (consistent numerics) the
-        decodes and the prefill chunks apart, so that a token's kernels never depend on the other kind."""
-        if not self.config.dense_tile_rows:
-            return [seqs]
-        decodes = [s for s in seqs if _is_decode(s)]
-        prefills = [s for s in seqs if not _is_decode(s)]
-        return [group for group in (decodes, prefills) if group]
 
     def _fill_pending(
         self,
@@ -363,8 +343,8 @@ class ModelRunner:
         return ModelOutput(results=results) if stage.next_rank is None else None
 
     def _prepare(self, seqs: Sequence[ScheduledSeq]) -> _Batch:
-        decodes = [s for s in seqs if _is_decode(s)]
-        prefills = [s for s in seqs if not _is_decode(s)]
+        decodes = [s for s in seqs if is_decode(s)]
+        prefills = [s for s in seqs if not is_decode(s)]
         # Longest context first, so that decode groups of similar length are contiguous rows.
         decodes.sort(key=lambda s: -s.start_pos)
         order = decodes + prefills
