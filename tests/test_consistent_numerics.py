@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from hawker import LLM, SamplingParams
 from hawker.attention.metadata import PrefillChunk
 from hawker.attention.torch_backend import _prefill_tiled
-from hawker.layers.projection import tiled_rows
+from hawker.layers.batch_invariant import tiled_rows
 
 MAX_TOKENS = 40
 # Long enough that prefill tiles (128 rows) and decode key padding (16) are crossed.

@@ -34,12 +34,30 @@ class RowTiler:
     def __call__(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         if not self.tile:
             return fn(x)
-        rows = x.shape[0]
-        padded = -(-rows // self.tile) * self.tile
-        outputs = []
-        for first in range(0, padded, self.tile):
-            tile = x.new_zeros((self.tile, *x.shape[1:]))
-            piece = x[first : first + self.tile]
-            tile[: piece.shape[0]] = piece
-            outputs.append(fn(tile))
-        return torch.cat(outputs)[:rows]
+        return tiled_rows(fn, x, self.tile, copy_full_tiles=True)
+
+
+def tiled_rows(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, copy_full_tiles: bool = False
+) -> torch.Tensor:
+    """``fn`` (row-wise) applied to ``x`` on tiles of exactly ``tile`` rows, the last one zero-padded.
+
+    Every call then has one shape, so every row is reduced in one order. A
+    partial last tile is always copied into a fresh buffer; full tiles are
+    views unless ``copy_full_tiles`` (batch-invariant mode also fixes the
+    buffer's alignment; consistent numerics, hawker/layers/projection.py,
+    measured views to give the same rows).
+    """
+    rows = x.shape[0]
+    if rows == tile and not copy_full_tiles:
+        return fn(x)
+    parts = []
+    for first in range(0, rows, tile):
+        piece = x[first : first + tile]
+        if piece.shape[0] < tile or copy_full_tiles:
+            padded = x.new_zeros((tile, *x.shape[1:]))
+            padded[: piece.shape[0]] = piece
+            parts.append(fn(padded)[: piece.shape[0]])
+        else:
+            parts.append(fn(piece))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -14,7 +14,7 @@ make the common CPU cases faster without changing what is computed:
   bfloat16 matmul with float32 accumulation computes too; only the order of
   the sums differs.
 
-Consistent numerics (the default, ``EngineConfig.consistent_numerics``): a
+Consistent numerics (the default on CPU, ``EngineConfig.dense_tile_rows`` > 0): a
 token's numbers must not depend on how many rows its step has, or a prompt
 would decode differently cold and after a prefix-cache hit. The kernels'
 reduction order depends on the shape they are given (oneDNN picks its
@@ -31,13 +31,13 @@ of up to ``SMALL_ROWS`` sequences always the int4 or small-tile one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hawker.layers.batch_invariant import tiled_rows
 from hawker.layers.quant import (
     INT8_PAIR_MAX_ROWS,
     Int4Weight,
@@ -130,28 +130,6 @@ class ProjectionCopies:
         if self.fp32 is not None:
             return self.fp32.matmul(x, None)
         return F.linear(x, self.weight)
-
-
-def tiled_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int) -> torch.Tensor:
-    """``fn`` (row-wise) applied to ``x`` on tiles of exactly ``tile`` rows, the last one zero-padded.
-
-    Every call then has one shape, so every row is reduced in one order; full
-    tiles are views (no copy), only a partial last tile is copied.
-    """
-    rows = x.shape[0]
-    if rows == tile:
-        return fn(x)
-    parts = []
-    for first in range(0, rows, tile):
-        piece = x[first : first + tile]
-        if piece.shape[0] < tile:
-            padded = x.new_zeros((tile, *x.shape[1:]))
-            padded[: piece.shape[0]] = piece
-            piece = fn(padded)[: rows - first]
-        else:
-            piece = fn(piece)
-        parts.append(piece)
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def attach_weight_copies(
