@@ -1,9 +1,10 @@
-"""Hawker's server and llama.cpp's (``python -m llama_cpp.server``) under the same load.
+"""Hawker's server, vLLM CPU's and llama.cpp's (``python -m llama_cpp.server``) under the same load.
 
 Each (server, rate) pair gets a freshly started server, so that no rate is
 served from a prefix cache warmed by the previous one, and the load comes
 from ``hawker bench serve``: the standard workload's prompts as text (the
-llama.cpp server takes no token-id prompts), greedy, every request running to
+llama.cpp server takes no token-id prompts; every server tokenizes them
+with the same tokenizer), greedy, every request running to
 its ``max_tokens`` (``ignore_eos`` plus a -100 logit bias on EOS, which
 llama.cpp honours).
 """
@@ -11,16 +12,21 @@ llama.cpp honours).
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from benchmarks.peers import vllm_env
 
 ROOT = Path(__file__).resolve().parent.parent
 HAWKER = Path(sys.executable).parent / "hawker"
@@ -31,6 +37,8 @@ class ServerSpec:
     name: str
     command: list[str]
     ready_path: str  # answers 200 once the model is loaded
+    env: dict[str, str] | None = None  # None: this process's
+    startup_s: float = 300.0
 
 
 def hawker_server(port: int) -> ServerSpec:
@@ -47,22 +55,50 @@ def llama_cpp_server(python: Path, model: Path, port: int, threads: int) -> Serv
     return ServerSpec("llama.cpp server", command, "/v1/models")
 
 
+def vllm_server(python: Path, model_dir: Path, port: int) -> ServerSpec:
+    """vLLM CPU's OpenAI server (its ``vllm serve`` entry point fails on the package's name: run the module).
+
+    It compiles at every start: 2-3 minutes before it answers.
+    """
+    command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
+    command += ["--dtype", "bfloat16", "--host", "127.0.0.1", "--port", str(port)]
+    return ServerSpec("vLLM CPU server", command, "/v1/models", env=vllm_env(python), startup_s=600.0)
+
+
 @contextmanager
-def running(spec: ServerSpec, port: int, log: Path, startup_s: float = 300.0) -> Iterator[str]:
+def running(spec: ServerSpec, port: int, log: Path) -> Iterator[str]:
     """Start the server, wait until it answers, yield its URL, stop it."""
     url = f"http://127.0.0.1:{port}"
+    _check_port_free(port)
     with log.open("w") as out:
-        process = subprocess.Popen(spec.command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        # A session of its own: the server's worker processes (vLLM's engine
+        # core) are stopped with it.
+        process = subprocess.Popen(
+            spec.command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=spec.env, start_new_session=True
+        )
     try:
-        _wait_ready(process, url + spec.ready_path, startup_s, log)
+        _wait_ready(process, url + spec.ready_path, spec.startup_s, log)
         yield url
     finally:
-        process.terminate()
+        _stop(process)
+
+
+def _check_port_free(port: int) -> None:
+    """A server left on the port would answer the readiness check for the new one."""
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            raise RuntimeError(f"port {port} is already in use; stop what listens there or pass another --port")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    for sig, wait_s in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
         try:
-            process.wait(timeout=30)
+            process.wait(timeout=wait_s)
+            return
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            continue
 
 
 def _wait_ready(process: subprocess.Popen[bytes], url: str, startup_s: float, log: Path) -> None:
@@ -137,7 +173,7 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
         axis.set_xlabel("request rate (req/s, Poisson)")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    figure.suptitle("Serving the default model on this CPU: hawker serve vs llama_cpp.server")
+    figure.suptitle("Serving the default model on this CPU: " + " vs ".join(results))
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
