@@ -129,6 +129,13 @@ def _add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = F
         "tiles; default: on for the torch attention backend, i.e. on a CPU)",
     )
     parser.add_argument(
+        "--native-decode-attention",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.native_decode_attention,
+        help="decodes read the paged KV cache in place through a small C kernel built on first use "
+        "(default: on for the torch attention backend on a CPU wherever a C compiler builds it)",
+    )
+    parser.add_argument(
         "--cuda-graph-max-batch-size",
         type=int,
         default=defaults.cuda_graph_max_batch_size,
@@ -165,6 +172,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "tp_overlap_chunks": args.tp_overlap_chunks,
         "deterministic": args.deterministic,
         "consistent_numerics": args.consistent_numerics,
+        "native_decode_attention": args.native_decode_attention,
         "overlap_scheduling": args.overlap_scheduling,
         "device": args.device,
     }

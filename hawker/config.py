@@ -242,3 +242,5 @@ class EngineConfig:
     # tiles, and the runner keeps prefill and decode rows in separate
     # forwards; 0 = off (kernels chosen by the step's size).
     dense_tile_rows: int = 0
+    # Decodes attend through the in-place C kernel (hawker/kernels/cpu_decode_attention.py).
+    native_decode_attention: bool = False

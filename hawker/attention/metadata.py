@@ -52,6 +52,15 @@ class DecodeGroup:
 
 
 @dataclass(frozen=True)
+class PagedDecode:
+    """Every decode of the step for the in-place CPU kernel (hawker/kernels/cpu_decode_attention.py):
+    no padding, no copy of the context."""
+
+    block_tables: torch.Tensor  # [num_decodes, widest] int64, short tables padded with block 0 (never read)
+    context_lens: torch.Tensor  # [num_decodes] int64, keys each decode attends (its own token included)
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     """The flat batch holds ``num_decodes`` single-token decodes first, then prefill chunks."""
 
@@ -65,3 +74,5 @@ class AttentionMetadata:
     # Consistent numerics: prefill queries attend on tiles of this many rows
     # aligned to multiples of it in the sequence (0 = one call per chunk).
     prefill_tile_rows: int = 0
+    # Set instead of ``decode_groups`` when decodes run the in-place CPU kernel.
+    paged_decode: PagedDecode | None = None

@@ -1,9 +1,10 @@
 """Paged attention in plain PyTorch (CPU, and the GPU reference).
 
 New keys/values of the whole step are written into the cache first, so any
-read after that sees every token of the step. Decodes are batched into a few
-padded SDPA calls, grouped by context length; prefill chunks run one SDPA
-call each (their lengths vary too much to pad together cheaply).
+read after that sees every token of the step. Decodes run the in-place C
+kernel on a CPU where it builds (one call for all of them), else a few padded
+SDPA calls grouped by context length; prefill chunks run one SDPA call each
+(their lengths vary too much to pad together cheaply).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from hawker.attention.metadata import AttentionMetadata, DecodeGroup, PrefillChunk
+from hawker.kernels.cpu_decode_attention import paged_decode_attention
 
 
 def write_kv(
@@ -84,6 +86,9 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 def _decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
+    if meta.paged_decode is not None:
+        tables = meta.paged_decode
+        return paged_decode_attention(q, k_cache, v_cache, tables.block_tables, tables.context_lens, scale)
     if len(meta.decode_groups) == 1:
         # No slicing by the group's Python ints: a compiled decode step
         # (hawker/engine/compiled_decode.py) then depends on tensor shapes only.

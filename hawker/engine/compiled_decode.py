@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from hawker.attention.metadata import AttentionMetadata, DecodeGroup
+from hawker.attention.metadata import AttentionMetadata, DecodeGroup, PagedDecode
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +42,16 @@ def can_compile_on_cpu() -> bool:
 
 
 def decode_only_single_group(meta: AttentionMetadata) -> bool:
-    return not meta.prefills and len(meta.decode_groups) == 1
+    """Decodes only, attended in one call: the in-place kernel, or one padded SDPA group."""
+    return not meta.prefills and (meta.paged_decode is not None or len(meta.decode_groups) == 1)
 
 
 class CompiledDecode:
     """Runs eligible decode steps through the compiled forward; ``warm_up`` compiles it."""
 
-    def __init__(self, model: nn.Module, max_rows: int) -> None:
+    def __init__(self, model: nn.Module, max_rows: int, paged_decode: bool = False) -> None:
         self.max_rows = max_rows
+        self.paged_decode = paged_decode  # steps' decodes use the in-place kernel (PagedDecode metadata)
         # Guards on the model's ~400 parameters and attributes cost 1.3 ms a
         # step (measured: 1.5 ms -> 0.2 ms of "TorchDynamo Cache Lookup").
         # Skipping them is safe while the modules and their tensors are never
@@ -82,7 +84,7 @@ class CompiledDecode:
         device = kv_caches[0][0].device
         with torch.inference_mode():
             for rows in sorted(set(row_counts)):
-                self(*_dummy_decode_step(rows, device), kv_caches, _dummy_meta(rows, device))
+                self(*_dummy_decode_step(rows, device), kv_caches, _dummy_meta(rows, device, self.paged_decode))
         seconds = time.perf_counter() - start
         logger.info("compiled decode steps of 1..%d rows in %.1f s", self.max_rows, seconds)
         return seconds
@@ -121,6 +123,11 @@ def _mark_step_dims_dynamic(input_ids: torch.Tensor, positions: torch.Tensor, me
     # Without this the first recompile would come mid-serving (automatic dynamic).
     for tensor in (input_ids, positions, meta.slot_mapping):
         torch._dynamo.maybe_mark_dynamic(tensor, 0)
+    if meta.paged_decode is not None:
+        for tensor in (meta.paged_decode.block_tables, meta.paged_decode.context_lens):
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        torch._dynamo.maybe_mark_dynamic(meta.paged_decode.block_tables, 1)
+        return
     group = meta.decode_groups[0]
     torch._dynamo.maybe_mark_dynamic(group.slots, 0)
     torch._dynamo.maybe_mark_dynamic(group.slots, 1)
@@ -134,8 +141,18 @@ def _dummy_decode_step(rows: int, device: torch.device) -> tuple[torch.Tensor, t
     return input_ids, positions
 
 
-def _dummy_meta(rows: int, device: torch.device) -> AttentionMetadata:
+def _dummy_meta(rows: int, device: torch.device, paged_decode: bool) -> AttentionMetadata:
     context = 2  # not 1, which dynamo would specialise
+    if paged_decode:
+        tables = torch.zeros(rows, context, dtype=torch.long, device=device)
+        lens = torch.full((rows,), context, dtype=torch.long, device=device)
+        return AttentionMetadata(
+            slot_mapping=torch.arange(rows, device=device),
+            num_decodes=rows,
+            decode_groups=(),
+            prefills=(),
+            paged_decode=PagedDecode(tables, lens),
+        )
     slots = torch.arange(context, device=device).repeat(rows, 1)
     mask = torch.ones(rows, 1, 1, context, dtype=torch.bool, device=device)
     return AttentionMetadata(

@@ -35,6 +35,7 @@ from hawker.engine.memory_profile import profile_num_blocks
 from hawker.engine.model_runner import LaunchedStep, ModelOutput, ModelRunner, SeqResult, build_model
 from hawker.engine.request import Request, RequestStatus
 from hawker.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
+from hawker.kernels import cpu_decode_attention
 from hawker.layers.projection import (
     DEFAULT_DENSE_TILE_ROWS,
     DEFAULT_FP32_MATMUL_MIN_ROWS,
@@ -115,6 +116,11 @@ class EngineOptions:
     # (hawker/layers/projection.py). None = on for the torch attention
     # backend (CPU), which is what it covers; False = size-tuned kernels.
     consistent_numerics: bool | None = None
+    # Decodes read the paged KV cache in place, all in one call per layer,
+    # through a small C kernel built on first use (hawker/kernels/
+    # cpu_decode_attention.py). None = on for the torch attention backend on a
+    # CPU wherever it builds (else padded SDPA per length group); False = off.
+    native_decode_attention: bool | None = None
 
     def __post_init__(self) -> None:
         if self.overlap_scheduling and self.world_size > 1:
@@ -222,6 +228,19 @@ def _dense_tile_rows(options: EngineOptions, attention_backend: str) -> int:
     return DEFAULT_DENSE_TILE_ROWS if covered and wanted is not False else 0
 
 
+def _native_decode_attention(options: EngineOptions, attention_backend: str, dtype: torch.dtype) -> bool:
+    wanted = options.native_decode_attention
+    if wanted is False:
+        return False
+    usable = torch.device(options.device).type == "cpu" and attention_backend == "torch"
+    if wanted and not usable:
+        raise ValueError("native_decode_attention is a CPU kernel of the torch attention backend; set it off")
+    built = usable and cpu_decode_attention.available(dtype)
+    if wanted and not built:
+        raise ValueError(f"the native decode attention kernel could not be built here for {dtype} (see the log)")
+    return built
+
+
 def _overlap_scheduling(options: EngineOptions) -> bool:
     if options.overlap_scheduling is None:
         return torch.device(options.device).type == "cuda" and options.world_size == 1
@@ -290,6 +309,7 @@ def engine_config(options: EngineOptions, parallel: ParallelConfig) -> tuple[Eng
         batch_invariant=options.deterministic,
         overlap_scheduling=_overlap_scheduling(options),
         dense_tile_rows=_dense_tile_rows(options, attention_backend),
+        native_decode_attention=_native_decode_attention(options, attention_backend, model_config.dtype),
     )
     return config, checkpoint
 

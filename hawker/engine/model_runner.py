@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hawker.attention.metadata import AttentionMetadata, DecodeGroup, PrefillChunk, padded_block_tables
+from hawker.attention.metadata import AttentionMetadata, DecodeGroup, PagedDecode, PrefillChunk, padded_block_tables
 from hawker.config import EngineConfig
 from hawker.distributed.pipeline import StageLinks, split_micro_batches
 from hawker.engine.compiled_decode import CompiledDecode, warm_up_row_counts
@@ -181,7 +181,7 @@ class ModelRunner:
     def _compile_decode(self, max_rows: int) -> CompiledDecode | None:
         if not max_rows:
             return None
-        compiled = CompiledDecode(self.model, max_rows)
+        compiled = CompiledDecode(self.model, max_rows, self.config.native_decode_attention)
         branches = (self.config.int4_decode_max_rows + 1, self.config.fp32_matmul_min_rows)
         compiled.warm_up(self.kv_caches, warm_up_row_counts(max_rows, branches))
         return compiled
@@ -391,10 +391,12 @@ class ModelRunner:
         for seq, end in zip(prefills, row_ends[len(decodes) :], strict=True):
             context = self._context_slots(seq) if seq.start_pos else None
             chunks.append(PrefillChunk(end - seq.num_tokens, seq.num_tokens, seq.start_pos, context))
+        in_place = self.config.native_decode_attention and bool(decodes)
         return AttentionMetadata(
             slot_mapping=slot_mapping,
             num_decodes=len(decodes),
-            decode_groups=self._decode_groups(decodes),
+            decode_groups=() if in_place else self._decode_groups(decodes),
+            paged_decode=self._paged_decode(decodes) if in_place else None,
             prefills=tuple(chunks),
             query_contexts=self._query_contexts([*decodes, *prefills]) if self.config.batch_invariant else None,
             prefill_tile_rows=self.config.dense_tile_rows,
@@ -436,6 +438,13 @@ class ModelRunner:
             slots = self._slots(table, longest)
             groups.append(DecodeGroup(first, count, longest, slots, mask[:, None, None, :]))
         return tuple(groups)
+
+    def _paged_decode(self, decodes: Sequence[ScheduledSeq]) -> PagedDecode:
+        """Block tables and context lengths of ``decodes``, for the in-place kernel."""
+        lens = upload([s.start_pos + 1 for s in decodes], torch.long, self.device)
+        # At least two columns: a compiled decode step would specialise (and recompile) on a width of 1.
+        tables = [[*s.block_table, 0] if len(s.block_table) < 2 else s.block_table for s in decodes]
+        return PagedDecode(padded_block_tables(tables, self.device), lens)
 
     def _context_slots(self, seq: ScheduledSeq) -> torch.Tensor:
         """Cache slots of every position of ``seq`` up to the end of this step's chunk."""

@@ -1,0 +1,386 @@
+/*
+ * Decode attention over the paged KV cache, read in place (CPU).
+ *
+ * One query token per sequence. Work items are (sequence, KV head) pairs:
+ * each reads its sequence's keys and values block by block through the block
+ * table, for all the query heads that share the KV head (grouped-query
+ * attention), so no padded copy of the context is ever made.
+ *
+ * Numerics: float32 accumulation; scores, softmax and the weighted sum of
+ * values are computed in a fixed order that depends only on the sequence's
+ * own context length, so a sequence's output is the same whatever else is in
+ * the batch (and whichever thread runs it).
+ *
+ * Built at run time by hawker/kernels/native.py with -O3 -march=native
+ * -fopenmp; the loops are written so that the compiler vectorises them.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1, DTYPE_FLOAT16 = 2 };
+
+static inline float bf16_to_float(uint16_t half) {
+    uint32_t bits = (uint32_t)half << 16;
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+static inline uint16_t float_to_bf16(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* NaN stays NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u); /* round to nearest even, as torch does */
+    return (uint16_t)(bits >> 16);
+}
+
+/* Row of `dim` elements of `dtype` at `src` into floats. */
+static inline void load_row(const void *src, int dtype, int64_t dim, float *restrict dst) {
+    if (dtype == DTYPE_BFLOAT16) {
+        const uint16_t *row = (const uint16_t *)src;
+        for (int64_t d = 0; d < dim; ++d) dst[d] = bf16_to_float(row[d]);
+    } else if (dtype == DTYPE_FLOAT16) {
+        const _Float16 *row = (const _Float16 *)src;
+        for (int64_t d = 0; d < dim; ++d) dst[d] = (float)row[d];
+    } else {
+        memcpy(dst, src, (size_t)dim * sizeof(float));
+    }
+}
+
+static inline void store_row(void *dst, int dtype, int64_t dim, const float *restrict src, float factor) {
+    if (dtype == DTYPE_BFLOAT16) {
+        uint16_t *row = (uint16_t *)dst;
+        for (int64_t d = 0; d < dim; ++d) row[d] = float_to_bf16(src[d] * factor);
+    } else if (dtype == DTYPE_FLOAT16) {
+        _Float16 *row = (_Float16 *)dst;
+        for (int64_t d = 0; d < dim; ++d) row[d] = (_Float16)(src[d] * factor);
+    } else {
+        float *row = (float *)dst;
+        for (int64_t d = 0; d < dim; ++d) row[d] = src[d] * factor;
+    }
+}
+
+/*
+ * exp(x) for x <= 0 (scores minus their maximum), Cephes' single-precision
+ * polynomial: about 1 ulp, and unlike libm's expf it vectorises.
+ */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    float y = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return y * scale;
+}
+
+static inline size_t element_size(int dtype) { return dtype == DTYPE_FLOAT32 ? 4 : 2; }
+
+typedef struct {
+    const char *q;
+    const char *k_cache;
+    const char *v_cache;
+    char *out;
+    const int64_t *block_tables;
+    const int64_t *context_lens;
+    int64_t table_stride;
+    int64_t q_row_stride; /* elements between consecutive sequences' queries */
+    int64_t num_heads;
+    int64_t num_kv_heads;
+    int64_t head_dim;
+    int64_t block_size;
+    float scale;
+    int dtype;
+} DecodeArgs;
+
+/* Scratch of one thread: queries, accumulators, cache rows, and the scores. */
+typedef struct {
+    float *queries; /* [group, dim] */
+    float *acc;     /* [group, dim] */
+    float *rows;    /* [dim]: a cache row widened to float (portable path) */
+    float *scores;  /* [group, max_len] */
+} Scratch;
+
+
+/* Walks a sequence's cache rows in position order without a division per position. */
+typedef struct {
+    const char *base; /* row (block 0, slot 0) of this KV head */
+    const int64_t *table;
+    size_t row_bytes;   /* between consecutive slots */
+    size_t block_bytes; /* between consecutive blocks */
+    int64_t block_size;
+    int64_t block; /* index into table */
+    int64_t offset;
+} RowCursor;
+
+static inline RowCursor row_cursor(const DecodeArgs *a, const char *cache, const int64_t *table, int64_t kv_head) {
+    const size_t elem = element_size(a->dtype);
+    const size_t row_bytes = (size_t)(a->num_kv_heads * a->head_dim) * elem;
+    RowCursor cursor = {cache + (size_t)(kv_head * a->head_dim) * elem, table, row_bytes,
+                        row_bytes * (size_t)a->block_size, a->block_size, 0, 0};
+    return cursor;
+}
+
+/* The current row, then advance to the next position. */
+static inline const char *next_row(RowCursor *cursor) {
+    const char *row = cursor->base + (size_t)cursor->table[cursor->block] * cursor->block_bytes +
+                      (size_t)cursor->offset * cursor->row_bytes;
+    if (++cursor->offset == cursor->block_size) {
+        cursor->offset = 0;
+        ++cursor->block;
+    }
+    return row;
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+static inline __m512 load16(const char *src, int dtype) {
+    if (dtype == DTYPE_BFLOAT16) {
+        __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+    }
+    if (dtype == DTYPE_FLOAT16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)src));
+    return _mm512_loadu_ps((const float *)src);
+}
+
+/* Rows come from scattered blocks: fetch the row this many positions ahead while this one is used. */
+#define PREFETCH_AHEAD 16
+
+static inline RowCursor cursor_ahead(RowCursor cursor, int64_t steps) {
+    for (int64_t i = 0; i < steps; ++i) (void)next_row(&cursor);
+    return cursor;
+}
+
+static inline void prefetch_next(RowCursor *ahead, int64_t t, int64_t len, size_t bytes) {
+    if (t + PREFETCH_AHEAD >= len) return;
+    const char *row = next_row(ahead);
+    for (size_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(row + offset, _MM_HINT_T0);
+}
+
+/* Head sizes and query heads per KV head that get a specialised loop (accumulators in registers). */
+#define MAX_GROUP 8
+static int vector_path(int64_t dim, int64_t group) {
+    return (dim == 64 || dim == 128) && group >= 1 && group <= MAX_GROUP;
+}
+
+static inline float sum_lanes(__m512 v) {
+    __m256 half = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    __m128 quarter = _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+    quarter = _mm_add_ps(quarter, _mm_movehl_ps(quarter, quarter));
+    quarter = _mm_add_ss(quarter, _mm_movehdup_ps(quarter));
+    return _mm_cvtss_f32(quarter);
+}
+
+/* scores[g, t] = q_g . k_t for GROUP query heads and CHUNKS x 16 dims, both compile-time constants
+ * so that the queries and accumulators stay in registers. */
+static inline __attribute__((always_inline)) void key_scores_fixed(const DecodeArgs *a, const Scratch *s,
+                                                                   const int64_t *table, int64_t len,
+                                                                   int64_t kv_head, const int GROUP,
+                                                                   const int CHUNKS) {
+    const size_t chunk_bytes = 16 * element_size(a->dtype);
+    __m512 query[MAX_GROUP][8];
+    for (int g = 0; g < GROUP; ++g)
+        for (int c = 0; c < CHUNKS; ++c) query[g][c] = _mm512_loadu_ps(s->queries + g * CHUNKS * 16 + c * 16);
+    RowCursor keys = row_cursor(a, a->k_cache, table, kv_head);
+    RowCursor ahead = cursor_ahead(keys, len < PREFETCH_AHEAD ? len : PREFETCH_AHEAD);
+    for (int64_t t = 0; t < len; ++t) {
+        prefetch_next(&ahead, t, len, CHUNKS * chunk_bytes);
+        const char *src = next_row(&keys);
+        __m512 key[8];
+        for (int c = 0; c < CHUNKS; ++c) key[c] = load16(src + c * chunk_bytes, a->dtype);
+        for (int g = 0; g < GROUP; ++g) {
+            __m512 acc = _mm512_mul_ps(query[g][0], key[0]);
+            for (int c = 1; c < CHUNKS; ++c) acc = _mm512_fmadd_ps(query[g][c], key[c], acc);
+            s->scores[g * len + t] = sum_lanes(acc);
+        }
+    }
+}
+
+/* acc[g] = sum_t weight[g, t] v_t, in position order, accumulators in registers. */
+static inline __attribute__((always_inline)) void weighted_values_fixed(const DecodeArgs *a, const Scratch *s,
+                                                                        const int64_t *table, int64_t len,
+                                                                        int64_t kv_head, const int GROUP,
+                                                                        const int CHUNKS) {
+    const size_t chunk_bytes = 16 * element_size(a->dtype);
+    __m512 acc[MAX_GROUP][8];
+    for (int g = 0; g < GROUP; ++g)
+        for (int c = 0; c < CHUNKS; ++c) acc[g][c] = _mm512_setzero_ps();
+    RowCursor values = row_cursor(a, a->v_cache, table, kv_head);
+    RowCursor ahead = cursor_ahead(values, len < PREFETCH_AHEAD ? len : PREFETCH_AHEAD);
+    for (int64_t t = 0; t < len; ++t) {
+        prefetch_next(&ahead, t, len, CHUNKS * chunk_bytes);
+        const char *src = next_row(&values);
+        __m512 value[8];
+        for (int c = 0; c < CHUNKS; ++c) value[c] = load16(src + c * chunk_bytes, a->dtype);
+        for (int g = 0; g < GROUP; ++g) {
+            const __m512 weight = _mm512_set1_ps(s->scores[g * len + t]);
+            for (int c = 0; c < CHUNKS; ++c) acc[g][c] = _mm512_fmadd_ps(weight, value[c], acc[g][c]);
+        }
+    }
+    for (int g = 0; g < GROUP; ++g)
+        for (int c = 0; c < CHUNKS; ++c) _mm512_storeu_ps(s->acc + g * CHUNKS * 16 + c * 16, acc[g][c]);
+}
+
+#define FIXED_CASES(FN, CHUNKS)                                                                                 \
+    switch (group) {                                                                                            \
+    case 1: FN(a, s, table, len, kv_head, 1, CHUNKS); break;                                                    \
+    case 2: FN(a, s, table, len, kv_head, 2, CHUNKS); break;                                                    \
+    case 3: FN(a, s, table, len, kv_head, 3, CHUNKS); break;                                                    \
+    case 4: FN(a, s, table, len, kv_head, 4, CHUNKS); break;                                                    \
+    case 5: FN(a, s, table, len, kv_head, 5, CHUNKS); break;                                                    \
+    case 6: FN(a, s, table, len, kv_head, 6, CHUNKS); break;                                                    \
+    case 7: FN(a, s, table, len, kv_head, 7, CHUNKS); break;                                                    \
+    default: FN(a, s, table, len, kv_head, 8, CHUNKS); break;                                                   \
+    }
+
+static void key_scores(const DecodeArgs *a, const Scratch *s, const int64_t *table, int64_t len, int64_t kv_head,
+                       int64_t group) {
+    if (a->head_dim == 64) {
+        FIXED_CASES(key_scores_fixed, 4)
+    } else {
+        FIXED_CASES(key_scores_fixed, 8)
+    }
+}
+
+static void weighted_values(const DecodeArgs *a, const Scratch *s, const int64_t *table, int64_t len,
+                            int64_t kv_head, int64_t group) {
+    if (a->head_dim == 64) {
+        FIXED_CASES(weighted_values_fixed, 4)
+    } else {
+        FIXED_CASES(weighted_values_fixed, 8)
+    }
+}
+#else
+static int vector_path(int64_t dim, int64_t group) {
+    (void)dim, (void)group;
+    return 0;
+}
+static void key_scores(const DecodeArgs *a, const Scratch *s, const int64_t *table, int64_t len, int64_t kv_head,
+                       int64_t group) {
+    (void)a, (void)s, (void)table, (void)len, (void)kv_head, (void)group;
+}
+static void weighted_values(const DecodeArgs *a, const Scratch *s, const int64_t *table, int64_t len,
+                            int64_t kv_head, int64_t group) {
+    (void)a, (void)s, (void)table, (void)len, (void)kv_head, (void)group;
+}
+#endif
+
+/* The portable versions of key_scores and weighted_values (any head size, any CPU). */
+static void key_scores_portable(const DecodeArgs *a, const Scratch *s, const int64_t *table, int64_t len,
+                                int64_t kv_head, int64_t group) {
+    const int64_t dim = a->head_dim;
+    RowCursor keys = row_cursor(a, a->k_cache, table, kv_head);
+    for (int64_t t = 0; t < len; ++t) {
+        load_row(next_row(&keys), a->dtype, dim, s->rows);
+        for (int64_t g = 0; g < group; ++g) {
+            const float *query = s->queries + g * dim;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < dim; ++d) dot += query[d] * s->rows[d];
+            s->scores[g * len + t] = dot;
+        }
+    }
+}
+
+static void weighted_values_portable(const DecodeArgs *a, const Scratch *s, const int64_t *table, int64_t len,
+                                     int64_t kv_head, int64_t group) {
+    const int64_t dim = a->head_dim;
+    memset(s->acc, 0, (size_t)(group * dim) * sizeof(float));
+    RowCursor values = row_cursor(a, a->v_cache, table, kv_head);
+    for (int64_t t = 0; t < len; ++t) {
+        load_row(next_row(&values), a->dtype, dim, s->rows);
+        for (int64_t g = 0; g < group; ++g) {
+            const float weight = s->scores[g * len + t];
+            float *acc = s->acc + g * dim;
+#pragma omp simd
+            for (int64_t d = 0; d < dim; ++d) acc[d] += weight * s->rows[d];
+        }
+    }
+}
+
+/* Softmax weights (unnormalised) in place; returns nothing, writes each head's sum to sums[g]. */
+static void softmax_weights(float *scores_all, int64_t len, int64_t group, float *sums) {
+    for (int64_t g = 0; g < group; ++g) {
+        float *scores = scores_all + g * len;
+        float top = -INFINITY;
+#pragma omp simd reduction(max : top)
+        for (int64_t t = 0; t < len; ++t) top = scores[t] > top ? scores[t] : top;
+        float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+        for (int64_t t = 0; t < len; ++t) {
+            scores[t] = exp_nonpositive(scores[t] - top);
+            total += scores[t];
+        }
+        sums[g] = total;
+    }
+}
+
+static void attend_one(const DecodeArgs *a, const Scratch *s, int64_t seq, int64_t kv_head) {
+    const int64_t group = a->num_heads / a->num_kv_heads, dim = a->head_dim;
+    const int64_t len = a->context_lens[seq];
+    const size_t elem = element_size(a->dtype);
+    const int64_t *table = a->block_tables + seq * a->table_stride;
+    const int64_t first_head = kv_head * group;
+    for (int64_t g = 0; g < group; ++g) {
+        const char *src = a->q + (size_t)(seq * a->q_row_stride + (first_head + g) * dim) * elem;
+        load_row(src, a->dtype, dim, s->queries + g * dim);
+        for (int64_t d = 0; d < dim; ++d) s->queries[g * dim + d] *= a->scale;
+    }
+    const int vector = vector_path(dim, group);
+    (vector ? key_scores : key_scores_portable)(a, s, table, len, kv_head, group);
+    float sums[group];
+    softmax_weights(s->scores, len, group, sums);
+    (vector ? weighted_values : weighted_values_portable)(a, s, table, len, kv_head, group);
+    for (int64_t g = 0; g < group; ++g) {
+        char *dst = a->out + (size_t)((seq * a->num_heads + first_head + g) * dim) * elem;
+        store_row(dst, a->dtype, dim, s->acc + g * dim, 1.0f / sums[g]);
+    }
+}
+
+/*
+ * q: queries, sequence `i` head `h` at q[i * q_row_stride + h * head_dim];
+ * k_cache, v_cache: [blocks, block_size, num_kv_heads, head_dim];
+ * out: [num_seqs, num_heads, head_dim], contiguous;
+ * block_tables: [num_seqs, table_stride]; context_lens: [num_seqs], each >= 1.
+ * Returns 0, or -1 if scratch memory could not be allocated.
+ */
+int hawker_paged_decode_attention(const void *q, const void *k_cache, const void *v_cache, void *out,
+                                  const int64_t *block_tables, const int64_t *context_lens, int64_t num_seqs,
+                                  int64_t table_stride, int64_t q_row_stride, int64_t num_heads,
+                                  int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, int dtype,
+                                  int num_threads) {
+    const DecodeArgs args = {q,         k_cache,      v_cache,      out,      block_tables, context_lens, table_stride,
+                             q_row_stride, num_heads, num_kv_heads, head_dim, block_size,   scale,        dtype};
+    int64_t max_len = 1;
+    for (int64_t i = 0; i < num_seqs; ++i) max_len = context_lens[i] > max_len ? context_lens[i] : max_len;
+    const int64_t group = num_heads / num_kv_heads;
+    const int64_t items = num_seqs * num_kv_heads;
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads) reduction(| : failed)
+    {
+        const int64_t rows = head_dim;
+        float *memory = malloc((size_t)(2 * group * head_dim + rows + group * max_len) * sizeof(float));
+        const Scratch scratch = {memory, memory + group * head_dim, memory + 2 * group * head_dim,
+                                 memory + 2 * group * head_dim + rows};
+        /* Every thread must reach the work-sharing loop, so a failed allocation only marks its items. */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < items; ++item) {
+            if (memory == NULL)
+                failed = 1;
+            else
+                attend_one(&args, &scratch, item / num_kv_heads, item % num_kv_heads);
+        }
+        free(memory);
+    }
+    return failed ? -1 : 0;
+}

@@ -1,0 +1,103 @@
+"""Small C kernels for the CPU path, compiled on first use and kept in a cache folder.
+
+A kernel here is one plain C file under ``csrc/`` with no Python or torch
+headers, so compiling it takes well under a second (a torch C++ extension
+takes about a minute on a 2-core machine). It is built for this machine
+(``-march=native``) with OpenMP and linked against the OpenMP runtime torch
+has already loaded, so both share one thread pool. The shared object is
+keyed by a hash of the source, the flags, the compiler and the CPU's
+features, so a changed file or another machine never loads a stale build.
+
+Set ``HAWKER_KERNEL_CACHE`` to choose the folder (default
+``$XDG_CACHE_HOME/hawker/kernels``, else ``~/.cache/hawker/kernels``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch  # noqa: F401  (loads the OpenMP runtime the kernels link against)
+
+logger = logging.getLogger(__name__)
+
+SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get("HAWKER_KERNEL_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "hawker" / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_features() -> str:
+    """The CPU's feature flags (what -march=native compiles for)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def _build_key(source: bytes, compiler: str) -> str:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    digest = hashlib.sha256()
+    for part in (source, " ".join(FLAGS).encode(), version.encode(), _cpu_features().encode()):
+        digest.update(part)
+    return digest.hexdigest()[:16]
+
+
+def _compile(source_path: Path, target: Path, compiler: str) -> None:
+    """Compile to a temporary file, then rename: concurrent builders never see a half-written library."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as handle:
+        partial = Path(handle.name)
+    try:
+        subprocess.run(
+            [compiler, *FLAGS, str(source_path), "-o", str(partial), "-lm"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+@functools.cache
+def load_kernel_library(name: str) -> ctypes.CDLL | None:
+    """``csrc/<name>.c`` built and loaded; None (with a warning) where it cannot be built here."""
+    source_path = SOURCE_DIR / f"{name}.c"
+    compiler = _compiler()
+    if compiler is None:
+        logger.warning("no C compiler found (set CC): the %s kernel falls back to torch", name)
+        return None
+    source = source_path.read_bytes()
+    target = cache_dir() / f"{name}-{_build_key(source, compiler)}.so"
+    try:
+        if not target.exists():
+            _compile(source_path, target, compiler)
+        return ctypes.CDLL(str(target))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", "") or str(error)
+        logger.warning("could not build the %s kernel, falling back to torch: %s", name, detail.strip()[:2000])
+        return None
