@@ -48,7 +48,17 @@ class RunResult:
 
 
 def _start_server(port: int, serve_args: list[str], log: Path) -> subprocess.Popen:
-    command = [HAWKER, "serve", "--port", str(port), "--log-level", "warning", *serve_args]
+    command = [
+        HAWKER,
+        "serve",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--compile-warmup",
+        "blocking",
+        *serve_args,
+    ]
     print("server:", " ".join(command), flush=True)
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600

@@ -110,7 +110,17 @@ def _wait_ready(process: subprocess.Popen, base_url: str, log: Path) -> None:
 
 def run_server_check(port: int, extra_flags: list[str]) -> None:
     log = Path(tempfile.mkstemp(prefix="hawker-consistency-", suffix=".log")[1])
-    command = [sys.executable, "-m", "hawker.cli", "serve", "--port", str(port), *extra_flags]
+    command = [
+        sys.executable,
+        "-m",
+        "hawker.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--compile-warmup",
+        "blocking",
+        *extra_flags,
+    ]
     base_url = f"http://127.0.0.1:{port}"
     with log.open("w") as sink:
         process = subprocess.Popen(

@@ -242,5 +242,8 @@ class EngineConfig:
     # tiles, and the runner keeps prefill and decode rows in separate
     # forwards; 0 = off (kernels chosen by the step's size).
     dense_tile_rows: int = 0
+    # "blocking": the compiled decode step is built before the engine is ready;
+    # "background": on a thread while steps run eager (hawker/engine/compiled_decode.py).
+    compile_warmup: str = "blocking"
     # Decodes attend through the in-place C kernel (hawker/kernels/cpu_decode_attention.py).
     native_decode_attention: bool = False

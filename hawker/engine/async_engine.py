@@ -152,6 +152,11 @@ class AsyncEngine:
     def is_healthy(self) -> bool:
         return self.dead_reason is None and self._thread is not None and self._thread.is_alive()
 
+    @property
+    def is_warming_up(self) -> bool:
+        """The compiled decode step is still being built (read from any thread: a flag the compile sets)."""
+        return self.engine.warming_up
+
     def raise_if_dead(self) -> None:
         """Raise ``EngineDeadError`` saying why, unless the engine loop is running."""
         if not self.is_healthy:

@@ -27,7 +27,12 @@ from hawker.config import (
     SchedulerConfig,
     resolve_dtype,
 )
-from hawker.engine.compiled_decode import DEFAULT_COMPILE_DECODE_MAX_ROWS, can_compile_on_cpu
+from hawker.engine.compiled_decode import (
+    DEFAULT_COMPILE_DECODE_MAX_ROWS,
+    WARM_UP_MODES,
+    can_compile_on_cpu,
+    scratch_blocks,
+)
 from hawker.engine.detokenizer import IncrementalDetokenizer
 from hawker.engine.errors import EngineFatalError
 from hawker.engine.kv_cache import KVCacheManager
@@ -89,6 +94,10 @@ class EngineOptions:
     # forward (compiled at start-up); 0 = off, None = on (16 rows) on a CPU
     # with a C++ compiler unless TORCH_COMPILE_DISABLE=1. CPU only.
     compile_decode_max_rows: int | None = None
+    # How that step is compiled: "blocking" = before the engine is ready (the
+    # offline API, benchmarks); "background" = on a thread while steps run
+    # eager, switching once every graph is compiled (``hawker serve``'s default).
+    compile_warmup: str = "blocking"
     # "auto" (triton on CUDA when installed, else torch), "torch" or "triton".
     attention_backend: str = "auto"
     # Decode-only steps of at most this many sequences replay CUDA graphs
@@ -123,6 +132,8 @@ class EngineOptions:
     native_decode_attention: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.compile_warmup not in WARM_UP_MODES:
+            raise ValueError(f"compile_warmup must be one of {', '.join(WARM_UP_MODES)}, got {self.compile_warmup!r}")
         if self.overlap_scheduling and self.world_size > 1:
             raise ValueError("overlap_scheduling needs one process (no tensor or pipeline parallelism); set it off")
 
@@ -309,6 +320,7 @@ def engine_config(options: EngineOptions, parallel: ParallelConfig) -> tuple[Eng
         batch_invariant=options.deterministic,
         overlap_scheduling=_overlap_scheduling(options),
         dense_tile_rows=_dense_tile_rows(options, attention_backend),
+        compile_warmup=options.compile_warmup,
         native_decode_attention=_native_decode_attention(options, attention_backend, model_config.dtype),
     )
     return config, checkpoint
@@ -339,6 +351,11 @@ def load_rank_shard(options: EngineOptions, spec: WorldSpec, rank: int) -> RankS
     except BaseException:
         world.leave_world()
         raise
+
+
+def _warm_up_blocks(config: EngineConfig) -> int:
+    rows = config.compile_decode_max_rows
+    return scratch_blocks(rows, config.cache.block_size) if rows and config.compile_warmup == "background" else 0
 
 
 def num_kv_blocks(config: EngineConfig, model: torch.nn.Module) -> int:
@@ -425,7 +442,11 @@ class Engine:
         num_blocks = num_kv_blocks(config, model)
         if world is not None:
             num_blocks = world.min_over_ranks(num_blocks)  # every rank's pool must hold the same blocks
-        self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        # A background compile's dummy steps write to the cache's last blocks: never handed out.
+        reserved = _warm_up_blocks(config)
+        if num_blocks <= reserved:
+            raise ValueError(f"the KV pool has {num_blocks} blocks; the background compile needs {reserved} more")
+        self.kv = KVCacheManager(num_blocks - reserved, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.eos_token_id = eos_id(config.model, tokenizer)
         self.runner: ModelRunner | DriverRunner
@@ -491,6 +512,12 @@ class Engine:
             raise
 
     # ------------------------------------------------------------- lifecycle
+    @property
+    def warming_up(self) -> bool:
+        """The compiled decode step is being built in the background (steps run eager meanwhile)."""
+        compiled = self.runner.compiled_decode if isinstance(self.runner, ModelRunner) else None
+        return compiled is not None and compiled.warming_up
+
     def check_health(self) -> None:
         """Raise ``EngineFatalError`` if a part of the engine outside this process has died."""
         if not isinstance(self.runner, ModelRunner):

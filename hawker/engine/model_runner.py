@@ -183,7 +183,8 @@ class ModelRunner:
             return None
         compiled = CompiledDecode(self.model, max_rows, self.config.native_decode_attention)
         branches = (self.config.int4_decode_max_rows + 1, self.config.fp32_matmul_min_rows)
-        compiled.warm_up(self.kv_caches, warm_up_row_counts(max_rows, branches))
+        background = self.config.compile_warmup == "background"
+        compiled.warm_up(self.kv_caches, warm_up_row_counts(max_rows, branches), background)
         return compiled
 
     def _capture_decode_graphs(self, max_rows: int, capture: str = "cuda") -> Any:

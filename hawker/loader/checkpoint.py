@@ -40,9 +40,9 @@ def open_checkpoint(model: str | Path | None) -> Checkpoint:
     if not path.exists():
         raise ValueError(f"model path {str(path)!r} does not exist (nothing is downloaded from a hub)")
     if path.is_file() and path.suffix == ".gguf":
-        reader = open_gguf(path)
-        config = read_gguf_config(reader)
-        return Checkpoint(path=path, hf_config=config, weights=lambda: iterate_gguf(reader, config))
+        file = open_gguf(path)
+        config = read_gguf_config(file)
+        return Checkpoint(path=path, hf_config=config, weights=lambda: iterate_gguf(file, config))
     if path.is_dir():
         return Checkpoint(path=path, hf_config=read_hf_config(path), weights=lambda: iterate_safetensors(path))
     raise ValueError(f"{str(path)!r} is neither a .gguf file nor a directory with config.json")

@@ -165,15 +165,13 @@ class ServerState:
     def stats(self, since: float | None) -> dict[str, Any]:
         """The body of GET /v1/stats: totals read now, chart points newer than ``since``, requests in flight."""
         snapshot = read_snapshot(self.metrics.registry)
-        config = self.settings.stats
         return {
             "time": snapshot.time,
             "model": self.settings.served_model_name,
             "replicas": len(self.router.replicas),
             "healthy": self.router.is_healthy and not self.draining,
-            "interval_s": config.interval_s,
-            "window_s": config.window_s,
-            "history_s": config.history_s,
+            "warming_up": self.router.is_warming_up,
+            **asdict(self.settings.stats),  # interval_s, window_s, history_s
             "totals": snapshot.as_json(),
             "series": points_json(self.history.points(since)),
             "requests_in_flight": len(self.tracker),
@@ -193,7 +191,7 @@ _GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 def build_app(router: ReplicaRouter, settings: ServerSettings, tracer: RequestTracer | None = None) -> FastAPI:
     """The HTTP app over ``router``; ``tracer`` (see hawker/server/tracing.py) adds a span per request."""
-    metrics = ServerMetrics(router.replica_stats, router.replica_health, len(router.replicas))
+    metrics = ServerMetrics.of(router)
     sinks: list[FinishedSink] = [RequestLog(settings.request_log_level)]
     if tracer is not None:
         sinks.append(tracer)
@@ -238,7 +236,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             return error_response(APIError(503, str(error), code="engine_dead", retry_after=RETRY_AFTER_S))
         if state.draining:
             return error_response(APIError(503, "the server is shutting down", retry_after=RETRY_AFTER_S))
-        return Response(status_code=200)
+        return JSONResponse({"status": "warming_up" if router.is_warming_up else "ok"})
 
     @app.get("/metrics", responses=error_responses())
     async def metrics() -> Response:

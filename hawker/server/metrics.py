@@ -25,7 +25,7 @@ from hawker.engine.async_engine import StreamProgress
 from hawker.engine.engine import EngineStats
 from hawker.outputs import RequestOutput
 from hawker.server.errors import error_type
-from hawker.server.router import ROUTE_REASONS, RouteDecision, RouterObserver
+from hawker.server.router import ROUTE_REASONS, ReplicaRouter, RouteDecision, RouterObserver
 from hawker.server.tracking import finish_reason_label
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
@@ -47,14 +47,21 @@ _COUNTERS: tuple[tuple[str, str, Callable[[EngineStats], float]], ...] = (
     ("hawker:request_failures", "Requests failed by an engine error.", lambda s: s.num_failed_requests),
 )
 _HEALTHY_DOC = "1 while the engine loop runs, 0 once it died."
+_WARMING_UP_DOC = "1 while the compiled decode step is built in the background (steps run eager), else 0."
 
 
 class _EngineCollector(Collector):
     """One series per replica: labelled ``replica`` when there are several, unlabelled for one."""
 
-    def __init__(self, stats: Callable[[], Sequence[EngineStats]], healthy: Callable[[], Sequence[bool]]) -> None:
+    def __init__(
+        self,
+        stats: Callable[[], Sequence[EngineStats]],
+        healthy: Callable[[], Sequence[bool]],
+        warming_up: Callable[[], Sequence[bool]],
+    ) -> None:
         self._stats = stats
         self._healthy = healthy
+        self._warming_up = warming_up
 
     def collect(self) -> Iterator[Metric]:
         stats = self._stats()
@@ -62,6 +69,8 @@ class _EngineCollector(Collector):
         for name, doc, read in _GAUGES:
             yield _family(GaugeMetricFamily, name, doc, [read(s) for s in stats])
         yield _family(GaugeMetricFamily, "hawker:engine_healthy", _HEALTHY_DOC, [float(h) for h in healthy])
+        warming = [float(w) for w in self._warming_up()]
+        yield _family(GaugeMetricFamily, "hawker:engine_warming_up", _WARMING_UP_DOC, warming)
         for name, doc, read in _COUNTERS:
             yield _family(CounterMetricFamily, name, doc, [read(s) for s in stats])
 
@@ -81,10 +90,15 @@ class ServerMetrics(RouterObserver):
     """Owns the registry; the engines call it for every delivered output, the router for every route."""
 
     def __init__(
-        self, stats: Callable[[], Sequence[EngineStats]], healthy: Callable[[], Sequence[bool]], num_replicas: int = 1
+        self,
+        stats: Callable[[], Sequence[EngineStats]],
+        healthy: Callable[[], Sequence[bool]],
+        num_replicas: int = 1,
+        warming_up: Callable[[], Sequence[bool]] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineCollector(stats, healthy))
+        warming = warming_up or (lambda: [False] * num_replicas)
+        self.registry.register(_EngineCollector(stats, healthy, warming))
         self.time_to_first_token = Histogram(
             "hawker:time_to_first_token_seconds",
             "Arrival to first generated token.",
@@ -137,6 +151,11 @@ class ServerMetrics(RouterObserver):
         for replica in range(num_replicas):
             for reason in ROUTE_REASONS:
                 self.routed.labels(replica=str(replica), reason=reason)
+
+    @classmethod
+    def of(cls, router: ReplicaRouter) -> ServerMetrics:
+        """The metrics of ``router``'s replicas, read live at every scrape."""
+        return cls(router.replica_stats, router.replica_health, len(router.replicas), router.replica_warming_up)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -238,6 +238,14 @@ class ReplicaRouter:
     def replica_health(self) -> list[bool]:
         return [replica.is_healthy for replica in self.replicas]
 
+    def replica_warming_up(self) -> list[bool]:
+        return [replica.is_warming_up for replica in self.replicas]
+
+    @property
+    def is_warming_up(self) -> bool:
+        """Some replica still builds its compiled decode step (it serves meanwhile, eagerly)."""
+        return any(self.replica_warming_up())
+
     def request_state(self, replica: int, request_id: str) -> str:
         """What an in-flight request is doing (queued, waiting, prefill, decode, preempted), for the dashboard.
 
