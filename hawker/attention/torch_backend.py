@@ -170,6 +170,10 @@ def _prefill_tiled(
         assert chunk.context_slots is not None
         keys = _gather(k_cache, chunk.context_slots)
         values = _gather(v_cache, chunk.context_slots)
+    # Laid out [Hkv, end, D] once: each tile then attends to a view of the first
+    # keys (SDPA takes strided heads) instead of copying them again, which made
+    # the copies grow as end^2 / tile.
+    keys, values = keys.contiguous(), values.contiguous()
     queries = q.transpose(0, 1)  # [H, length, D]
     out = torch.empty_like(queries)
     for tile_start in range(chunk.start_pos // tile * tile, end, tile):
@@ -184,8 +188,8 @@ def _prefill_tiled(
         mask = torch.arange(tile_end, device=q.device).unsqueeze(0) <= query_pos.unsqueeze(1)
         attended = F.scaled_dot_product_attention(
             padded.unsqueeze(0),
-            keys[:, :tile_end].contiguous().unsqueeze(0),
-            values[:, :tile_end].contiguous().unsqueeze(0),
+            keys[:, :tile_end].unsqueeze(0),
+            values[:, :tile_end].unsqueeze(0),
             attn_mask=mask[None, None],
             scale=scale,
             enable_gqa=True,

@@ -123,8 +123,28 @@ class ProjectionCopies:
             out = self.int4.matmul(x)
         else:
             tile = SMALL_ROWS if rows <= SMALL_ROWS else self.dense_tile_rows
-            out = tiled_rows(self._dense_matmul, x, tile)
+            out = self._dense_tiles(x, tile)
         return out if bias is None else out + bias
+
+    def _dense_tiles(self, x: torch.Tensor, tile: int) -> torch.Tensor:
+        """``tiled_rows(self._dense_matmul, x, tile)``, full tiles written in place into one output.
+
+        ``torch.mm(..., out=)`` into a row slice runs the kernel ``F.linear``
+        runs on a fresh tile and gives the same bits (``tests/test_projection.py``),
+        without concatenating the tiles' outputs afterwards: 8 % of a long
+        prefill's time went to that copy.
+        """
+        rows = x.shape[0]
+        full = rows // tile * tile
+        if self.fp32 is not None or full <= tile:
+            return tiled_rows(self._dense_matmul, x, tile)
+        out = x.new_empty((rows, self.weight.shape[0]))
+        weight_t = self.weight.t()
+        for first in range(0, full, tile):
+            torch.mm(x[first : first + tile], weight_t, out=out[first : first + tile])
+        if full < rows:
+            out[full:] = tiled_rows(self._dense_matmul, x[full:], tile)
+        return out
 
     def _dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp32 is not None:
