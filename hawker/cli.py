@@ -66,14 +66,23 @@ def _add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = F
         type=int,
         default=defaults.int4_decode_max_rows,
         help="steps with at most this many tokens use int4 copies of the layers that are 4-bit in the "
-        "checkpoint (GGUF Q4_1/Q4_0); faster decode on CPU; 0 = off (default: 16 on CPU, else off)",
+        "checkpoint (GGUF Q4_1/Q4_0); 0 = off (default: on CPU, wherever the matmul plan measured at "
+        "start-up finds them faster)",
     )
     parser.add_argument(
         "--fp32-matmul-min-rows",
         type=int,
         default=defaults.fp32_matmul_min_rows,
         help="steps with at least this many tokens multiply bfloat16/float16 weights through float32 copies "
-        "(faster on CPUs without AMX; more memory); 0 = off (default: 32 on such CPUs, else off)",
+        "(more memory); 0 = off (default: on CPU, wherever the measured plan finds them faster: CPUs "
+        "with neither AVX512-BF16 nor AMX)",
+    )
+    parser.add_argument(
+        "--packed-matmul",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.packed_matmul,
+        help="multiply through oneDNN-prepacked weights (no weight reorder per call; several times faster "
+        "for few rows) (default: on CPU, wherever the measured plan finds them faster)",
     )
     parser.add_argument(
         "--device",
@@ -135,8 +144,8 @@ def _add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = F
         action=argparse.BooleanOptionalAction,
         default=defaults.consistent_numerics,
         help="a token's numbers do not depend on the step's size: the same greedy text cold, after a "
-        "prefix-cache hit, for every one of n choices and beside up to 16 decoding requests (fixed row "
-        "tiles; default: on for the torch attention backend, i.e. on a CPU)",
+        "prefix-cache hit, for every one of n choices and beside up to 16 decoding requests (row-invariant "
+        "or tiled matmuls; default: on for the torch attention backend, i.e. on a CPU)",
     )
     parser.add_argument(
         "--native-decode-attention",
@@ -174,6 +183,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "int4_decode_max_rows": args.int4_decode_max_rows,
         "fp32_matmul_min_rows": args.fp32_matmul_min_rows,
+        "packed_matmul": args.packed_matmul,
         "compile_decode_max_rows": args.compile_decode_max_rows,
         "compile_warmup": args.compile_warmup,
         "attention_backend": args.attention_backend,

@@ -209,6 +209,31 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class MatmulOptions:
+    """What the projections' measured plans may use (hawker/layers/matmul_plan.py), resolved from the options."""
+
+    # None: measured; 0: never; n > 0: every step of up to n rows (layers that are 4/8-bit in the checkpoint).
+    int4_max_rows: int | None = None
+    # None: measured; 0: never; n > 0: every step of at least n rows (half-precision weights).
+    fp32_min_rows: int | None = None
+    # oneDNN-prepacked weights (hawker/kernels/packed_linear.py): None = measured where oneDNN has them; False = never.
+    packed: bool | None = None
+    # Consistent numerics: a token's numbers do not depend on the step's row count.
+    consistent: bool = False
+    # The most rows a projection (the token budget) and the LM head (sampled rows) see in one step.
+    max_rows: int = 2048
+    sample_rows: int = 128
+    # Timed passes per (copy, row count); the best one counts.
+    repeats: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("int4_max_rows", "fp32_min_rows"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = off) or None (measured), got {value}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model_path: str
     model: ModelConfig
@@ -217,12 +242,9 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: str = "cpu"
     seed: int = 0
-    # Steps whose linear layers see at most this many rows use int4 weight
-    # copies (hawker/layers/quant.py); 0 turns that off.
-    int4_decode_max_rows: int = 0
-    # Steps with at least this many rows use float32 copies of half-precision
-    # weights (hawker/layers/projection.py); 0 turns that off.
-    fp32_matmul_min_rows: int = 0
+    # How projections pick a weight copy per step, measured at start-up
+    # (hawker/layers/matmul_plan.py); None = plain F.linear (a GPU, batch-invariant mode).
+    matmul: MatmulOptions | None = None
     # Decode-only steps of at most this many rows run a torch.compile'd
     # forward (hawker/engine/compiled_decode.py); 0 turns that off.
     compile_decode_max_rows: int = 0
@@ -237,11 +259,11 @@ class EngineConfig:
     # Schedule and launch step N+1 before reading back step N's tokens
     # (hawker/engine/engine.py), so the device never waits for the host.
     overlap_scheduling: bool = False
-    # Consistent numerics (hawker/layers/projection.py): projections multiply
-    # on fixed tiles of this many rows, prefill attention on aligned query
-    # tiles, and the runner keeps prefill and decode rows in separate
-    # forwards; 0 = off (kernels chosen by the step's size).
-    dense_tile_rows: int = 0
+    # Consistent numerics (hawker/layers/matmul_plan.py): a token's numbers do
+    # not depend on the step's size: projections use row-invariant (or tiled)
+    # copies, prefill attention aligned query tiles, and the runner keeps
+    # prefill and decode rows in separate forwards.
+    consistent_numerics: bool = False
     # "blocking": the compiled decode step is built before the engine is ready;
     # "background": on a thread while steps run eager (hawker/engine/compiled_decode.py).
     compile_warmup: str = "blocking"

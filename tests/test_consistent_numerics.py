@@ -47,8 +47,9 @@ def llm(grid_checkpoint: Path) -> Iterator[LLM]:
 
 
 def test_consistent_numerics_is_the_cpu_default(llm: LLM) -> None:
-    assert llm.engine.config.dense_tile_rows > 0
-    assert llm.engine.config.int4_decode_max_rows > 0 and llm.engine.config.compile_decode_max_rows > 0
+    config = llm.engine.config
+    assert config.consistent_numerics and config.matmul is not None and config.matmul.consistent
+    assert config.compile_decode_max_rows > 0
 
 
 def test_greedy_is_the_same_cold_cached_as_n_choices_and_in_company(llm: LLM) -> None:

@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from hawker import LLM, SamplingParams
+from hawker.config import MatmulOptions
 from hawker.layers.linear import ColumnParallelLinear
 from hawker.layers.parallel import TPInfo
-from hawker.layers.projection import Fp32Weight
+from hawker.layers.projection import plan_projections
+from hawker.layers.weight_copies import Fp32Weight
 from tests.test_parity import make_prompts
 
 
@@ -26,21 +28,22 @@ def bf16_layer(generator: torch.Generator) -> ColumnParallelLinear:
 def test_row_threshold_picks_the_path(rows: int) -> None:
     generator = torch.Generator().manual_seed(rows)
     layer = bf16_layer(generator)
-    assert layer.attach_fp32(min_rows=4)
+    plan_projections(layer, MatmulOptions(fp32_min_rows=4, int4_max_rows=0, packed=False))
+    assert layer.plan is not None and layer.plan.change_rows == [4]
     x = torch.randn(rows, 64, generator=generator).to(torch.bfloat16)
     got = layer(x)
     assert got.dtype == torch.bfloat16
-    if rows >= 4:  # widened exactly, one float32 product, rounded once
-        expected = F.linear(x.float(), layer.weight.float(), layer.bias.float()).to(torch.bfloat16)
+    if rows >= 4:  # widened exactly, one float32 product, rounded once; then the bias
+        expected = F.linear(x.float(), layer.weight.float()).to(torch.bfloat16) + layer.bias
     else:
-        expected = F.linear(x, layer.weight, layer.bias)
+        expected = F.linear(x, layer.weight) + layer.bias
     assert torch.equal(got, expected)
 
 
 def test_float32_weights_get_no_copy() -> None:
     layer = ColumnParallelLinear(64, [48], bias=False, tp=TPInfo(0, 1), dtype=torch.float32)
-    assert not layer.attach_fp32(min_rows=4)
-    assert layer.fp32 is None
+    plan_projections(layer, MatmulOptions(fp32_min_rows=4, packed=False))
+    assert layer.plan is not None and "fp32" not in layer.copies
 
 
 def prompt_logprobs(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
@@ -67,10 +70,10 @@ def test_bf16_model_with_fp32_copies_is_as_accurate(
     calls = 0
     original = Fp32Weight.matmul
 
-    def counting(self: Fp32Weight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def counting(self: Fp32Weight, x: torch.Tensor) -> torch.Tensor:
         nonlocal calls
         calls += 1
-        return original(self, x, bias)
+        return original(self, x)
 
     monkeypatch.setattr(Fp32Weight, "matmul", counting)
     wide = prompt_logprobs(LLM(checkpoint, dtype="bfloat16", fp32_matmul_min_rows=16), prompts)

@@ -22,6 +22,7 @@ from hawker.attention import resolve_attention_backend
 from hawker.config import (
     CacheConfig,
     EngineConfig,
+    MatmulOptions,
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
@@ -40,14 +41,8 @@ from hawker.engine.memory_profile import profile_num_blocks
 from hawker.engine.model_runner import LaunchedStep, ModelOutput, ModelRunner, SeqResult, build_model
 from hawker.engine.request import Request, RequestStatus
 from hawker.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
-from hawker.kernels import cpu_decode_attention
-from hawker.layers.projection import (
-    DEFAULT_DENSE_TILE_ROWS,
-    DEFAULT_FP32_MATMUL_MIN_ROWS,
-    ProjectionCopies,
-    cpu_has_fast_half_matmul,
-)
-from hawker.layers.quant import DEFAULT_INT4_DECODE_MAX_ROWS
+from hawker.kernels import cpu_decode_attention, packed_linear
+from hawker.layers.projection import ProjectionCopies
 from hawker.loader.checkpoint import Checkpoint, open_checkpoint
 from hawker.loader.tokenizer import load_tokenizer
 from hawker.loader.update_files import open_update
@@ -83,13 +78,17 @@ class EngineOptions:
     device: str = "auto"
     # Steps with at most this many rows use int4 copies of the layers that
     # are 4-bit in the checkpoint (a quarter of the bytes to read; 8-bit ones
-    # up to 4 rows); 0 = off, None = on (16 rows) for bfloat16 / float16
-    # models on a CPU. CPU only.
+    # as two int4 halves); 0 = off, None = wherever the plan measured at
+    # start-up finds them faster (bfloat16 / float16 models). CPU only.
     int4_decode_max_rows: int | None = None
     # Steps with at least this many rows multiply half-precision weights
-    # through float32 copies; 0 = off, None = on (32 rows) for bfloat16 /
-    # float16 models on a CPU without AMX, where that is faster. CPU only.
+    # through float32 copies; 0 = off, None = wherever the measured plan finds
+    # that faster (CPUs with neither AVX512-BF16 nor AMX). CPU only.
     fp32_matmul_min_rows: int | None = None
+    # oneDNN-prepacked weights (no reorder per call: several times faster for
+    # few rows); None = wherever the measured plan finds them faster, False =
+    # off. CPU only.
+    packed_matmul: bool | None = None
     # Decode-only steps of at most this many rows run a torch.compile'd
     # forward (compiled at start-up); 0 = off, None = on (16 rows) on a CPU
     # with a C++ compiler unless TORCH_COMPILE_DISABLE=1. CPU only.
@@ -164,18 +163,32 @@ def _cpu_rows_option(name: str, rows: int | None, auto: int, device: str) -> int
     return rows
 
 
-def _int4_decode_max_rows(options: EngineOptions, dtype: torch.dtype) -> int:
-    # torch's int4 CPU kernel is 30-50x slower with float32 activations than
-    # with bfloat16 ones (benchmarks/NOTES.md): on by default for half only.
-    auto = DEFAULT_INT4_DECODE_MAX_ROWS if dtype in (torch.bfloat16, torch.float16) else 0
-    return _cpu_rows_option("int4_decode_max_rows", options.int4_decode_max_rows, auto, options.device)
-
-
-def _fp32_matmul_min_rows(options: EngineOptions, dtype: torch.dtype) -> int:
-    # Worth it only where half-precision matmul is slower than float32.
-    helps = dtype in (torch.bfloat16, torch.float16) and not cpu_has_fast_half_matmul()
-    auto = DEFAULT_FP32_MATMUL_MIN_ROWS if helps else 0
-    return _cpu_rows_option("fp32_matmul_min_rows", options.fp32_matmul_min_rows, auto, options.device)
+def _matmul_options(options: EngineOptions, dtype: torch.dtype, consistent: bool) -> MatmulOptions | None:
+    """What the projections' measured plans may use; None (plain ``F.linear``) off a CPU or in batch-invariant mode."""
+    on_cpu = torch.device(options.device).type == "cpu"
+    explicit = {
+        "int4_decode_max_rows": options.int4_decode_max_rows,
+        "fp32_matmul_min_rows": options.fp32_matmul_min_rows,
+    }
+    for name, rows in explicit.items():
+        if rows is not None and rows < 0:
+            raise ValueError(f"{name} must be >= 0 (0 = off), got {rows}")
+        if rows and not on_cpu:
+            raise ValueError(f"{name} is a CPU path; it must be 0 on device {options.device!r}")
+    if options.packed_matmul and not on_cpu:
+        raise ValueError(f"packed_matmul is a CPU path; it must be off on device {options.device!r}")
+    if options.packed_matmul and not packed_linear.available(dtype):
+        raise ValueError(f"packed_matmul: oneDNN cannot prepack {dtype} weights on this CPU")
+    if not on_cpu or options.deterministic:
+        return None
+    return MatmulOptions(
+        int4_max_rows=options.int4_decode_max_rows,
+        fp32_min_rows=options.fp32_matmul_min_rows,
+        packed=options.packed_matmul,
+        consistent=consistent,
+        max_rows=options.max_num_batched_tokens,
+        sample_rows=options.max_num_seqs,
+    )
 
 
 def _compile_decode_max_rows(options: EngineOptions, attention_backend: str) -> int:
@@ -230,13 +243,13 @@ def _cuda_graph_max_batch_size(options: EngineOptions, attention_backend: str) -
     return rows
 
 
-def _dense_tile_rows(options: EngineOptions, attention_backend: str) -> int:
-    """Row tiles of consistent numerics (0 = off); batch-invariant mode has its own, stricter tiling."""
+def _consistent_numerics(options: EngineOptions, attention_backend: str) -> bool:
+    """Consistent numerics (on by default where covered); batch-invariant mode has its own, stricter tiling."""
     covered = attention_backend == "torch" and not options.deterministic
     wanted = options.consistent_numerics
     if wanted and not covered:
         raise ValueError("consistent_numerics needs the torch attention backend and deterministic off")
-    return DEFAULT_DENSE_TILE_ROWS if covered and wanted is not False else 0
+    return covered and wanted is not False
 
 
 def _native_decode_attention(options: EngineOptions, attention_backend: str, dtype: torch.dtype) -> bool:
@@ -271,6 +284,7 @@ def world_shape(options: EngineOptions) -> dict[str, int]:
 _SHAPE_DEPENDENT_OPTIONS = (
     "int4_decode_max_rows",
     "fp32_matmul_min_rows",
+    "packed_matmul",
     "compile_decode_max_rows",
     "cuda_graph_max_batch_size",
 )
@@ -294,6 +308,7 @@ def engine_config(options: EngineOptions, parallel: ParallelConfig) -> tuple[Eng
     device = torch.device(options.device)
     model_config = ModelConfig.from_hf(checkpoint.hf_config, resolve_dtype(options.dtype, device))
     attention_backend = _attention_backend(options)
+    consistent = _consistent_numerics(options, attention_backend)
     config = EngineConfig(
         model_path=str(checkpoint.path),
         model=model_config,
@@ -312,14 +327,13 @@ def engine_config(options: EngineOptions, parallel: ParallelConfig) -> tuple[Eng
         parallel=parallel,
         device=options.device,
         seed=options.seed,
-        int4_decode_max_rows=_int4_decode_max_rows(options, model_config.dtype),
-        fp32_matmul_min_rows=_fp32_matmul_min_rows(options, model_config.dtype),
+        matmul=_matmul_options(options, model_config.dtype, consistent),
         compile_decode_max_rows=_compile_decode_max_rows(options, attention_backend),
         attention_backend=attention_backend,
         cuda_graph_max_batch_size=_cuda_graph_max_batch_size(options, attention_backend),
         batch_invariant=options.deterministic,
         overlap_scheduling=_overlap_scheduling(options),
-        dense_tile_rows=_dense_tile_rows(options, attention_backend),
+        consistent_numerics=consistent,
         compile_warmup=options.compile_warmup,
         native_decode_attention=_native_decode_attention(options, attention_backend, model_config.dtype),
     )
@@ -558,7 +572,7 @@ class Engine:
         targets = {id(param) for param in written}
         for module in model.modules():
             if isinstance(module, ProjectionCopies) and id(module.weight) in targets:
-                module.refresh_fp32()
+                module.refresh_copies()
         self.kv.invalidate_prefix_cache()
         self.weight_version += 1
         logger.info("weights updated: %d tensors, version %d", len(written), self.weight_version)
@@ -627,7 +641,7 @@ class Engine:
     def _check_updatable(self, targets: Sequence[torch.nn.Parameter]) -> None:
         ids = {id(param) for param in targets}
         for name, module in self.runner.model.named_modules():
-            if isinstance(module, ProjectionCopies) and module.int4 is not None and id(module.weight) in ids:
+            if isinstance(module, ProjectionCopies) and module.quantized_copy and id(module.weight) in ids:
                 raise ValueError(
                     f"{name} keeps an int4 copy of its 4-bit checkpoint weight, which new values would not "
                     "match; start the engine with int4_decode_max_rows=0 to take weight updates"

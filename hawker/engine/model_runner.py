@@ -31,10 +31,10 @@ from hawker.engine.sampler import (
     trim_top,
 )
 from hawker.engine.scheduler import ScheduledSeq, SchedulerOutput
-from hawker.engine.step_kinds import DECODE_KEY_MULTIPLE, forward_groups, is_decode
+from hawker.engine.step_kinds import CONSISTENT_PREFILL_TILE, DECODE_KEY_MULTIPLE, forward_groups, is_decode
 from hawker.layers.batch_invariant import DEFAULT_TILE_ROWS, RowTiler
 from hawker.layers.parallel import PPInfo, TPInfo
-from hawker.layers.projection import ProjectionCopies, attach_weight_copies
+from hawker.layers.projection import ProjectionCopies, consistent_prefill_rows, plan_projections
 from hawker.loader.checkpoint import Checkpoint
 from hawker.models.registry import model_class
 from hawker.outputs import PositionLogprobs
@@ -143,16 +143,8 @@ def build_model(config: EngineConfig, checkpoint: Checkpoint, tp_group: Any = No
     with torch.device(config.device):
         model = cls(config.model, tp, max_positions, pp, tiler)
     model.load_weights(checkpoint.weights())
-    int4_count, fp32_count = attach_weight_copies(
-        model, config.int4_decode_max_rows, config.fp32_matmul_min_rows, config.dense_tile_rows
-    )
-    logger.info(
-        "weight copies: int4 for %d 4-bit layers (steps of <= %d rows), float32 for %d (steps of >= %d rows)",
-        int4_count,
-        config.int4_decode_max_rows,
-        fp32_count,
-        config.fp32_matmul_min_rows,
-    )
+    if config.matmul is not None:
+        plan_projections(model, config.matmul)
     return model.eval()
 
 
@@ -182,7 +174,7 @@ class ModelRunner:
         if not max_rows:
             return None
         compiled = CompiledDecode(self.model, max_rows, self.config.native_decode_attention)
-        branches = (self.config.int4_decode_max_rows + 1, self.config.fp32_matmul_min_rows)
+        branches = {rows for m in self.model.modules() if isinstance(m, ProjectionCopies) for rows in m.change_rows}
         background = self.config.compile_warmup == "background"
         compiled.warm_up(self.kv_caches, warm_up_row_counts(max_rows, branches), background)
         return compiled
@@ -217,6 +209,9 @@ class ModelRunner:
         """
         for tensor in self._sleeping_tensors(weights):
             tensor.untyped_storage().resize_(0)
+        if weights:
+            for module in self._projections():
+                module.release_copies()
         self.decode_graphs = None  # they read the old device addresses
 
     def restore_memory(self, checkpoint_weights: Any) -> None:
@@ -229,19 +224,19 @@ class ModelRunner:
             v_cache.zero_()
         if weights:
             self.model.load_weights(checkpoint_weights)
-            for module in self.model.modules():
-                if isinstance(module, ProjectionCopies):
-                    module.refresh_fp32()
+            for module in self._projections():
+                module.rebuild_copies()
         self.decode_graphs = self._capture_decode_graphs(self.config.cuda_graph_max_batch_size)
 
     def _sleeping_tensors(self, weights: bool) -> list[torch.Tensor]:
         tensors = [t for pair in self.kv_caches for t in pair]
         if weights:
             # Tied parameters share one storage: count it once.
-            params = {id(p): p.data for p in self.model.parameters()}
-            copies = [m.fp32.weight for m in self.model.modules() if isinstance(m, ProjectionCopies) and m.fp32]
-            tensors += [*params.values(), *copies]
+            tensors += list({id(p): p.data for p in self.model.parameters()}.values())
         return tensors
+
+    def _projections(self) -> list[ProjectionCopies]:
+        return [m for m in self.model.modules() if isinstance(m, ProjectionCopies)]
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         cfg = self.config.model
@@ -278,7 +273,7 @@ class ModelRunner:
         order: list[ScheduledSeq] = []
         row_ends: list[int] = []
         hiddens: list[torch.Tensor] = []
-        for seqs in forward_groups(step.seqs, apart=bool(self.config.dense_tile_rows)):
+        for seqs in forward_groups(step.seqs, apart=self.config.consistent_numerics):
             batch = self._prepare(self._twice_if_alone(seqs))
             self._fill_pending(batch.input_ids, batch.order, batch.row_ends, previous)
             forward = self.model
@@ -296,7 +291,8 @@ class ModelRunner:
         """Consistent numerics: a lone decode runs as two identical rows (the copy writes the same cache
         slot with the same values and is dropped), because the compiled graph for one row is another
         program than the one for 2..max rows and rounds differently."""
-        if self.config.dense_tile_rows and self.compiled_decode is not None and len(seqs) == 1 and is_decode(seqs[0]):
+        alone = len(seqs) == 1 and is_decode(seqs[0])
+        if self.config.consistent_numerics and self.compiled_decode is not None and alone:
             return [seqs[0], seqs[0]]
         return seqs
 
@@ -360,12 +356,11 @@ class ModelRunner:
             positions.extend(span)
             slots.extend(seq.block_table[p // bs] * bs + p % bs for p in span)
             row_ends.append(len(ids))
-        tile = self.config.dense_tile_rows
-        if tile and prefills:
-            # Consistent numerics: a prefill forward has a whole number of row
-            # tiles, never the few rows that would take the decode kernels.
+        if self.config.consistent_numerics and prefills:
+            # A prefill forward never has the few rows that would take the
+            # decode-sized matmul plans (hawker/layers/matmul_plan.py).
             # Padding rows (token 0 at position 0) write no cache slot.
-            padding = -len(ids) % tile
+            padding = consistent_prefill_rows(len(ids)) - len(ids)
             ids.extend([0] * padding)
             positions.extend([0] * padding)
         slot_mapping = upload(slots, torch.long, self.device)
@@ -400,7 +395,7 @@ class ModelRunner:
             paged_decode=self._paged_decode(decodes) if in_place else None,
             prefills=tuple(chunks),
             query_contexts=self._query_contexts([*decodes, *prefills]) if self.config.batch_invariant else None,
-            prefill_tile_rows=self.config.dense_tile_rows,
+            prefill_tile_rows=CONSISTENT_PREFILL_TILE if self.config.consistent_numerics else 0,
         )
 
     def _query_contexts(self, order: Sequence[ScheduledSeq]) -> tuple[torch.Tensor, ...]:
@@ -424,7 +419,7 @@ class ModelRunner:
         so a decode's attention does not depend on the group it lands in.
         """
         context_lens = [s.start_pos + 1 for s in decodes]
-        multiple = DECODE_KEY_MULTIPLE if self.config.dense_tile_rows else 1
+        multiple = DECODE_KEY_MULTIPLE if self.config.consistent_numerics else 1
         groups: list[DecodeGroup] = []
         for first, count in split_by_length(context_lens):
             members = decodes[first : first + count]

@@ -1,6 +1,6 @@
 """Which rows of a step are decodes, and how consistent numerics keeps the two kinds apart.
 
-Consistent numerics (``EngineConfig.dense_tile_rows``, hawker/layers/projection.py)
+Consistent numerics (``EngineConfig.consistent_numerics``, hawker/layers/matmul_plan.py)
 needs a token's kernels to depend on its kind only: a prompt token always
 takes the prefill kernels, a generated one the decode kernels, whatever else
 shares its step. So a step's decodes and prefill chunks run as separate forwards.
@@ -16,6 +16,10 @@ from hawker.engine.scheduler import ScheduledSeq
 # kernel gives a query the same result for any such padding of its (masked)
 # keys, but not for padding to an arbitrary length.
 DECODE_KEY_MULTIPLE = 16
+# Prefill queries attend on tiles of this many positions, aligned to its
+# multiples: SDPA's CPU kernel blocks its work by the number of queries, so a
+# query's result would otherwise depend on the length of its chunk.
+CONSISTENT_PREFILL_TILE = 128
 
 
 def is_decode(seq: ScheduledSeq) -> bool:

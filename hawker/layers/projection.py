@@ -1,188 +1,184 @@
-"""Which copy of a linear layer's weight a step multiplies with.
+"""A projection's matmul through the weight copy its measured plan picks for the step's row count.
 
-Every projection keeps its weight in the model dtype. Two optional copies
-make the common CPU cases faster without changing what is computed:
-
-- an int4 copy (``hawker/layers/quant.py``) for steps with few rows, whose
-  cost is reading the weights: a quarter of the bytes of bfloat16 (half,
-  for 8-bit weights held as two int4 halves);
-- a float32 copy for steps with many rows, whose cost is arithmetic: on
-  CPUs without AMX, torch's bfloat16 matmul runs at about half the float32
-  rate (167 vs 322 GFLOP/s on the 2-core development machine, see
-  ``benchmarks/NOTES.md``). The bfloat16 inputs and weights widen to float32
-  exactly and the product is rounded back to bfloat16 once, which is what a
-  bfloat16 matmul with float32 accumulation computes too; only the order of
-  the sums differs.
-
-Consistent numerics (the default on CPU, ``EngineConfig.dense_tile_rows`` > 0): a
-token's numbers must not depend on how many rows its step has, or a prompt
-would decode differently cold and after a prefix-cache hit. The kernels'
-reduction order depends on the shape they are given (oneDNN picks its
-algorithm by the number of rows: on the development CPU rows 1-32 and
->= 768 share one order, 33-512 another), so a layer with ``dense_tile_rows``
-set multiplies every input of more than ``SMALL_ROWS`` rows on fixed tiles
-of that many rows and smaller inputs on tiles of ``SMALL_ROWS``, and uses
-its int4 copy (whose kernel gives each row the same result whatever the
-number of rows) only for inputs of at most ``SMALL_ROWS`` rows. The model
-runner never gives a prefill so few rows (it pads prefill forwards), so a
-prompt token always takes the large-tile path and a decode token of a step
-of up to ``SMALL_ROWS`` sequences always the int4 or small-tile one.
+Every projection keeps its weight in the model dtype; ``plan_projections``
+(after loading, on a CPU) times the copies each layer may use
+(hawker/layers/weight_copies.py), gives each layer a ``LayerPlan``
+(hawker/layers/matmul_plan.py) and keeps only the copies that plan uses.
+Without a plan (a GPU, batch-invariant mode) a projection is ``F.linear``.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hawker.layers.batch_invariant import tiled_rows
-from hawker.layers.quant import (
-    INT8_PAIR_MAX_ROWS,
-    Int4Weight,
-    Int8PairWeight,
-    quantize_int4,
-    quantize_int8_as_int4_pair,
+from hawker.config import MatmulOptions
+from hawker.layers.matmul_plan import (
+    CONSISTENT_DECODE_ROWS,
+    WARM_LAYERS,
+    LayerPlan,
+    allowed_kernels,
+    consistent_plan,
+    measure,
+    speed_plan,
 )
+from hawker.layers.weight_copies import BUILDERS, FP32, INT4, INT8PAIR, DenseWeight, WeightCopy
 
-# Below about this many rows torch's bfloat16 matmul is as fast as float32
-# after widening the input (measured on the development CPU: 28-32 rows).
-DEFAULT_FP32_MATMUL_MIN_ROWS = 32
-# Consistent numerics: inputs of at most this many rows (decode steps of a
-# few sequences) take the int4 copy or small tiles; larger ones fixed large tiles.
-SMALL_ROWS = 16
-# Rows per tile of the large-input path: large enough that the matmul runs
-# near its full rate, small enough that a short prefill wastes little on padding.
-DEFAULT_DENSE_TILE_ROWS = 128
-
-
-@dataclass(frozen=True)
-class Fp32Weight:
-    """A float32 copy of a half-precision weight for inputs of many rows."""
-
-    weight: torch.Tensor
-    min_rows: int
-
-    def applies_to(self, x: torch.Tensor) -> bool:
-        return x.dim() == 2 and x.shape[0] >= self.min_rows
-
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return F.linear(x.float(), self.weight, None if bias is None else bias.float()).to(x.dtype)
+logger = logging.getLogger(__name__)
 
 
 class ProjectionCopies:
-    """Mixin for a layer with a 2-D ``weight``: optional int4 / float32 copies and the matmul that picks one."""
+    """Mixin for a layer with a 2-D ``weight``: the copies its plan uses and the matmul that picks one."""
 
     weight: torch.Tensor
-    int4: Int4Weight | Int8PairWeight | None = None
-    fp32: Fp32Weight | None = None
-    # > 0: consistent numerics, inputs multiplied on fixed row tiles (see the module docstring).
-    dense_tile_rows: int = 0
-
-    def attach_int4(self, max_rows: int) -> bool:
-        """Keep an int4 copy of the (loaded) weight for inputs of at most ``max_rows`` rows.
-
-        A weight on an 8-bit grid (Q8_0) gets its codes as two int4 halves,
-        for fewer rows (where that is faster than the dense weight).
-        """
-        weight = self.weight.data
-        self.int4 = quantize_int4(weight, max_rows) or quantize_int8_as_int4_pair(
-            weight, min(max_rows, INT8_PAIR_MAX_ROWS)
-        )
-        return self.int4 is not None
-
-    def attach_fp32(self, min_rows: int) -> bool:
-        """Keep a float32 copy of the (loaded) weight for inputs of at least ``min_rows`` rows."""
-        if self.weight.dtype not in (torch.bfloat16, torch.float16):
-            return False
-        self.fp32 = Fp32Weight(self.weight.data.float(), min_rows)
-        return True
-
-    def refresh_fp32(self) -> None:
-        """After the weight changed: rewrite the float32 copy in place (a compiled decode graph holds that tensor)."""
-        if self.fp32 is not None:
-            self.fp32.weight.copy_(self.weight.data)
+    plan: LayerPlan | None = None
+    copies: dict[str, WeightCopy]
 
     def project(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``x W^T (+ bias)`` through the copy that suits the number of rows of ``x``."""
-        if self.dense_tile_rows and x.dim() == 2:
-            return self._project_consistently(x, bias)
-        if self.int4 is not None and self.int4.applies_to(x):
-            out = self.int4.matmul(x)
-            return out if bias is None else out + bias
-        if self.fp32 is not None and self.fp32.applies_to(x):
-            return self.fp32.matmul(x, bias)
-        return F.linear(x, self.weight, bias)
-
-    def _project_consistently(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The same result for a row whatever the other rows: int4 or ``SMALL_ROWS`` tiles for small inputs,
-        ``dense_tile_rows`` tiles for large ones (the bias is added after the matmul, row by row)."""
-        rows = x.shape[0]
-        if rows <= SMALL_ROWS and self.int4 is not None:
-            out = self.int4.matmul(x)
-        else:
-            tile = SMALL_ROWS if rows <= SMALL_ROWS else self.dense_tile_rows
-            out = self._dense_tiles(x, tile)
+        """``x W^T (+ bias)`` through the copy the plan picks for the rows of ``x``."""
+        if self.plan is None or x.dim() != 2:
+            return F.linear(x, self.weight, bias)
+        step = self.plan.choose(x.shape[0])
+        copy = self.copies[step.kernel]
+        out = _tiled(copy, x, step.tile) if step.tile else copy.matmul(x)
         return out if bias is None else out + bias
 
-    def _dense_tiles(self, x: torch.Tensor, tile: int) -> torch.Tensor:
-        """``tiled_rows(self._dense_matmul, x, tile)``, full tiles written in place into one output.
+    def set_plan(self, plan: LayerPlan, built: dict[str, WeightCopy]) -> None:
+        """Use ``plan``, with the copies it needs (taken from ``built`` where there, else made now)."""
+        weight = self.weight.data
+        copies: dict[str, WeightCopy] = {}
+        for kernel in plan.kernels:
+            copy = built.get(kernel) or BUILDERS[kernel](weight)
+            if copy is None:
+                raise ValueError(f"{type(self).__name__} has no {kernel} form of its weight")
+            copies[kernel] = copy
+        self.copies = copies
+        self.plan = plan
 
-        ``torch.mm(..., out=)`` into a row slice runs the kernel ``F.linear``
-        runs on a fresh tile and gives the same bits (``tests/test_projection.py``),
-        without concatenating the tiles' outputs afterwards: 8 % of a long
-        prefill's time went to that copy.
-        """
-        rows = x.shape[0]
-        full = rows // tile * tile
-        if self.fp32 is not None or full <= tile:
-            return tiled_rows(self._dense_matmul, x, tile)
-        out = x.new_empty((rows, self.weight.shape[0]))
-        weight_t = self.weight.t()
-        for first in range(0, full, tile):
-            torch.mm(x[first : first + tile], weight_t, out=out[first : first + tile])
-        if full < rows:
-            out[full:] = tiled_rows(self._dense_matmul, x[full:], tile)
-        return out
+    def refresh_copies(self) -> None:
+        """After the weight changed in place: rewrite every copy (compiled graphs hold their tensors)."""
+        for copy in (self.copies if self.plan is not None else {}).values():
+            copy.refresh(self.weight.data)
 
-    def _dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fp32 is not None:
-            return self.fp32.matmul(x, None)
-        return F.linear(x, self.weight)
+    def rebuild_copies(self) -> None:
+        """After the weight's memory was given back and restored: make every copy anew."""
+        if self.plan is not None:
+            self.set_plan(self.plan, {})
+
+    def release_copies(self) -> None:
+        """Give the copies' memory back (sleep); ``rebuild_copies`` makes them again."""
+        if self.plan is not None:
+            self.copies = {kernel: copy for kernel, copy in self.copies.items() if isinstance(copy, DenseWeight)}
+
+    @property
+    def change_rows(self) -> list[int]:
+        """Row counts at which the plan switches copy (where a compiled graph branches)."""
+        return self.plan.change_rows if self.plan is not None else []
+
+    @property
+    def quantized_copy(self) -> bool:
+        """It multiplies through a 4/8-bit copy, which new weight values could not be written into."""
+        return self.plan is not None and bool(self.plan.kernels & {INT4, INT8PAIR})
 
 
-def attach_weight_copies(
-    model: nn.Module, int4_max_rows: int, fp32_min_rows: int, dense_tile_rows: int = 0
-) -> tuple[int, int]:
-    """Give every projection of a loaded model the copies asked for (0 = none of that kind).
+def _tiled(copy: WeightCopy, x: torch.Tensor, tile: int) -> torch.Tensor:
+    """``copy.matmul`` on fixed tiles of ``tile`` rows (the last one zero-padded): every call has one shape."""
+    rows = x.shape[0]
+    if rows == tile:
+        return copy.matmul(x)
+    full = rows // tile * tile
+    out = x.new_empty((rows, copy.matmul(x[:0]).shape[1]))
+    for first in range(0, full, tile):
+        if isinstance(copy, DenseWeight):  # written in place: no temporary, same bits
+            copy.matmul_into(x[first : first + tile], out[first : first + tile])
+        else:
+            out[first : first + tile] = copy.matmul(x[first : first + tile])
+    if full < rows:
+        padded = x.new_zeros((tile, x.shape[1]))
+        padded[: rows - full] = x[full:]
+        out[full:] = copy.matmul(padded)[: rows - full]
+    return out
 
-    int4 copies go only to layers whose weights are 4- or 8-bit already, float32
-    copies only to half-precision ones. ``dense_tile_rows`` > 0 turns on
-    consistent numerics (module docstring): then only 4-bit layers get int4
-    copies (the 8-bit pair pays off only below ``SMALL_ROWS`` rows), and a
-    float32 copy serves every large input. Returns how many layers got each.
-    """
-    int4_count = fp32_count = 0
+
+@dataclass
+class _Group:
+    """Projections of one shape and dtype with the same copies available; whether it is the LM head."""
+
+    is_head: bool
+    layers: list[ProjectionCopies]
+    kernels: list[str]
+    built: list[dict[str, WeightCopy]]  # per layer, the copies made while finding out what it has
+
+
+def _available(weight: torch.Tensor, kernels: list[str]) -> dict[str, WeightCopy | None]:
+    """The copies of ``weight`` worth making to find out whether it has that form (None: made on demand)."""
+    found: dict[str, WeightCopy | None] = {}
+    for kernel in kernels:
+        if kernel == FP32:
+            found[kernel] = None  # any half-precision weight has one; made only where timed or used
+        elif kernel == INT8PAIR and found.get(INT4) is not None:
+            continue  # a 4-bit weight is not taken as 8-bit too
+        else:
+            copy = BUILDERS[kernel](weight)
+            if copy is not None:
+                found[kernel] = copy
+    return found
+
+
+def _groups(model: nn.Module, options: MatmulOptions) -> list[_Group]:
+    groups: dict[tuple, _Group] = {}
     for module in model.modules():
-        if not isinstance(module, ProjectionCopies):
+        if not isinstance(module, ProjectionCopies) or module.weight.device.type != "cpu":
             continue
-        module.dense_tile_rows = dense_tile_rows
-        if dense_tile_rows:
-            if int4_max_rows:
-                module.int4 = quantize_int4(module.weight.data, SMALL_ROWS)
-                int4_count += module.int4 is not None
-            if fp32_min_rows:
-                fp32_count += module.attach_fp32(fp32_min_rows)
-            continue
-        if int4_max_rows:
-            int4_count += module.attach_int4(int4_max_rows)
-        if fp32_min_rows:
-            fp32_count += module.attach_fp32(fp32_min_rows)
-    return int4_count, fp32_count
+        weight = module.weight.data
+        found = _available(weight, allowed_kernels(weight.dtype, options))
+        is_head = hasattr(module, "logits")
+        key = (is_head, tuple(weight.shape), weight.dtype, tuple(found))
+        group = groups.setdefault(key, _Group(is_head, [], list(found), []))
+        group.layers.append(module)
+        group.built.append({k: c for k, c in found.items() if c is not None})
+    return list(groups.values())
 
 
-def cpu_has_fast_half_matmul() -> bool:
-    """Whether this CPU multiplies bfloat16 faster than float32 (it has AMX tiles, as torch sees them)."""
-    init_amx = getattr(torch._C._cpu, "_init_amx", None)
-    return bool(init_amx()) if init_amx is not None else False
+def _timed_copies(group: _Group) -> dict[str, list[WeightCopy]]:
+    """Per kernel, the copies to time: every layer's (few rows are timed over all of them), fp32's of a few."""
+    timed: dict[str, list[WeightCopy]] = {}
+    for kernel in group.kernels:
+        count = len(group.layers) if kernel != FP32 else min(WARM_LAYERS, len(group.layers))
+        copies = []
+        for layer, built in zip(group.layers[:count], group.built[:count], strict=True):
+            copy = built.get(kernel) or BUILDERS[kernel](layer.weight.data)
+            assert copy is not None
+            built[kernel] = copy
+            copies.append(copy)
+        timed[kernel] = copies
+    return timed
+
+
+def plan_projections(model: nn.Module, options: MatmulOptions) -> dict[str, str]:
+    """Measure and set every CPU projection's plan; returns a description of each group's plan (for the log)."""
+    described: dict[str, str] = {}
+    for group in _groups(model, options):
+        limit = options.sample_rows if group.is_head else options.max_rows
+        weight = group.layers[0].weight.data
+        timings = measure(weight, _timed_copies(group), limit, options.repeats)
+        if options.consistent:
+            plan = consistent_plan(weight, group.kernels, group.is_head, timings, options, limit)
+        else:
+            plan = speed_plan(timings, group.kernels, options, limit)
+        for layer, built in zip(group.layers, group.built, strict=True):
+            layer.set_plan(plan, built)
+        name = "lm_head" if group.is_head else "x".join(map(str, weight.shape))
+        described[f"{name} ({len(group.layers)} layers)"] = plan.describe()
+    for name, plan in described.items():
+        logger.info("matmul plan %s: %s", name, plan)
+    return described
+
+
+def consistent_prefill_rows(rows: int) -> int:
+    """Rows a prefill forward is padded to under consistent numerics: past the decode-sized plans' range."""
+    return max(rows, CONSISTENT_DECODE_ROWS + 1)

@@ -6,7 +6,8 @@ the bytes of weights. bfloat16 weights of the default model are 269 MB a
 step; int4 with a bf16 scale and zero per group of 32 is about a quarter of
 that. torch's CPU kernel (``_weight_int4pack_mm_for_cpu``) is faster than
 bf16 ``F.linear`` for a handful of rows and slower for many, so layers keep
-both copies and pick by the number of rows.
+both copies and their measured plan picks one by the number of rows
+(hawker/layers/matmul_plan.py).
 
 The grouping (32 weights, asymmetric: w = scale * q + min, q in 0..15) is
 GGUF Q4_1's. Only weights that already lie on such a grid get a copy, so the
@@ -24,10 +25,6 @@ import torch
 INT4_GROUP_SIZE = 32
 # _convert_weight_to_int4pack_for_cpu's tiling of the input dimension.
 _INNER_K_TILES = 2
-# The int4 kernel beats bfloat16 F.linear up to about 24 rows on the
-# development CPU with the default model's shapes (benchmarks/NOTES.md);
-# 16 leaves a margin.
-DEFAULT_INT4_DECODE_MAX_ROWS = 16
 # How far (in grid steps) a stored weight may sit from its group's 4-bit grid
 # and still count as 4-bit: bf16 rounding moves Q4_1 values by < 0.05 steps,
 # while 8-bit or unquantized weights sit up to 0.5 steps away.
@@ -36,10 +33,6 @@ GRID_TOLERANCE = 0.2
 # most 2^-9 of itself, and the scale recovered from the rounded maximum by as
 # much again.
 Q8_RELATIVE_TOLERANCE = 2**-7
-# Two int4 products beat one bfloat16 matmul on the default model's LM head
-# [49152, 576] up to about 4 rows with cold caches (1 row: 2.8 vs 7.2 ms;
-# 4 rows: 4.7 vs 6.5 ms; 8 rows: 8.6 vs 8.1 ms; benchmarks/NOTES.md).
-INT8_PAIR_MAX_ROWS = 4
 
 
 @dataclass(frozen=True)
@@ -49,10 +42,6 @@ class Int4Weight:
     packed: torch.Tensor
     scales_and_zeros: torch.Tensor  # [in / group, out, 2] in the activation dtype
     group_size: int
-    max_rows: int  # inputs with more rows than this use the dense weight
-
-    def applies_to(self, x: torch.Tensor) -> bool:
-        return x.dim() == 2 and x.shape[0] <= self.max_rows
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W^T`` for 2-D ``x`` in the dtype of the scales."""
@@ -60,12 +49,15 @@ class Int4Weight:
             x.contiguous(), self.packed, self.group_size, self.scales_and_zeros
         )
 
-    def tensors(self) -> list[torch.Tensor]:
-        """What a matmul reads."""
-        return [self.packed, self.scales_and_zeros]
+    def refresh(self, weight: torch.Tensor) -> None:
+        raise ValueError("an int4 copy holds the checkpoint's 4-bit values; new weights cannot be written into it")
+
+    def nbytes(self) -> int:
+        """Bytes a matmul reads."""
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales_and_zeros))
 
 
-def quantize_int4(weight: torch.Tensor, max_rows: int, group_size: int = INT4_GROUP_SIZE) -> Int4Weight | None:
+def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> Int4Weight | None:
     """The int4 copy of ``weight`` [out, in] if it already lies on a 4-bit grid per group, else None.
 
     Only weights that were 4-bit to begin with (GGUF Q4_1/Q4_0, dequantised at
@@ -86,7 +78,7 @@ def quantize_int4(weight: torch.Tensor, max_rows: int, group_size: int = INT4_GR
     if bool(off_grid.any()):
         return None
     # The kernel computes (q - 8) * scale + zero, so zero = min + 8 * scale.
-    return _pack(codes.view(out_features, in_features), scale, low + 8 * scale, weight.dtype, max_rows)
+    return _pack(codes.view(out_features, in_features), scale, low + 8 * scale, weight.dtype)
 
 
 @dataclass(frozen=True)
@@ -103,23 +95,17 @@ class Int8PairWeight:
     high: Int4Weight
     low: Int4Weight
 
-    @property
-    def max_rows(self) -> int:
-        return self.high.max_rows
-
-    def applies_to(self, x: torch.Tensor) -> bool:
-        return self.high.applies_to(x)
-
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return self.high.matmul(x) + self.low.matmul(x)
 
-    def tensors(self) -> list[torch.Tensor]:
-        return self.high.tensors() + self.low.tensors()
+    def refresh(self, weight: torch.Tensor) -> None:
+        self.high.refresh(weight)
+
+    def nbytes(self) -> int:
+        return self.high.nbytes() + self.low.nbytes()
 
 
-def quantize_int8_as_int4_pair(
-    weight: torch.Tensor, max_rows: int, group_size: int = INT4_GROUP_SIZE
-) -> Int8PairWeight | None:
+def quantize_int8_as_int4_pair(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> Int8PairWeight | None:
     """An ``Int8PairWeight`` of ``weight`` [out, in] if it lies on Q8_0's grid per group, else None.
 
     Q8_0 stores ``code * d`` with ``d = max |w| / 127`` per group and codes in
@@ -139,16 +125,14 @@ def quantize_int8_as_int4_pair(
     if bool(off_grid.any()):
         return None
     unsigned = (codes + 128).view(out_features, in_features)
-    high = _pack(unsigned // 16, 16 * scale, torch.zeros_like(scale), weight.dtype, max_rows)
-    low = _pack(unsigned % 16, scale, 8 * scale, weight.dtype, max_rows)
+    high = _pack(unsigned // 16, 16 * scale, torch.zeros_like(scale), weight.dtype)
+    low = _pack(unsigned % 16, scale, 8 * scale, weight.dtype)
     return Int8PairWeight(high, low)
 
 
-def _pack(
-    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype, max_rows: int
-) -> Int4Weight:
+def _pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> Int4Weight:
     """codes [out, in] in 0..15; scale, zero [out, groups, 1]: w = (code - 8) * scale + zero."""
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), _INNER_K_TILES)
     scale, zero = scale.squeeze(-1), zero.squeeze(-1)
     scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()
-    return Int4Weight(packed, scales_and_zeros, codes.shape[1] // scale.shape[1], max_rows)
+    return Int4Weight(packed, scales_and_zeros, codes.shape[1] // scale.shape[1])

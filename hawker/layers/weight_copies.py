@@ -1,0 +1,124 @@
+"""The forms a projection's weight can be multiplied in, each a copy of the same values.
+
+Which one is fastest depends on the CPU and on the number of rows of the
+step, so a layer keeps the copies its measured plan uses
+(hawker/layers/matmul_plan.py) and the plan picks one per step:
+
+- ``dense``: ``F.linear`` on the weight itself (no copy);
+- ``packed``: the weight prepacked for oneDNN (hawker/kernels/packed_linear.py):
+  the same kernel without a per-call reorder, much faster for few rows;
+- ``fp32``: a float32 copy of a half-precision weight, for CPUs whose
+  half-precision matmul is slower than float32's (no AVX512-BF16, no AMX):
+  inputs widen exactly, and the product is rounded back once, which is what a
+  half-precision matmul with float32 accumulation computes up to the order of
+  its sums;
+- ``int4`` / ``int8pair``: weights that are 4- or 8-bit in the checkpoint, kept
+  packed (hawker/layers/quant.py): a quarter (half) of the bytes to read, for
+  steps whose cost is reading the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from hawker.kernels import packed_linear
+from hawker.layers.quant import quantize_int4, quantize_int8_as_int4_pair
+
+DENSE, PACKED, FP32, INT4, INT8PAIR = "dense", "packed", "fp32", "int4", "int8pair"
+
+
+class WeightCopy(Protocol):
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W^T`` for 2-D ``x`` in the model dtype."""
+        ...
+
+    def refresh(self, weight: torch.Tensor) -> None:
+        """Rewrite the copy in place from new values of the weight (compiled graphs hold its tensors)."""
+        ...
+
+    def nbytes(self) -> int:
+        """Bytes a product reads."""
+        ...
+
+
+@dataclass(frozen=True)
+class DenseWeight:
+    weight: torch.Tensor  # the layer's own parameter data
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def matmul_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """``out[:] = x @ W^T`` without a temporary: ``torch.mm`` runs the kernel ``F.linear`` runs, same bits."""
+        torch.mm(x, self.weight.t(), out=out)
+
+    def refresh(self, weight: torch.Tensor) -> None:
+        del weight  # it is the weight
+
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    packed: torch.Tensor  # opaque oneDNN tensor
+    out_features: int
+    weight_bytes: int
+
+    @staticmethod
+    def build(weight: torch.Tensor) -> PackedWeight | None:
+        if weight.device.type != "cpu" or not packed_linear.available(weight.dtype):
+            return None
+        return PackedWeight(packed_linear.pack(weight), weight.shape[0], weight.numel() * weight.element_size())
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return packed_linear.packed_linear(x, self.packed, self.out_features)
+
+    def refresh(self, weight: torch.Tensor) -> None:
+        packed_linear.repack_into(self.packed, weight)
+
+    def nbytes(self) -> int:
+        return self.weight_bytes
+
+
+@dataclass(frozen=True)
+class Fp32Weight:
+    weight: torch.Tensor  # float32 [out, in]
+
+    @staticmethod
+    def build(weight: torch.Tensor) -> Fp32Weight | None:
+        if weight.dtype not in (torch.bfloat16, torch.float16):
+            return None
+        return Fp32Weight(weight.float())
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight).to(x.dtype)
+
+    def refresh(self, weight: torch.Tensor) -> None:
+        self.weight.copy_(weight)
+
+    def nbytes(self) -> int:
+        return self.weight.numel() * 4
+
+
+def _int4(weight: torch.Tensor) -> WeightCopy | None:
+    return quantize_int4(weight)
+
+
+def _int8pair(weight: torch.Tensor) -> WeightCopy | None:
+    return quantize_int8_as_int4_pair(weight)
+
+
+# How each copy is made from a loaded weight (None: this weight has no such form).
+BUILDERS: dict[str, Callable[[torch.Tensor], WeightCopy | None]] = {
+    DENSE: DenseWeight,
+    PACKED: PackedWeight.build,
+    FP32: Fp32Weight.build,
+    INT4: _int4,
+    INT8PAIR: _int8pair,
+}
