@@ -155,6 +155,13 @@ def _add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = F
         "(default: on for the torch attention backend on a CPU wherever a C compiler builds it)",
     )
     parser.add_argument(
+        "--native-prefill-attention",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.native_prefill_attention,
+        help="prompt chunks attend over the paged KV cache in place through a small C kernel built on first "
+        "use, row-invariant (default: on for the torch attention backend on a CPU wherever it builds)",
+    )
+    parser.add_argument(
         "--cuda-graph-max-batch-size",
         type=int,
         default=defaults.cuda_graph_max_batch_size,
@@ -194,6 +201,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "deterministic": args.deterministic,
         "consistent_numerics": args.consistent_numerics,
         "native_decode_attention": args.native_decode_attention,
+        "native_prefill_attention": args.native_prefill_attention,
         "overlap_scheduling": args.overlap_scheduling,
         "device": args.device,
     }

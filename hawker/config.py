@@ -269,3 +269,5 @@ class EngineConfig:
     compile_warmup: str = "blocking"
     # Decodes attend through the in-place C kernel (hawker/kernels/cpu_decode_attention.py).
     native_decode_attention: bool = False
+    # Prompt chunks attend through the in-place C kernel (hawker/kernels/cpu_prefill_attention.py).
+    native_prefill_attention: bool = False

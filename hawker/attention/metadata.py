@@ -61,6 +61,17 @@ class PagedDecode:
 
 
 @dataclass(frozen=True)
+class PagedPrefill:
+    """Every prefill chunk of the step for the in-place CPU kernel (hawker/kernels/cpu_prefill_attention.py);
+    rows count from the step's first prefill row."""
+
+    block_tables: torch.Tensor  # [chunks, widest] int64, short tables padded with block 0 (never read)
+    chunk_rows: torch.Tensor  # [chunks] int64
+    chunk_lens: torch.Tensor  # [chunks] int64
+    chunk_starts: torch.Tensor  # [chunks] int64: the position of each chunk's first query
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     """The flat batch holds ``num_decodes`` single-token decodes first, then prefill chunks."""
 
@@ -76,3 +87,5 @@ class AttentionMetadata:
     prefill_tile_rows: int = 0
     # Set instead of ``decode_groups`` when decodes run the in-place CPU kernel.
     paged_decode: PagedDecode | None = None
+    # Set when prefill chunks run the in-place CPU kernel (their context_slots are then not made).
+    paged_prefill: PagedPrefill | None = None

@@ -3,7 +3,8 @@
 New keys/values of the whole step are written into the cache first, so any
 read after that sees every token of the step. Decodes run the in-place C
 kernel on a CPU where it builds (one call for all of them), else a few padded
-SDPA calls grouped by context length; prefill chunks run one SDPA call each
+SDPA calls grouped by context length; prefill chunks likewise run the
+in-place prefill kernel (one call for all of them), else one SDPA call each
 (their lengths vary too much to pad together cheaply).
 """
 
@@ -12,8 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hawker.attention.metadata import AttentionMetadata, DecodeGroup, PrefillChunk
+from hawker.attention.metadata import AttentionMetadata, DecodeGroup, PagedPrefill, PrefillChunk
 from hawker.kernels.cpu_decode_attention import paged_decode_attention
+from hawker.kernels.cpu_prefill_attention import paged_prefill_attention
 
 
 def write_kv(
@@ -42,10 +44,16 @@ def paged_attention(
     if not meta.prefills:
         # Decode-only step (the common one): no output buffer to assemble.
         return _decode(q, k_cache, v_cache, meta, scale)
+    decodes = meta.num_decodes
+    if meta.paged_prefill is not None and not decodes:  # a prefill-only forward: the kernel's output is it
+        return _native_prefill(q, k_cache, v_cache, meta.paged_prefill, scale)
     # Zeros: rows past the last chunk are padding (consistent numerics) and must hold finite values.
     out = torch.zeros_like(q)
-    if meta.num_decodes:
-        out[: meta.num_decodes] = _decode(q[: meta.num_decodes], k_cache, v_cache, meta, scale)
+    if decodes:
+        out[:decodes] = _decode(q[:decodes], k_cache, v_cache, meta, scale)
+    if meta.paged_prefill is not None:
+        out[decodes:] = _native_prefill(q[decodes:], k_cache, v_cache, meta.paged_prefill, scale)
+        return out
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.length)
         if meta.prefill_tile_rows:
@@ -55,6 +63,15 @@ def paged_attention(
         else:
             out[rows] = _prefill(q[rows], k[rows], v[rows], k_cache, v_cache, chunk, scale)
     return out
+
+
+def _native_prefill(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, chunks: PagedPrefill, scale: float
+) -> torch.Tensor:
+    """Every prefill chunk in one call of the in-place kernel; rows in no chunk (padding) come out zero."""
+    return paged_prefill_attention(
+        q, k_cache, v_cache, chunks.block_tables, chunks.chunk_rows, chunks.chunk_lens, chunks.chunk_starts, scale
+    )
 
 
 def _each_query_alone(

@@ -41,7 +41,7 @@ from hawker.engine.memory_profile import profile_num_blocks
 from hawker.engine.model_runner import LaunchedStep, ModelOutput, ModelRunner, SeqResult, build_model
 from hawker.engine.request import Request, RequestStatus
 from hawker.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
-from hawker.kernels import cpu_decode_attention, packed_linear
+from hawker.kernels import cpu_decode_attention, cpu_prefill_attention, packed_linear
 from hawker.layers.projection import ProjectionCopies
 from hawker.loader.checkpoint import Checkpoint, open_checkpoint
 from hawker.loader.tokenizer import load_tokenizer
@@ -129,6 +129,12 @@ class EngineOptions:
     # cpu_decode_attention.py). None = on for the torch attention backend on a
     # CPU wherever it builds (else padded SDPA per length group); False = off.
     native_decode_attention: bool | None = None
+    # Prompt chunks attend over the paged KV cache in place, all in one call
+    # per layer, through a small C kernel (hawker/kernels/
+    # cpu_prefill_attention.py): several times torch's CPU flash attention,
+    # and row-invariant, so consistent numerics needs no query tiles. None = on
+    # for the torch attention backend on a CPU wherever it builds; False = off.
+    native_prefill_attention: bool | None = None
 
     def __post_init__(self) -> None:
         if self.compile_warmup not in WARM_UP_MODES:
@@ -252,16 +258,19 @@ def _consistent_numerics(options: EngineOptions, attention_backend: str) -> bool
     return covered and wanted is not False
 
 
-def _native_decode_attention(options: EngineOptions, attention_backend: str, dtype: torch.dtype) -> bool:
-    wanted = options.native_decode_attention
+def _native_attention(
+    wanted: bool | None, kind: str, options: EngineOptions, attention_backend: str, dtype: torch.dtype
+) -> bool:
+    """Whether the ``kind`` ("decode" or "prefill") C attention kernel runs: None = wherever it builds."""
     if wanted is False:
         return False
     usable = torch.device(options.device).type == "cpu" and attention_backend == "torch"
     if wanted and not usable:
-        raise ValueError("native_decode_attention is a CPU kernel of the torch attention backend; set it off")
-    built = usable and cpu_decode_attention.available(dtype)
+        raise ValueError(f"native_{kind}_attention is a CPU kernel of the torch attention backend; set it off")
+    kernel = cpu_decode_attention if kind == "decode" else cpu_prefill_attention
+    built = usable and kernel.available(dtype)
     if wanted and not built:
-        raise ValueError(f"the native decode attention kernel could not be built here for {dtype} (see the log)")
+        raise ValueError(f"the native {kind} attention kernel could not be built here for {dtype} (see the log)")
     return built
 
 
@@ -335,7 +344,12 @@ def engine_config(options: EngineOptions, parallel: ParallelConfig) -> tuple[Eng
         overlap_scheduling=_overlap_scheduling(options),
         consistent_numerics=consistent,
         compile_warmup=options.compile_warmup,
-        native_decode_attention=_native_decode_attention(options, attention_backend, model_config.dtype),
+        native_decode_attention=_native_attention(
+            options.native_decode_attention, "decode", options, attention_backend, model_config.dtype
+        ),
+        native_prefill_attention=_native_attention(
+            options.native_prefill_attention, "prefill", options, attention_backend, model_config.dtype
+        ),
     )
     return config, checkpoint
 

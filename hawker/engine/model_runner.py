@@ -15,7 +15,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hawker.attention.metadata import AttentionMetadata, DecodeGroup, PagedDecode, PrefillChunk, padded_block_tables
+from hawker.attention.metadata import (
+    AttentionMetadata,
+    DecodeGroup,
+    PagedDecode,
+    PagedPrefill,
+    PrefillChunk,
+    padded_block_tables,
+)
 from hawker.config import EngineConfig
 from hawker.distributed.pipeline import StageLinks, split_micro_batches
 from hawker.engine.compiled_decode import CompiledDecode, warm_up_row_counts
@@ -383,11 +390,14 @@ class ModelRunner:
         row_ends: list[int],
         slot_mapping: torch.Tensor,
     ) -> AttentionMetadata:
+        native_prefill = self.config.native_prefill_attention and bool(prefills)
         chunks = []
         for seq, end in zip(prefills, row_ends[len(decodes) :], strict=True):
-            context = self._context_slots(seq) if seq.start_pos else None
+            context = self._context_slots(seq) if seq.start_pos and not native_prefill else None
             chunks.append(PrefillChunk(end - seq.num_tokens, seq.num_tokens, seq.start_pos, context))
         in_place = self.config.native_decode_attention and bool(decodes)
+        # The native prefill kernel is row-invariant: consistent numerics needs no query tiles with it.
+        tiles = self.config.consistent_numerics and not native_prefill
         return AttentionMetadata(
             slot_mapping=slot_mapping,
             num_decodes=len(decodes),
@@ -395,8 +405,17 @@ class ModelRunner:
             paged_decode=self._paged_decode(decodes) if in_place else None,
             prefills=tuple(chunks),
             query_contexts=self._query_contexts([*decodes, *prefills]) if self.config.batch_invariant else None,
-            prefill_tile_rows=CONSISTENT_PREFILL_TILE if self.config.consistent_numerics else 0,
+            prefill_tile_rows=CONSISTENT_PREFILL_TILE if tiles else 0,
+            paged_prefill=self._paged_prefill(chunks, prefills, len(decodes)) if native_prefill else None,
         )
+
+    def _paged_prefill(
+        self, chunks: Sequence[PrefillChunk], prefills: Sequence[ScheduledSeq], first_row: int
+    ) -> PagedPrefill:
+        """Block tables, rows (from the first prefill row), lengths and start positions of the prefill chunks."""
+        columns = [(c.query_start - first_row, c.length, c.start_pos) for c in chunks]
+        rows, lens, starts = (upload(list(column), torch.long, self.device) for column in zip(*columns, strict=True))
+        return PagedPrefill(padded_block_tables([s.block_table for s in prefills], self.device), rows, lens, starts)
 
     def _query_contexts(self, order: Sequence[ScheduledSeq]) -> tuple[torch.Tensor, ...]:
         """Cache slots of positions 0..p for every query row (p its position), in row order."""

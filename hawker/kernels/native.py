@@ -1,8 +1,8 @@
 """Small C kernels for the CPU path, compiled on first use and kept in a cache folder.
 
-A kernel here is one plain C file under ``csrc/`` with no Python or torch
-headers, so compiling it takes well under a second (a torch C++ extension
-takes about a minute on a 2-core machine). It is built for this machine
+A kernel here is one plain C file under ``csrc/`` (with the headers there)
+and no Python or torch headers, so compiling it takes well under a second
+(a torch C++ extension takes about a minute on a 2-core machine). It is built for this machine
 (``-march=native``) with OpenMP and linked against the OpenMP runtime torch
 has already loaded, so both share one thread pool. The shared object is
 keyed by a hash of the source, the flags, the compiler and the CPU's
@@ -91,7 +91,8 @@ def load_kernel_library(name: str) -> ctypes.CDLL | None:
     if compiler is None:
         logger.warning("no C compiler found (set CC): the %s kernel falls back to torch", name)
         return None
-    source = source_path.read_bytes()
+    # The headers beside it count as its source: a changed header must rebuild it.
+    source = b"".join(path.read_bytes() for path in [source_path, *sorted(SOURCE_DIR.glob("*.h"))])
     target = cache_dir() / f"{name}-{_build_key(source, compiler)}.so"
     try:
         if not target.exists():

@@ -14,76 +14,7 @@
  * Built at run time by hawker/kernels/native.py with -O3 -march=native
  * -fopenmp; the loops are written so that the compiler vectorises them.
  */
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-enum { DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1, DTYPE_FLOAT16 = 2 };
-
-static inline float bf16_to_float(uint16_t half) {
-    uint32_t bits = (uint32_t)half << 16;
-    float value;
-    memcpy(&value, &bits, sizeof value);
-    return value;
-}
-
-static inline uint16_t float_to_bf16(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* NaN stays NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u); /* round to nearest even, as torch does */
-    return (uint16_t)(bits >> 16);
-}
-
-/* Row of `dim` elements of `dtype` at `src` into floats. */
-static inline void load_row(const void *src, int dtype, int64_t dim, float *restrict dst) {
-    if (dtype == DTYPE_BFLOAT16) {
-        const uint16_t *row = (const uint16_t *)src;
-        for (int64_t d = 0; d < dim; ++d) dst[d] = bf16_to_float(row[d]);
-    } else if (dtype == DTYPE_FLOAT16) {
-        const _Float16 *row = (const _Float16 *)src;
-        for (int64_t d = 0; d < dim; ++d) dst[d] = (float)row[d];
-    } else {
-        memcpy(dst, src, (size_t)dim * sizeof(float));
-    }
-}
-
-static inline void store_row(void *dst, int dtype, int64_t dim, const float *restrict src, float factor) {
-    if (dtype == DTYPE_BFLOAT16) {
-        uint16_t *row = (uint16_t *)dst;
-        for (int64_t d = 0; d < dim; ++d) row[d] = float_to_bf16(src[d] * factor);
-    } else if (dtype == DTYPE_FLOAT16) {
-        _Float16 *row = (_Float16 *)dst;
-        for (int64_t d = 0; d < dim; ++d) row[d] = (_Float16)(src[d] * factor);
-    } else {
-        float *row = (float *)dst;
-        for (int64_t d = 0; d < dim; ++d) row[d] = src[d] * factor;
-    }
-}
-
-/*
- * exp(x) for x <= 0 (scores minus their maximum), Cephes' single-precision
- * polynomial: about 1 ulp, and unlike libm's expf it vectorises.
- */
-static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    float y = p * r * r + r + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return y * scale;
-}
-
-static inline size_t element_size(int dtype) { return dtype == DTYPE_FLOAT32 ? 4 : 2; }
+#include "attention_common.h"
 
 typedef struct {
     const char *q;
@@ -308,21 +239,9 @@ static void weighted_values_portable(const DecodeArgs *a, const Scratch *s, cons
     }
 }
 
-/* Softmax weights (unnormalised) in place; returns nothing, writes each head's sum to sums[g]. */
+/* Softmax weights (unnormalised) in place; writes each head's sum to sums[g]. */
 static void softmax_weights(float *scores_all, int64_t len, int64_t group, float *sums) {
-    for (int64_t g = 0; g < group; ++g) {
-        float *scores = scores_all + g * len;
-        float top = -INFINITY;
-#pragma omp simd reduction(max : top)
-        for (int64_t t = 0; t < len; ++t) top = scores[t] > top ? scores[t] : top;
-        float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-        for (int64_t t = 0; t < len; ++t) {
-            scores[t] = exp_nonpositive(scores[t] - top);
-            total += scores[t];
-        }
-        sums[g] = total;
-    }
+    for (int64_t g = 0; g < group; ++g) sums[g] = softmax_row(scores_all + g * len, len, len);
 }
 
 static void attend_one(const DecodeArgs *a, const Scratch *s, int64_t seq, int64_t kv_head) {

@@ -1,0 +1,107 @@
+"""Causal attention of prompt chunks over the paged KV cache, read in place on a CPU
+(``csrc/paged_prefill_attention.c``).
+
+torch's CPU flash attention runs at about 115 GFLOP/s in bfloat16 on the
+2-core development machine (a 1,536-token prompt: 25 ms a layer), twice the
+time of the prompt's matmuls; the C kernel's bfloat16 dot products
+(AVX512-BF16 pairs) and its layout of 16 keys to a vector do the same work
+several times faster (benchmarks/NOTES.md). Every query row is computed
+alone in an order fixed by its position, so its result does not depend on
+the chunk or the step it is in (consistent numerics needs no query tiles).
+It is a torch custom op, so a compiled step calls it as one opaque kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from hawker.kernels.native import load_kernel_library
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@functools.cache
+def _kernel() -> ctypes._CFuncPtr | None:
+    library = load_kernel_library("paged_prefill_attention")
+    if library is None:
+        return None
+    function = library.hawker_paged_prefill_attention
+    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
+    function.argtypes = [pointer] * 8 + [i64] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+def available(dtype: torch.dtype) -> bool:
+    """The kernel built on this machine and handles ``dtype``."""
+    return dtype in _DTYPE_CODES and _kernel() is not None
+
+
+@torch.library.custom_op("hawker::paged_prefill_attention", mutates_args=(), device_types="cpu")
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    chunk_rows: torch.Tensor,
+    chunk_lens: torch.Tensor,
+    chunk_starts: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """q: [T, H, D] (tokens may be strided); caches: [blocks, block_size, Hkv, D]; chunk c's queries are rows
+    ``chunk_rows[c]`` .. + ``chunk_lens[c]`` of q at positions ``chunk_starts[c]`` onwards, attending causally
+    to their sequence's keys through ``block_tables[c]`` (the chunk's own keys already in the cache).
+    Returns [T, H, D]; rows of q in no chunk are zero."""
+    kernel = _kernel()
+    if kernel is None:
+        raise RuntimeError("the paged prefill attention kernel is not built; check available() first")
+    if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
+        q = q.contiguous()
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the KV cache must be contiguous")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"queries are {q.dtype} but the cache is {k_cache.dtype}")
+    tables = block_tables.to(torch.int64).contiguous()
+    rows, lens, starts = (t.to(torch.int64).contiguous() for t in (chunk_rows, chunk_lens, chunk_starts))
+    tokens, heads, dim = q.shape
+    out = torch.zeros((tokens, heads, dim), dtype=q.dtype)
+    status = kernel(
+        q.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        out.data_ptr(),
+        tables.data_ptr(),
+        rows.data_ptr(),
+        lens.data_ptr(),
+        starts.data_ptr(),
+        lens.shape[0],
+        tables.shape[1],
+        q.stride(0),
+        heads,
+        k_cache.shape[2],
+        dim,
+        k_cache.shape[1],
+        scale,
+        _DTYPE_CODES[q.dtype],
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise MemoryError("paged prefill attention could not allocate its scratch memory")
+    return out
+
+
+@paged_prefill_attention.register_fake
+def _(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    chunk_rows: torch.Tensor,
+    chunk_lens: torch.Tensor,
+    chunk_starts: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    return q.new_empty(q.shape)

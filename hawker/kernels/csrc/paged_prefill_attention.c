@@ -1,0 +1,370 @@
+/*
+ * Causal attention of prompt chunks over the paged KV cache, read in place (CPU).
+ *
+ * A chunk is a run of query tokens of one sequence at positions start ..
+ * start + len - 1; its keys and values (the cached prefix and the chunk's own,
+ * written before this call) are read through the sequence's block table.
+ First every (chunk, KV head)'s keys and values are packed, once, into the
+ * layout the dot products stream through (16 keys to a vector); then work
+ * items, a tile of TILE_QUERIES queries of a chunk with the query heads that
+ * share a KV head, compute every score (pass 1), the softmax (pass 2) and the
+ * weighted sum of values (pass 3).
+ *
+ * Numerics: every query row is computed on its own, in an order that depends
+ * only on its position: keys in blocks of 16 from position 0, the softmax over
+ * exactly its keys, later keys of its tile contributing exact zeros, float32
+ * sums. So a query gets the same bits whatever chunk or tile it is in: a
+ * prompt attends alike cold and after a prefix-cache hit. Where the CPU has
+ * AVX512-BF16, bfloat16 products are vdpbf16ps pairs summed in float32, the
+ * probabilities rounded to bfloat16 for the product with the values (as flash
+ * attention does on a GPU); elsewhere everything is widened to float32.
+ *
+ * Built at run time by hawker/kernels/native.py (-O3 -march=native -fopenmp).
+ */
+#include "attention_common.h"
+
+#define KEYS 16         /* keys per block: one vector of float32 scores */
+#define TILE_QUERIES 16 /* query positions per tile */
+#define MAX_ROWS 4 /* query rows whose dot products share each loaded key vector */
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define HAVE_BF16_PAIRS 1
+#else
+#define HAVE_BF16_PAIRS 0
+#endif
+
+typedef struct {
+    const char *q;
+    const char *k_cache;
+    const char *v_cache;
+    char *out;
+    const int64_t *block_tables; /* [chunks, table_stride] */
+    const int64_t *chunk_rows;   /* first row of each chunk in q and out */
+    const int64_t *chunk_lens;
+    const int64_t *chunk_starts; /* position of each chunk's first query */
+    int64_t table_stride;
+    int64_t q_row_stride; /* elements between consecutive tokens' queries */
+    int64_t num_heads;
+    int64_t num_kv_heads;
+    int64_t head_dim;
+    int64_t block_size;
+    float scale;
+    int dtype;
+    int pairs; /* the bfloat16-pairs path (else float32) */
+} PrefillArgs;
+
+typedef struct {
+    int64_t chunk, kv_head, tile;
+} Item;
+
+/* One (chunk, KV head)'s keys and values, packed: every position up to a multiple of KEYS. */
+typedef struct {
+    void *keys;   /* [blocks][dim / 2][KEYS] bfloat16 pairs, or [blocks][dim][KEYS] floats */
+    void *values; /* [keys / 2][dim] bfloat16 pairs, or [keys][dim] floats */
+} Packed;
+
+/* One thread's scratch, sized for the longest context and a full tile. */
+typedef struct {
+    void *queries;   /* [rows][dim] in the dtype (pairs) or floats */
+    float *scores;   /* [rows][padded keys]: scores, then unnormalised probabilities */
+    uint16_t *probs; /* [rows][padded keys]: those in bfloat16 (pairs path) */
+    float *outs;     /* [rows][dim] */
+    float *sums;     /* [rows] */
+} Scratch;
+
+static inline int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+/* The cache row of `position` of this chunk's sequence, for `kv_head`. */
+static inline const char *cache_row(const PrefillArgs *a, const char *cache, const int64_t *table, int64_t kv_head,
+                                    int64_t position) {
+    const size_t elem = element_size(a->dtype);
+    const int64_t block = table[position / a->block_size], offset = position % a->block_size;
+    return cache + (size_t)(((block * a->block_size + offset) * a->num_kv_heads + kv_head) * a->head_dim) * elem;
+}
+
+/* ---------------------------------------------------------------- packing */
+
+/* Keys and values of positions [first, first + KEYS) (those from `count` on are zero) into `packed`. */
+static void pack_block(const PrefillArgs *a, const Packed *packed, const int64_t *table, int64_t kv_head, int64_t first,
+                       int64_t count) {
+    const int64_t dim = a->head_dim;
+    if (a->pairs) {
+        uint32_t *keys = (uint32_t *)packed->keys + first * (dim / 2);
+        uint32_t *values = (uint32_t *)packed->values + first / 2 * dim;
+        for (int64_t j = 0; j < KEYS; j += 2) {
+            const int64_t t = first + j;
+            const uint16_t *k0 = t < count ? (const uint16_t *)cache_row(a, a->k_cache, table, kv_head, t) : NULL;
+            const uint16_t *k1 = t + 1 < count ? (const uint16_t *)cache_row(a, a->k_cache, table, kv_head, t + 1) : NULL;
+            const uint16_t *v0 = t < count ? (const uint16_t *)cache_row(a, a->v_cache, table, kv_head, t) : NULL;
+            const uint16_t *v1 = t + 1 < count ? (const uint16_t *)cache_row(a, a->v_cache, table, kv_head, t + 1) : NULL;
+            for (int64_t p = 0; p < dim / 2; ++p) {
+                keys[p * KEYS + j] = k0 ? (uint32_t)k0[2 * p] | (uint32_t)k0[2 * p + 1] << 16 : 0;
+                keys[p * KEYS + j + 1] = k1 ? (uint32_t)k1[2 * p] | (uint32_t)k1[2 * p + 1] << 16 : 0;
+            }
+            for (int64_t d = 0; d < dim; ++d)
+                values[j / 2 * dim + d] = (uint32_t)(v0 ? v0[d] : 0) | (uint32_t)(v1 ? v1[d] : 0) << 16;
+        }
+        return;
+    }
+    float *keys = (float *)packed->keys + first * dim, *values = (float *)packed->values + first * dim;
+    float row[dim];
+    for (int64_t j = 0; j < KEYS; ++j) {
+        const int64_t t = first + j;
+        if (t < count) {
+            load_row(cache_row(a, a->k_cache, table, kv_head, t), a->dtype, dim, row);
+            load_row(cache_row(a, a->v_cache, table, kv_head, t), a->dtype, dim, values + j * dim);
+        } else {
+            memset(row, 0, sizeof row);
+            memset(values + j * dim, 0, sizeof row);
+        }
+        for (int64_t d = 0; d < dim; ++d) keys[d * KEYS + j] = row[d];
+    }
+}
+
+/* ------------------------------------------------------- pass 1: scores */
+
+#if HAVE_BF16_PAIRS
+/* scores[r][...] for ROWS query rows (pairs of bfloat16 dims) against every packed key block. */
+static inline __attribute__((always_inline)) void scores_pairs(const Packed *packed, int64_t blocks, int64_t dim,
+                                                               const uint32_t *const *queries, float *const *scores,
+                                                               float scale, const int ROWS) {
+    const __m512 factor = _mm512_set1_ps(scale);
+    for (int64_t b = 0; b < blocks; ++b) {
+        const uint32_t *keys = (const uint32_t *)packed->keys + b * (dim / 2) * KEYS;
+        __m512 acc[MAX_ROWS];
+        for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_ps();
+        for (int64_t p = 0; p < dim / 2; ++p) {
+            const __m512bh key = (__m512bh)_mm512_loadu_si512(keys + p * KEYS);
+            for (int r = 0; r < ROWS; ++r)
+                acc[r] = _mm512_dpbf16_ps(acc[r], key, (__m512bh)_mm512_set1_epi32((int)queries[r][p]));
+        }
+        for (int r = 0; r < ROWS; ++r) _mm512_storeu_ps(scores[r] + b * KEYS, _mm512_mul_ps(acc[r], factor));
+    }
+}
+#endif
+
+static inline __attribute__((always_inline)) void scores_floats(const Packed *packed, int64_t blocks, int64_t dim,
+                                                                const float *const *queries, float *const *scores,
+                                                                float scale, const int ROWS) {
+    for (int64_t b = 0; b < blocks; ++b) {
+        const float *keys = (const float *)packed->keys + b * dim * KEYS;
+        float acc[MAX_ROWS][KEYS] = {{0}};
+        for (int64_t d = 0; d < dim; ++d)
+            for (int r = 0; r < ROWS; ++r) {
+                const float query = queries[r][d];
+#pragma omp simd
+                for (int j = 0; j < KEYS; ++j) acc[r][j] += query * keys[d * KEYS + j];
+            }
+        for (int r = 0; r < ROWS; ++r)
+            for (int j = 0; j < KEYS; ++j) scores[r][b * KEYS + j] = acc[r][j] * scale;
+    }
+}
+
+/* ------------------------------------------------------ pass 2: softmax */
+
+/* `count` (a multiple of 16) float32 values rounded to bfloat16 (to nearest even, as float_to_bf16). */
+static void round_to_bf16(const float *src, uint16_t *dst, int64_t count) {
+#if HAVE_BF16_PAIRS
+    for (int64_t t = 0; t < count; t += 16)
+        _mm256_storeu_si256((__m256i *)(dst + t), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + t)));
+#else
+    for (int64_t t = 0; t < count; ++t) dst[t] = float_to_bf16(src[t]);
+#endif
+}
+
+/* ----------------------------------------------- pass 3: weighted values */
+
+#if HAVE_BF16_PAIRS
+/* out rows = sum over key pairs of (p, p') . (v, v'), CHUNKS x 16 dims, ROWS rows, accumulators in registers. */
+static inline __attribute__((always_inline)) void values_pairs(const Packed *packed, int64_t padded, int64_t dim,
+                                                               const uint32_t *const *probs, float *const *out,
+                                                               const int ROWS, const int CHUNKS) {
+    __m512 acc[MAX_ROWS][8];
+    for (int r = 0; r < ROWS; ++r)
+        for (int c = 0; c < CHUNKS; ++c) acc[r][c] = _mm512_setzero_ps();
+    for (int64_t pair = 0; pair < padded / 2; ++pair) {
+        const uint32_t *values = (const uint32_t *)packed->values + pair * dim;
+        __m512bh value[8];
+        for (int c = 0; c < CHUNKS; ++c) value[c] = (__m512bh)_mm512_loadu_si512(values + c * 16);
+        for (int r = 0; r < ROWS; ++r) {
+            const __m512bh weight = (__m512bh)_mm512_set1_epi32((int)probs[r][pair]);
+            for (int c = 0; c < CHUNKS; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], value[c], weight);
+        }
+    }
+    for (int r = 0; r < ROWS; ++r)
+        for (int c = 0; c < CHUNKS; ++c) _mm512_storeu_ps(out[r] + c * 16, acc[r][c]);
+}
+#endif
+
+static void values_floats(const Packed *packed, int64_t padded, int64_t dim, const float *probs, float *out) {
+    memset(out, 0, (size_t)dim * sizeof(float));
+    for (int64_t t = 0; t < padded; ++t) {
+        const float weight = probs[t];
+        const float *value = (const float *)packed->values + t * dim;
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) out[d] += weight * value[d];
+    }
+}
+
+/* ------------------------------------------------------------ one tile */
+
+/* Rows of a tile are (query position, head of the group), position-major. */
+static void attend_tile(const PrefillArgs *a, const Scratch *s, const Packed *packed, int64_t chunk, int64_t kv_head,
+                        int64_t tile) {
+    const int64_t group = a->num_heads / a->num_kv_heads, dim = a->head_dim;
+    const int64_t first_query = tile * TILE_QUERIES;
+    const int64_t queries = a->chunk_lens[chunk] - first_query < TILE_QUERIES ? a->chunk_lens[chunk] - first_query
+                                                                               : TILE_QUERIES;
+    const int64_t rows = queries * group;
+    const int64_t first_position = a->chunk_starts[chunk] + first_query;
+    const int64_t padded = round_up(first_position + queries, KEYS);
+    const size_t elem = element_size(a->dtype);
+    /* Queries of the tile: in the dtype for the pairs path, widened otherwise. */
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t token = a->chunk_rows[chunk] + first_query + r / group, head = kv_head * group + r % group;
+        const char *src = a->q + (size_t)(token * a->q_row_stride + head * dim) * elem;
+        if (a->pairs)
+            memcpy((char *)s->queries + (size_t)(r * dim) * elem, src, (size_t)dim * elem);
+        else
+            load_row(src, a->dtype, dim, (float *)s->queries + r * dim);
+    }
+    for (int64_t r = 0; r < rows; r += MAX_ROWS) {
+        const int count = rows - r < MAX_ROWS ? (int)(rows - r) : MAX_ROWS;
+        const void *query_rows[MAX_ROWS];
+        float *score_rows[MAX_ROWS];
+        for (int i = 0; i < count; ++i) {
+            query_rows[i] = (const char *)s->queries + (size_t)((r + i) * dim) * (a->pairs ? elem : sizeof(float));
+            score_rows[i] = s->scores + (r + i) * padded;
+        }
+#if HAVE_BF16_PAIRS
+        if (a->pairs) {
+            const uint32_t *const *q32 = (const uint32_t *const *)query_rows;
+            if (count == MAX_ROWS)
+                scores_pairs(packed, padded / KEYS, dim, q32, score_rows, a->scale, MAX_ROWS);
+            else
+                for (int i = 0; i < count; ++i) scores_pairs(packed, padded / KEYS, dim, q32 + i, score_rows + i, a->scale, 1);
+            continue;
+        }
+#endif
+        const float *const *qf = (const float *const *)query_rows;
+        if (count == MAX_ROWS)
+            scores_floats(packed, padded / KEYS, dim, qf, score_rows, a->scale, MAX_ROWS);
+        else
+            for (int i = 0; i < count; ++i) scores_floats(packed, padded / KEYS, dim, qf + i, score_rows + i, a->scale, 1);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+        float *scores = s->scores + r * padded;
+        s->sums[r] = softmax_row(scores, first_position + r / group + 1, padded);
+        if (a->pairs) round_to_bf16(scores, s->probs + r * padded, padded);
+    }
+    for (int64_t r = 0; r < rows; r += MAX_ROWS) {
+        const int count = rows - r < MAX_ROWS ? (int)(rows - r) : MAX_ROWS;
+        float *out_rows[MAX_ROWS];
+        for (int i = 0; i < count; ++i) out_rows[i] = s->outs + (r + i) * dim;
+#if HAVE_BF16_PAIRS
+        if (a->pairs) {
+            const uint32_t *prob_rows[MAX_ROWS];
+            for (int i = 0; i < count; ++i) prob_rows[i] = (const uint32_t *)(s->probs + (r + i) * padded);
+            if (dim == 64 && count == MAX_ROWS)
+                values_pairs(packed, padded, dim, prob_rows, out_rows, MAX_ROWS, 4);
+            else
+                for (int i = 0; i < count; ++i) {
+                    if (dim == 64)
+                        values_pairs(packed, padded, dim, prob_rows + i, out_rows + i, 1, 4);
+                    else
+                        values_pairs(packed, padded, dim, prob_rows + i, out_rows + i, 1, 8);
+                }
+        } else
+#endif
+            for (int i = 0; i < count; ++i) values_floats(packed, padded, dim, s->scores + (r + i) * padded, out_rows[i]);
+        for (int i = 0; i < count; ++i) {
+            const int64_t row = r + i;
+            const int64_t token = a->chunk_rows[chunk] + first_query + row / group;
+            const int64_t head = kv_head * group + row % group;
+            char *dst = a->out + (size_t)((token * a->num_heads + head) * dim) * elem;
+            store_row(dst, a->dtype, dim, out_rows[i], 1.0f / s->sums[row]);
+        }
+    }
+}
+
+/* Whether the bfloat16-pairs path serves this call (else float32 everywhere). */
+static int use_pairs(int dtype, int64_t head_dim) {
+    return HAVE_BF16_PAIRS && dtype == DTYPE_BFLOAT16 && (head_dim == 64 || head_dim == 128);
+}
+
+/*
+ * q: [tokens, num_heads, head_dim] with tokens q_row_stride elements apart;
+ * out: [tokens, num_heads, head_dim], contiguous; k_cache, v_cache: [blocks,
+ * block_size, num_kv_heads, head_dim]; chunk c's queries are rows
+ * chunk_rows[c] .. + chunk_lens[c] at positions chunk_starts[c] onwards, its
+ * table block_tables[c]. Returns 0, or -1 if scratch memory was short.
+ */
+int hawker_paged_prefill_attention(const void *q, const void *k_cache, const void *v_cache, void *out,
+                                   const int64_t *block_tables, const int64_t *chunk_rows, const int64_t *chunk_lens,
+                                   const int64_t *chunk_starts, int64_t num_chunks, int64_t table_stride,
+                                   int64_t q_row_stride, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                   int64_t block_size, float scale, int dtype, int num_threads) {
+    const PrefillArgs args = {q,          k_cache,      v_cache,      out,          block_tables,
+                              chunk_rows, chunk_lens,   chunk_starts, table_stride, q_row_stride,
+                              num_heads,  num_kv_heads, head_dim,     block_size,   scale,
+                              dtype,      use_pairs(dtype, head_dim)};
+    const int64_t dim = head_dim, group = num_heads / num_kv_heads;
+    const size_t packed_elem = args.pairs ? 2 : 4; /* bytes a packed element takes */
+    /* Each (chunk, KV head)'s packed keys start at first_key[c] * num_kv_heads + h * padded(c) positions. */
+    int64_t *first_key = malloc((size_t)(num_chunks + 1) * sizeof(int64_t));
+    if (first_key == NULL) return -1;
+    int64_t longest = 1, tiles = 0, blocks = 0;
+    first_key[0] = 0;
+    for (int64_t c = 0; c < num_chunks; ++c) {
+        const int64_t end = chunk_starts[c] + chunk_lens[c];
+        longest = end > longest ? end : longest;
+        tiles += round_up(chunk_lens[c], TILE_QUERIES) / TILE_QUERIES;
+        blocks += round_up(end, KEYS) / KEYS;
+        first_key[c + 1] = first_key[c] + round_up(end, KEYS);
+    }
+    const size_t packed_bytes = (size_t)(first_key[num_chunks] * num_kv_heads * dim) * packed_elem;
+    char *packed_keys = malloc(packed_bytes ? packed_bytes : 1), *packed_values = malloc(packed_bytes ? packed_bytes : 1);
+    Item *work = malloc((size_t)(tiles * num_kv_heads + 1) * sizeof(Item));
+    int failed = !(packed_keys && packed_values && work);
+    /* The last tiles of a chunk see the most keys: they go first, so the threads finish together. */
+    int64_t items = 0;
+    for (int64_t c = 0; c < num_chunks && !failed; ++c)
+        for (int64_t tile = round_up(chunk_lens[c], TILE_QUERIES) / TILE_QUERIES - 1; tile >= 0; --tile)
+            for (int64_t h = 0; h < num_kv_heads; ++h) work[items++] = (Item){c, h, tile};
+    const int64_t padded = round_up(longest, KEYS), rows = TILE_QUERIES * group;
+#pragma omp parallel num_threads(num_threads) reduction(| : failed)
+    {
+        char *queries = failed ? NULL : malloc((size_t)(rows * dim) * sizeof(float));
+        float *scores = failed ? NULL : malloc((size_t)(rows * padded + rows * dim + rows) * sizeof(float));
+        uint16_t *probs = failed ? NULL : malloc((size_t)(rows * padded) * sizeof(uint16_t));
+        const int ready = queries && scores && probs;
+        float *outs = ready ? scores + rows * padded : NULL;
+        const Scratch scratch = {queries, scores, probs, outs, ready ? outs + rows * dim : NULL};
+        /* Every thread must reach both work-sharing loops, so failures only mark the call. */
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t i = 0; i < blocks * num_kv_heads; ++i) {
+            if (failed) continue;
+            int64_t c = 0, block = i / num_kv_heads;
+            while (block >= first_key[c + 1] / KEYS - first_key[c] / KEYS) block -= first_key[c + 1] / KEYS - first_key[c] / KEYS, ++c;
+            const int64_t h = i % num_kv_heads, span = first_key[c + 1] - first_key[c];
+            const size_t offset = (size_t)((first_key[c] * num_kv_heads + h * span) * dim) * packed_elem;
+            const Packed packed = {packed_keys + offset, packed_values + offset};
+            pack_block(&args, &packed, block_tables + c * table_stride, h, block * KEYS, chunk_starts[c] + chunk_lens[c]);
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < items; ++i) {
+            if (!ready) {
+                failed = 1;
+                continue;
+            }
+            const Item *item = &work[i];
+            const int64_t span = first_key[item->chunk + 1] - first_key[item->chunk];
+            const size_t offset = (size_t)((first_key[item->chunk] * num_kv_heads + item->kv_head * span) * dim) * packed_elem;
+            const Packed packed = {packed_keys + offset, packed_values + offset};
+            attend_tile(&args, &scratch, &packed, item->chunk, item->kv_head, item->tile);
+        }
+        free(queries), free(scores), free(probs);
+    }
+    free(packed_keys), free(packed_values), free(work), free(first_key);
+    return failed ? -1 : 0;
+}
