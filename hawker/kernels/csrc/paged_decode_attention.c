@@ -162,6 +162,148 @@ static inline __attribute__((always_inline)) void weighted_values_fixed(const De
         for (int c = 0; c < CHUNKS; ++c) _mm512_storeu_ps(s->acc + g * CHUNKS * 16 + c * 16, acc[g][c]);
 }
 
+#if defined(__AVX512BF16__)
+/*
+ * bfloat16 pairs (vdpbf16ps), 16 keys at a time: each key's dot product with a
+ * query leaves 16 partial sums; a transpose-and-add tree turns the 16 keys'
+ * vectors into one vector of their 16 scores (no horizontal sum per key, and
+ * no widening of the keys), and the values are taken two keys at a time.
+ */
+#define PAIRS_PATH 1
+
+/* out[j] = sum of the lanes of a[j], for 16 vectors; the order of the sums is fixed. */
+static inline __m512 transpose_add16(const __m512 a[16]) {
+    __m512 b[8], c[4], d[2];
+    for (int i = 0; i < 8; ++i)
+        b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; ++i)
+        c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int i = 0; i < 2; ++i)
+        d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* The next `count` (<= 16) rows of a cursor. */
+static inline void next_rows(RowCursor *cursor, int64_t count, const char *rows[16]) {
+    for (int64_t j = 0; j < count; ++j) rows[j] = next_row(cursor);
+}
+
+/* scores[g, t] = scale * q_g . k_t, CHUNKS x 32 dims as bfloat16 pairs. */
+static inline __attribute__((always_inline)) void key_scores_pairs_fixed(const DecodeArgs *a, const Scratch *s,
+                                                                         const int64_t *table, int64_t len,
+                                                                         int64_t kv_head, const uint16_t *queries,
+                                                                         const int GROUP, const int CHUNKS) {
+    const __m512 scale = _mm512_set1_ps(a->scale);
+    RowCursor keys = row_cursor(a, a->k_cache, table, kv_head);
+    RowCursor ahead = cursor_ahead(keys, len < PREFETCH_AHEAD ? len : PREFETCH_AHEAD);
+    for (int64_t first = 0; first < len; first += 16) {
+        const int64_t count = len - first < 16 ? len - first : 16;
+        const char *rows[16];
+        next_rows(&keys, count, rows);
+        for (int64_t j = 0; j < count; ++j) prefetch_next(&ahead, first + j, len, CHUNKS * 64);
+        for (int g = 0; g < GROUP; ++g) {
+            __m512bh query[4];
+            for (int c = 0; c < CHUNKS; ++c)
+                query[c] = (__m512bh)_mm512_loadu_si512(queries + g * a->head_dim + c * 32);
+            __m512 acc[16];
+            for (int j = 0; j < 16; ++j) {
+                acc[j] = _mm512_setzero_ps();
+                if (j < count)
+                    for (int c = 0; c < CHUNKS; ++c)
+                        acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512(rows[j] + c * 64), query[c]);
+            }
+            _mm512_mask_storeu_ps(s->scores + g * len + first, (__mmask16)((1u << count) - 1),
+                                  _mm512_mul_ps(transpose_add16(acc), scale));
+        }
+    }
+}
+
+/* acc[g] = sum_t weight[g, t] v_t, two keys a step as bfloat16 pairs (the weights rounded to bfloat16). */
+static inline __attribute__((always_inline)) void weighted_values_pairs_fixed(const DecodeArgs *a, const Scratch *s,
+                                                                              const int64_t *table, int64_t len,
+                                                                              int64_t kv_head, const int GROUP,
+                                                                              const int CHUNKS) {
+    /* acc[g][2c] lane 4k+i holds dim 32c+8k+i, acc[g][2c+1] dim 32c+8k+4+i (vpunpck{l,h}wd's order). */
+    __m512 acc[MAX_GROUP][8];
+    for (int g = 0; g < GROUP; ++g)
+        for (int c = 0; c < 2 * CHUNKS; ++c) acc[g][c] = _mm512_setzero_ps();
+    RowCursor values = row_cursor(a, a->v_cache, table, kv_head);
+    RowCursor ahead = cursor_ahead(values, len < PREFETCH_AHEAD ? len : PREFETCH_AHEAD);
+    for (int64_t first = 0; first < len; first += 16) {
+        const int64_t count = len - first < 16 ? len - first : 16;
+        const char *rows[16];
+        next_rows(&values, count, rows);
+        for (int64_t j = 0; j < count; ++j) prefetch_next(&ahead, first + j, len, CHUNKS * 64);
+        uint32_t weights[MAX_GROUP][8]; /* the 16 weights of each head as 8 bfloat16 pairs */
+        for (int g = 0; g < GROUP; ++g) {
+            const __m512 block = _mm512_maskz_loadu_ps((__mmask16)((1u << count) - 1), s->scores + g * len + first);
+            _mm256_storeu_si256((__m256i *)weights[g], (__m256i)_mm512_cvtneps_pbh(block));
+        }
+        for (int64_t j = 0; j < count; j += 2) {
+            for (int c = 0; c < CHUNKS; ++c) {
+                const __m512i even = _mm512_loadu_si512(rows[j] + c * 64);
+                const __m512i odd = j + 1 < count ? _mm512_loadu_si512(rows[j + 1] + c * 64) : _mm512_setzero_si512();
+                const __m512bh low = (__m512bh)_mm512_unpacklo_epi16(even, odd);
+                const __m512bh high = (__m512bh)_mm512_unpackhi_epi16(even, odd);
+                for (int g = 0; g < GROUP; ++g) {
+                    const __m512bh weight = (__m512bh)_mm512_set1_epi32((int)weights[g][j / 2]);
+                    acc[g][2 * c] = _mm512_dpbf16_ps(acc[g][2 * c], low, weight);
+                    acc[g][2 * c + 1] = _mm512_dpbf16_ps(acc[g][2 * c + 1], high, weight);
+                }
+            }
+        }
+    }
+    /* Back to dimension order: dims 32c+16h .. +15 come from lanes 8h.. of the low and high halves. */
+    const __m512i first_half = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+    const __m512i second_half = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+    for (int g = 0; g < GROUP; ++g)
+        for (int c = 0; c < CHUNKS; ++c) {
+            float *dst = s->acc + g * a->head_dim + c * 32;
+            _mm512_storeu_ps(dst, _mm512_permutex2var_ps(acc[g][2 * c], first_half, acc[g][2 * c + 1]));
+            _mm512_storeu_ps(dst + 16, _mm512_permutex2var_ps(acc[g][2 * c], second_half, acc[g][2 * c + 1]));
+        }
+}
+
+#define FIXED_PAIR_CASES(FN, ...)                                                                               \
+    switch (group) {                                                                                            \
+    case 1: FN(__VA_ARGS__, 1, CHUNKS); break;                                                                  \
+    case 2: FN(__VA_ARGS__, 2, CHUNKS); break;                                                                  \
+    case 3: FN(__VA_ARGS__, 3, CHUNKS); break;                                                                  \
+    case 4: FN(__VA_ARGS__, 4, CHUNKS); break;                                                                  \
+    case 5: FN(__VA_ARGS__, 5, CHUNKS); break;                                                                  \
+    case 6: FN(__VA_ARGS__, 6, CHUNKS); break;                                                                  \
+    case 7: FN(__VA_ARGS__, 7, CHUNKS); break;                                                                  \
+    default: FN(__VA_ARGS__, 8, CHUNKS); break;                                                                 \
+    }
+
+static void key_scores_pairs(const DecodeArgs *a, const Scratch *s, const int64_t *table, int64_t len,
+                             int64_t kv_head, const uint16_t *queries, int64_t group) {
+    if (a->head_dim == 64) {
+        enum { CHUNKS = 2 };
+        FIXED_PAIR_CASES(key_scores_pairs_fixed, a, s, table, len, kv_head, queries)
+    } else {
+        enum { CHUNKS = 4 };
+        FIXED_PAIR_CASES(key_scores_pairs_fixed, a, s, table, len, kv_head, queries)
+    }
+}
+
+static void weighted_values_pairs(const DecodeArgs *a, const Scratch *s, const int64_t *table, int64_t len,
+                                  int64_t kv_head, int64_t group) {
+    if (a->head_dim == 64) {
+        enum { CHUNKS = 2 };
+        FIXED_PAIR_CASES(weighted_values_pairs_fixed, a, s, table, len, kv_head)
+    } else {
+        enum { CHUNKS = 4 };
+        FIXED_PAIR_CASES(weighted_values_pairs_fixed, a, s, table, len, kv_head)
+    }
+}
+#else
+#define PAIRS_PATH 0
+#endif
+
 #define FIXED_CASES(FN, CHUNKS)                                                                                 \
     switch (group) {                                                                                            \
     case 1: FN(a, s, table, len, kv_head, 1, CHUNKS); break;                                                    \
@@ -244,12 +386,30 @@ static void softmax_weights(float *scores_all, int64_t len, int64_t group, float
     for (int64_t g = 0; g < group; ++g) sums[g] = softmax_row(scores_all + g * len, len, len);
 }
 
+#ifndef PAIRS_PATH
+#define PAIRS_PATH 0
+#endif
+
 static void attend_one(const DecodeArgs *a, const Scratch *s, int64_t seq, int64_t kv_head) {
     const int64_t group = a->num_heads / a->num_kv_heads, dim = a->head_dim;
     const int64_t len = a->context_lens[seq];
     const size_t elem = element_size(a->dtype);
     const int64_t *table = a->block_tables + seq * a->table_stride;
     const int64_t first_head = kv_head * group;
+    float sums[group];
+#if PAIRS_PATH
+    if (a->dtype == DTYPE_BFLOAT16 && vector_path(dim, group)) {
+        const uint16_t *queries = (const uint16_t *)a->q + seq * a->q_row_stride + first_head * dim;
+        key_scores_pairs(a, s, table, len, kv_head, queries, group);
+        softmax_weights(s->scores, len, group, sums);
+        weighted_values_pairs(a, s, table, len, kv_head, group);
+        for (int64_t g = 0; g < group; ++g) {
+            char *dst = a->out + (size_t)((seq * a->num_heads + first_head + g) * dim) * elem;
+            store_row(dst, a->dtype, dim, s->acc + g * dim, 1.0f / sums[g]);
+        }
+        return;
+    }
+#endif
     for (int64_t g = 0; g < group; ++g) {
         const char *src = a->q + (size_t)(seq * a->q_row_stride + (first_head + g) * dim) * elem;
         load_row(src, a->dtype, dim, s->queries + g * dim);
@@ -257,7 +417,6 @@ static void attend_one(const DecodeArgs *a, const Scratch *s, int64_t seq, int64
     }
     const int vector = vector_path(dim, group);
     (vector ? key_scores : key_scores_portable)(a, s, table, len, kv_head, group);
-    float sums[group];
     softmax_weights(s->scores, len, group, sums);
     (vector ? weighted_values : weighted_values_portable)(a, s, table, len, kv_head, group);
     for (int64_t g = 0; g < group; ++g) {
