@@ -15,7 +15,7 @@ from hawker.kernels import cpu_decode_attention
 from hawker.kernels.cpu_decode_attention import paged_decode_attention
 
 pytestmark = pytest.mark.skipif(
-    not cpu_decode_attention.available(torch.float32), reason="no C compiler: the kernel cannot be built"
+    not cpu_decode_attention.available(torch.float32, 3, 64), reason="no C compiler: the kernel cannot be built"
 )
 
 # Tolerances against a float32 reference: the kernel accumulates in float32

@@ -259,7 +259,7 @@ def _consistent_numerics(options: EngineOptions, attention_backend: str) -> bool
 
 
 def _native_attention(
-    wanted: bool | None, kind: str, options: EngineOptions, attention_backend: str, dtype: torch.dtype
+    wanted: bool | None, kind: str, options: EngineOptions, attention_backend: str, model: ModelConfig
 ) -> bool:
     """Whether the ``kind`` ("decode" or "prefill") C attention kernel runs: None = wherever it builds."""
     if wanted is False:
@@ -267,10 +267,13 @@ def _native_attention(
     usable = torch.device(options.device).type == "cpu" and attention_backend == "torch"
     if wanted and not usable:
         raise ValueError(f"native_{kind}_attention is a CPU kernel of the torch attention backend; set it off")
-    kernel = cpu_decode_attention if kind == "decode" else cpu_prefill_attention
-    built = usable and kernel.available(dtype)
+    if kind == "decode":
+        group = model.num_heads // model.num_kv_heads
+        built = usable and cpu_decode_attention.available(model.dtype, group, model.head_dim)
+    else:
+        built = usable and cpu_prefill_attention.available(model.dtype)
     if wanted and not built:
-        raise ValueError(f"the native {kind} attention kernel could not be built here for {dtype} (see the log)")
+        raise ValueError(f"the native {kind} attention kernel could not be built here for {model.dtype} (see the log)")
     return built
 
 
@@ -345,10 +348,10 @@ def engine_config(options: EngineOptions, parallel: ParallelConfig) -> tuple[Eng
         consistent_numerics=consistent,
         compile_warmup=options.compile_warmup,
         native_decode_attention=_native_attention(
-            options.native_decode_attention, "decode", options, attention_backend, model_config.dtype
+            options.native_decode_attention, "decode", options, attention_backend, model_config
         ),
         native_prefill_attention=_native_attention(
-            options.native_prefill_attention, "prefill", options, attention_backend, model_config.dtype
+            options.native_prefill_attention, "prefill", options, attention_backend, model_config
         ),
     )
     return config, checkpoint

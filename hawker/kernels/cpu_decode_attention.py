@@ -22,8 +22,9 @@ _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 @functools.cache
-def _kernel() -> ctypes._CFuncPtr | None:
-    library = load_kernel_library(_LIBRARY)
+def _kernel(group: int, head_dim: int) -> ctypes._CFuncPtr | None:
+    """The kernel built for ``group`` query heads per KV head of ``head_dim`` dims (its vector loops' shape)."""
+    library = load_kernel_library(_LIBRARY, (("HAWKER_GROUP", group), ("HAWKER_HEAD_DIM", head_dim)))
     if library is None:
         return None
     function = library.hawker_paged_decode_attention
@@ -33,9 +34,9 @@ def _kernel() -> ctypes._CFuncPtr | None:
     return function
 
 
-def available(dtype: torch.dtype) -> bool:
-    """The kernel built on this machine and handles ``dtype``."""
-    return dtype in _DTYPE_CODES and _kernel() is not None
+def available(dtype: torch.dtype, group: int, head_dim: int) -> bool:
+    """The kernel built on this machine for this shape of heads and handles ``dtype``."""
+    return dtype in _DTYPE_CODES and _kernel(group, head_dim) is not None
 
 
 @torch.library.custom_op("hawker::paged_decode_attention", mutates_args=(), device_types="cpu")
@@ -49,7 +50,7 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """q: [B, H, D] (rows may be strided); caches: [blocks, block_size, Hkv, D];
     block_tables: [B, width] int64; context_lens: [B] int64, each >= 1. Returns [B, H, D]."""
-    kernel = _kernel()
+    kernel = _kernel(q.shape[1] // k_cache.shape[2], q.shape[2])
     if kernel is None:
         raise RuntimeError("the paged decode attention kernel is not built; check available() first")
     if q.stride(2) != 1 or q.stride(1) != q.shape[2]:

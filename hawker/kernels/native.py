@@ -58,22 +58,22 @@ def _cpu_features() -> str:
     return os.uname().machine
 
 
-def _build_key(source: bytes, compiler: str) -> str:
+def _build_key(source: bytes, flags: list[str], compiler: str) -> str:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
     digest = hashlib.sha256()
-    for part in (source, " ".join(FLAGS).encode(), version.encode(), _cpu_features().encode()):
+    for part in (source, " ".join(flags).encode(), version.encode(), _cpu_features().encode()):
         digest.update(part)
     return digest.hexdigest()[:16]
 
 
-def _compile(source_path: Path, target: Path, compiler: str) -> None:
+def _compile(source_path: Path, target: Path, compiler: str, flags: list[str]) -> None:
     """Compile to a temporary file, then rename: concurrent builders never see a half-written library."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as handle:
         partial = Path(handle.name)
     try:
         subprocess.run(
-            [compiler, *FLAGS, str(source_path), "-o", str(partial), "-lm"],
+            [compiler, *flags, str(source_path), "-o", str(partial), "-lm"],
             check=True,
             capture_output=True,
             text=True,
@@ -84,19 +84,21 @@ def _compile(source_path: Path, target: Path, compiler: str) -> None:
 
 
 @functools.cache
-def load_kernel_library(name: str) -> ctypes.CDLL | None:
-    """``csrc/<name>.c`` built and loaded; None (with a warning) where it cannot be built here."""
+def load_kernel_library(name: str, defines: tuple[tuple[str, int], ...] = ()) -> ctypes.CDLL | None:
+    """``csrc/<name>.c`` built (with ``-DNAME=value`` for each of ``defines``) and loaded; None (with a
+    warning) where it cannot be built here. Each set of defines is a build of its own."""
     source_path = SOURCE_DIR / f"{name}.c"
+    flags = [*FLAGS, *(f"-D{key}={value}" for key, value in defines)]
     compiler = _compiler()
     if compiler is None:
         logger.warning("no C compiler found (set CC): the %s kernel falls back to torch", name)
         return None
     # The headers beside it count as its source: a changed header must rebuild it.
     source = b"".join(path.read_bytes() for path in [source_path, *sorted(SOURCE_DIR.glob("*.h"))])
-    target = cache_dir() / f"{name}-{_build_key(source, compiler)}.so"
+    target = cache_dir() / f"{name}-{_build_key(source, flags, compiler)}.so"
     try:
         if not target.exists():
-            _compile(source_path, target, compiler)
+            _compile(source_path, target, compiler, flags)
         return ctypes.CDLL(str(target))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", "") or str(error)

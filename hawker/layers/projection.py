@@ -19,6 +19,7 @@ from torch import nn
 from hawker.config import MatmulOptions
 from hawker.layers.matmul_plan import (
     CONSISTENT_DECODE_ROWS,
+    SMALL_ROW_KERNELS,
     WARM_LAYERS,
     LayerPlan,
     allowed_kernels,
@@ -135,8 +136,12 @@ def _groups(model: nn.Module, options: MatmulOptions) -> list[_Group]:
         if not isinstance(module, ProjectionCopies) or module.weight.device.type != "cpu":
             continue
         weight = module.weight.data
-        found = _available(weight, allowed_kernels(weight.dtype, options))
         is_head = hasattr(module, "logits")
+        kernels = allowed_kernels(weight.dtype, options)
+        if is_head and options.consistent and not options.int4_max_rows:
+            # One copy serves the LM head at every row count there: never one of the few-row ones.
+            kernels = [k for k in kernels if k not in SMALL_ROW_KERNELS]
+        found = _available(weight, kernels)
         key = (is_head, tuple(weight.shape), weight.dtype, tuple(found))
         group = groups.setdefault(key, _Group(is_head, [], list(found), []))
         group.layers.append(module)
@@ -162,9 +167,14 @@ def _timed_copies(group: _Group) -> dict[str, list[WeightCopy]]:
 def plan_projections(model: nn.Module, options: MatmulOptions) -> dict[str, str]:
     """Measure and set every CPU projection's plan; returns a description of each group's plan (for the log)."""
     described: dict[str, str] = {}
-    for group in _groups(model, options):
+    float32_won = False
+    for group in _groups(model, options):  # in module order: the LM head last
         limit = options.sample_rows if group.is_head else options.max_rows
         weight = group.layers[0].weight.data
+        if group.is_head and not float32_won and options.fp32_min_rows is None:
+            # The LM head's float32 copy is large to make and time (113 MB for the default model); where it
+            # lost to the half-precision copies at every projection's shape it would lose here too.
+            group.kernels = [k for k in group.kernels if k != FP32]
         timings = measure(weight, _timed_copies(group), limit, options.repeats)
         if options.consistent:
             plan = consistent_plan(weight, group.kernels, group.is_head, timings, options, limit)
@@ -172,6 +182,7 @@ def plan_projections(model: nn.Module, options: MatmulOptions) -> dict[str, str]
             plan = speed_plan(timings, group.kernels, options, limit)
         for layer, built in zip(group.layers, group.built, strict=True):
             layer.set_plan(plan, built)
+        float32_won = float32_won or FP32 in plan.kernels
         name = "lm_head" if group.is_head else "x".join(map(str, weight.shape))
         described[f"{name} ({len(group.layers)} layers)"] = plan.describe()
     for name, plan in described.items():

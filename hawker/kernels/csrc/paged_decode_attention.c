@@ -12,8 +12,14 @@
  * the batch (and whichever thread runs it).
  *
  * Built at run time by hawker/kernels/native.py with -O3 -march=native
- * -fopenmp; the loops are written so that the compiler vectorises them.
+ * -fopenmp, for one shape of heads: HAWKER_GROUP query heads per KV head and
+ * HEAD_DIM dims (compile-time constants, so queries and accumulators live in
+ * registers; one build a shape, each in well under a second, instead of
+ * every shape at once in six). Other shapes take the portable loops.
  */
+#ifndef HAWKER_GROUP
+#error "build with -DHAWKER_GROUP=<query heads per KV head> -DHAWKER_HEAD_DIM=<dims>"
+#endif
 #include "attention_common.h"
 
 typedef struct {
@@ -98,10 +104,11 @@ static inline void prefetch_next(RowCursor *ahead, int64_t t, int64_t len, size_
     for (size_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(row + offset, _MM_HINT_T0);
 }
 
-/* Head sizes and query heads per KV head that get a specialised loop (accumulators in registers). */
+/* The shape this build specialises (accumulators in registers) when it has a vector loop. */
 #define MAX_GROUP 8
+#define VECTOR_SHAPE ((HAWKER_HEAD_DIM == 64 || HAWKER_HEAD_DIM == 128) && HAWKER_GROUP >= 1 && HAWKER_GROUP <= MAX_GROUP)
 static int vector_path(int64_t dim, int64_t group) {
-    return (dim == 64 || dim == 128) && group >= 1 && group <= MAX_GROUP;
+    return VECTOR_SHAPE && dim == HAWKER_HEAD_DIM && group == HAWKER_GROUP;
 }
 
 static inline float sum_lanes(__m512 v) {
@@ -267,71 +274,46 @@ static inline __attribute__((always_inline)) void weighted_values_pairs_fixed(co
         }
 }
 
-#define FIXED_PAIR_CASES(FN, ...)                                                                               \
-    switch (group) {                                                                                            \
-    case 1: FN(__VA_ARGS__, 1, CHUNKS); break;                                                                  \
-    case 2: FN(__VA_ARGS__, 2, CHUNKS); break;                                                                  \
-    case 3: FN(__VA_ARGS__, 3, CHUNKS); break;                                                                  \
-    case 4: FN(__VA_ARGS__, 4, CHUNKS); break;                                                                  \
-    case 5: FN(__VA_ARGS__, 5, CHUNKS); break;                                                                  \
-    case 6: FN(__VA_ARGS__, 6, CHUNKS); break;                                                                  \
-    case 7: FN(__VA_ARGS__, 7, CHUNKS); break;                                                                  \
-    default: FN(__VA_ARGS__, 8, CHUNKS); break;                                                                 \
-    }
-
 static void key_scores_pairs(const DecodeArgs *a, const Scratch *s, const int64_t *table, int64_t len,
-                             int64_t kv_head, const uint16_t *queries, int64_t group) {
-    if (a->head_dim == 64) {
-        enum { CHUNKS = 2 };
-        FIXED_PAIR_CASES(key_scores_pairs_fixed, a, s, table, len, kv_head, queries)
-    } else {
-        enum { CHUNKS = 4 };
-        FIXED_PAIR_CASES(key_scores_pairs_fixed, a, s, table, len, kv_head, queries)
-    }
+                             int64_t kv_head, const uint16_t *queries) {
+#if VECTOR_SHAPE
+    key_scores_pairs_fixed(a, s, table, len, kv_head, queries, HAWKER_GROUP, HAWKER_HEAD_DIM / 32);
+#else
+    (void)a, (void)s, (void)table, (void)len, (void)kv_head, (void)queries;
+#endif
 }
 
 static void weighted_values_pairs(const DecodeArgs *a, const Scratch *s, const int64_t *table, int64_t len,
-                                  int64_t kv_head, int64_t group) {
-    if (a->head_dim == 64) {
-        enum { CHUNKS = 2 };
-        FIXED_PAIR_CASES(weighted_values_pairs_fixed, a, s, table, len, kv_head)
-    } else {
-        enum { CHUNKS = 4 };
-        FIXED_PAIR_CASES(weighted_values_pairs_fixed, a, s, table, len, kv_head)
-    }
+                                  int64_t kv_head) {
+#if VECTOR_SHAPE
+    weighted_values_pairs_fixed(a, s, table, len, kv_head, HAWKER_GROUP, HAWKER_HEAD_DIM / 32);
+#else
+    (void)a, (void)s, (void)table, (void)len, (void)kv_head;
+#endif
 }
 #else
 #define PAIRS_PATH 0
 #endif
 
-#define FIXED_CASES(FN, CHUNKS)                                                                                 \
-    switch (group) {                                                                                            \
-    case 1: FN(a, s, table, len, kv_head, 1, CHUNKS); break;                                                    \
-    case 2: FN(a, s, table, len, kv_head, 2, CHUNKS); break;                                                    \
-    case 3: FN(a, s, table, len, kv_head, 3, CHUNKS); break;                                                    \
-    case 4: FN(a, s, table, len, kv_head, 4, CHUNKS); break;                                                    \
-    case 5: FN(a, s, table, len, kv_head, 5, CHUNKS); break;                                                    \
-    case 6: FN(a, s, table, len, kv_head, 6, CHUNKS); break;                                                    \
-    case 7: FN(a, s, table, len, kv_head, 7, CHUNKS); break;                                                    \
-    default: FN(a, s, table, len, kv_head, 8, CHUNKS); break;                                                   \
-    }
-
+/* The vector loops of this build's shape (vector_path says when they apply); `group` is HAWKER_GROUP. */
 static void key_scores(const DecodeArgs *a, const Scratch *s, const int64_t *table, int64_t len, int64_t kv_head,
                        int64_t group) {
-    if (a->head_dim == 64) {
-        FIXED_CASES(key_scores_fixed, 4)
-    } else {
-        FIXED_CASES(key_scores_fixed, 8)
-    }
+    (void)group;
+#if VECTOR_SHAPE
+    key_scores_fixed(a, s, table, len, kv_head, HAWKER_GROUP, HAWKER_HEAD_DIM / 16);
+#else
+    (void)a, (void)s, (void)table, (void)len, (void)kv_head;
+#endif
 }
 
 static void weighted_values(const DecodeArgs *a, const Scratch *s, const int64_t *table, int64_t len,
                             int64_t kv_head, int64_t group) {
-    if (a->head_dim == 64) {
-        FIXED_CASES(weighted_values_fixed, 4)
-    } else {
-        FIXED_CASES(weighted_values_fixed, 8)
-    }
+    (void)group;
+#if VECTOR_SHAPE
+    weighted_values_fixed(a, s, table, len, kv_head, HAWKER_GROUP, HAWKER_HEAD_DIM / 16);
+#else
+    (void)a, (void)s, (void)table, (void)len, (void)kv_head;
+#endif
 }
 #else
 static int vector_path(int64_t dim, int64_t group) {
@@ -400,9 +382,9 @@ static void attend_one(const DecodeArgs *a, const Scratch *s, int64_t seq, int64
 #if PAIRS_PATH
     if (a->dtype == DTYPE_BFLOAT16 && vector_path(dim, group)) {
         const uint16_t *queries = (const uint16_t *)a->q + seq * a->q_row_stride + first_head * dim;
-        key_scores_pairs(a, s, table, len, kv_head, queries, group);
+        key_scores_pairs(a, s, table, len, kv_head, queries);
         softmax_weights(s->scores, len, group, sums);
-        weighted_values_pairs(a, s, table, len, kv_head, group);
+        weighted_values_pairs(a, s, table, len, kv_head);
         for (int64_t g = 0; g < group; ++g) {
             char *dst = a->out + (size_t)((seq * a->num_heads + first_head + g) * dim) * elem;
             store_row(dst, a->dtype, dim, s->acc + g * dim, 1.0f / sums[g]);
