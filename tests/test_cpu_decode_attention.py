@@ -13,6 +13,7 @@ from hawker import LLM
 from hawker.engine import model_runner
 from hawker.kernels import cpu_decode_attention
 from hawker.kernels.cpu_decode_attention import paged_decode_attention
+from tests.paged_caches import scattered_caches
 
 pytestmark = pytest.mark.skipif(
     not cpu_decode_attention.available(torch.float32, 3, 64), reason="no C compiler: the kernel cannot be built"
@@ -24,20 +25,11 @@ TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 def _paged_case(
-    lens: list[int], heads: int, kv_heads: int, dim: int, block_size: int, dtype: torch.dtype, seed: int = 0
+    lens: list[int], kv_heads: int, dim: int, block_size: int, dtype: torch.dtype, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random caches, and block tables that scatter each sequence over shuffled blocks."""
     generator = torch.Generator().manual_seed(seed)
-    needed = [-(-length // block_size) for length in lens]
-    num_blocks = sum(needed) + 3
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=generator).to(dtype)
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=generator).to(dtype)
-    order = torch.randperm(num_blocks, generator=generator).tolist()
-    tables = torch.zeros(len(lens), max(needed) + 2, dtype=torch.long)  # wider than needed: never read
-    used = 0
-    for row, count in enumerate(needed):
-        tables[row, :count] = torch.tensor(order[used : used + count])
-        used += count
+    k_cache, v_cache, tables = scattered_caches(lens, kv_heads, dim, block_size, dtype, generator)
     return k_cache, v_cache, tables, torch.tensor(lens)
 
 
@@ -61,7 +53,7 @@ def _reference(
 @pytest.mark.parametrize(("heads", "kv_heads", "dim", "block_size"), [(9, 3, 64, 16), (4, 4, 32, 5), (8, 1, 128, 32)])
 def test_matches_sdpa(dtype: torch.dtype, heads: int, kv_heads: int, dim: int, block_size: int) -> None:
     lens = [1, 2, block_size, block_size + 1, 37, 300]
-    k_cache, v_cache, tables, context_lens = _paged_case(lens, heads, kv_heads, dim, block_size, dtype)
+    k_cache, v_cache, tables, context_lens = _paged_case(lens, kv_heads, dim, block_size, dtype)
     # Queries as a strided view of a fused [tokens, heads + kv heads, dim] tensor, as the model passes them.
     fused = torch.randn(len(lens), heads + 2 * kv_heads, dim).to(dtype)
     q = fused[:, :heads]
@@ -74,7 +66,7 @@ def test_matches_sdpa(dtype: torch.dtype, heads: int, kv_heads: int, dim: int, b
 def test_a_sequence_gets_the_same_bits_in_any_batch() -> None:
     rng = random.Random(0)
     lens = [rng.randint(1, 400) for _ in range(40)]
-    k_cache, v_cache, tables, context_lens = _paged_case(lens, 9, 3, 64, 16, torch.bfloat16)
+    k_cache, v_cache, tables, context_lens = _paged_case(lens, 3, 64, 16, torch.bfloat16)
     q = torch.randn(len(lens), 9, 64).bfloat16()
     together = paged_decode_attention(q, k_cache, v_cache, tables, context_lens, 0.125)
     for seq in (0, 17, 39):
@@ -85,7 +77,7 @@ def test_a_sequence_gets_the_same_bits_in_any_batch() -> None:
 
 
 def test_runs_inside_a_compiled_graph() -> None:
-    k_cache, v_cache, tables, context_lens = _paged_case([5, 40, 70], 4, 2, 32, 16, torch.float32)
+    k_cache, v_cache, tables, context_lens = _paged_case([5, 40, 70], 2, 32, 16, torch.float32)
     q = torch.randn(3, 4, 32)
 
     def step(q: torch.Tensor) -> torch.Tensor:

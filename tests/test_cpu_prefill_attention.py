@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from hawker import LLM, SamplingParams
 from hawker.kernels import cpu_prefill_attention
 from hawker.kernels.cpu_prefill_attention import paged_prefill_attention
+from tests.paged_caches import scattered_caches
 
 pytestmark = pytest.mark.skipif(
     not cpu_prefill_attention.available(torch.float32), reason="no C compiler: the kernel cannot be built"
@@ -33,16 +34,8 @@ def _paged_case(
 ) -> Case:
     """Queries of (length, start) chunks, one sequence each, over caches scattered across shuffled blocks."""
     generator = torch.Generator().manual_seed(seed)
-    needed = [-(-(start + length) // block_size) for length, start in chunks]
-    num_blocks = sum(needed) + 3
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=generator).to(dtype)
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=generator).to(dtype)
-    order = torch.randperm(num_blocks, generator=generator).tolist()
-    tables = torch.zeros(len(chunks), max(needed) + 2, dtype=torch.long)  # wider than needed: never read
-    used = 0
-    for row, count in enumerate(needed):
-        tables[row, :count] = torch.tensor(order[used : used + count])
-        used += count
+    contexts = [start + length for length, start in chunks]
+    k_cache, v_cache, tables = scattered_caches(contexts, kv_heads, dim, block_size, dtype, generator)
     lengths = [length for length, _ in chunks]
     # Queries as a strided view of a fused [tokens, heads + kv heads, dim] tensor, as the model passes them.
     q = torch.randn(sum(lengths), heads + 2 * kv_heads, dim, generator=generator).to(dtype)[:, :heads]

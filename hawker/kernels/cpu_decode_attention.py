@@ -15,10 +15,9 @@ import functools
 
 import torch
 
-from hawker.kernels.native import load_kernel_library
+from hawker.kernels.native import DTYPE_CODES, attention_inputs, int64_arrays, load_kernel_library
 
 _LIBRARY = "paged_decode_attention"
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 @functools.cache
@@ -36,7 +35,7 @@ def _kernel(group: int, head_dim: int) -> ctypes._CFuncPtr | None:
 
 def available(dtype: torch.dtype, group: int, head_dim: int) -> bool:
     """The kernel built on this machine for this shape of heads and handles ``dtype``."""
-    return dtype in _DTYPE_CODES and _kernel(group, head_dim) is not None
+    return dtype in DTYPE_CODES and _kernel(group, head_dim) is not None
 
 
 @torch.library.custom_op("hawker::paged_decode_attention", mutates_args=(), device_types="cpu")
@@ -53,14 +52,8 @@ def paged_decode_attention(
     kernel = _kernel(q.shape[1] // k_cache.shape[2], q.shape[2])
     if kernel is None:
         raise RuntimeError("the paged decode attention kernel is not built; check available() first")
-    if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
-        q = q.contiguous()
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("the KV cache must be contiguous")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"queries are {q.dtype} but the cache is {k_cache.dtype}")
-    tables = block_tables.to(torch.int64).contiguous()
-    lens = context_lens.to(torch.int64).contiguous()
+    q = attention_inputs(q, k_cache, v_cache)
+    tables, lens = int64_arrays(block_tables, context_lens)
     seqs, heads, dim = q.shape
     out = torch.empty((seqs, heads, dim), dtype=q.dtype)
     status = kernel(
@@ -78,7 +71,7 @@ def paged_decode_attention(
         dim,
         k_cache.shape[1],
         scale,
-        _DTYPE_CODES[q.dtype],
+        DTYPE_CODES[q.dtype],
         torch.get_num_threads(),
     )
     if status != 0:

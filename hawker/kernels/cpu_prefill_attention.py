@@ -18,9 +18,7 @@ import functools
 
 import torch
 
-from hawker.kernels.native import load_kernel_library
-
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+from hawker.kernels.native import DTYPE_CODES, attention_inputs, int64_arrays, load_kernel_library
 
 
 @functools.cache
@@ -37,7 +35,7 @@ def _kernel() -> ctypes._CFuncPtr | None:
 
 def available(dtype: torch.dtype) -> bool:
     """The kernel built on this machine and handles ``dtype``."""
-    return dtype in _DTYPE_CODES and _kernel() is not None
+    return dtype in DTYPE_CODES and _kernel() is not None
 
 
 @torch.library.custom_op("hawker::paged_prefill_attention", mutates_args=(), device_types="cpu")
@@ -58,14 +56,8 @@ def paged_prefill_attention(
     kernel = _kernel()
     if kernel is None:
         raise RuntimeError("the paged prefill attention kernel is not built; check available() first")
-    if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
-        q = q.contiguous()
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("the KV cache must be contiguous")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"queries are {q.dtype} but the cache is {k_cache.dtype}")
-    tables = block_tables.to(torch.int64).contiguous()
-    rows, lens, starts = (t.to(torch.int64).contiguous() for t in (chunk_rows, chunk_lens, chunk_starts))
+    q = attention_inputs(q, k_cache, v_cache)
+    tables, rows, lens, starts = int64_arrays(block_tables, chunk_rows, chunk_lens, chunk_starts)
     tokens, heads, dim = q.shape
     out = torch.zeros((tokens, heads, dim), dtype=q.dtype)
     status = kernel(
@@ -85,7 +77,7 @@ def paged_prefill_attention(
         dim,
         k_cache.shape[1],
         scale,
-        _DTYPE_CODES[q.dtype],
+        DTYPE_CODES[q.dtype],
         torch.get_num_threads(),
     )
     if status != 0:

@@ -24,7 +24,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import torch  # noqa: F401  (loads the OpenMP runtime the kernels link against)
+import torch  # loaded first: its OpenMP runtime is the one the kernels link against
 
 logger = logging.getLogger(__name__)
 
@@ -104,3 +104,24 @@ def load_kernel_library(name: str, defines: tuple[tuple[str, int], ...] = ()) ->
         detail = getattr(error, "stderr", "") or str(error)
         logger.warning("could not build the %s kernel, falling back to torch: %s", name, detail.strip()[:2000])
         return None
+
+
+# How the attention kernels' dtype argument names a dtype (csrc/attention_common.h).
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def attention_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """``q`` as the attention kernels read it: [tokens, heads, dim] with heads and dims dense (tokens may be
+    strided); raises unless the caches are contiguous and of q's dtype."""
+    if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
+        q = q.contiguous()
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the KV cache must be contiguous")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"queries are {q.dtype} but the cache is {k_cache.dtype}")
+    return q
+
+
+def int64_arrays(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Each tensor as contiguous int64, as the kernels take their tables and lengths."""
+    return [tensor.to(torch.int64).contiguous() for tensor in tensors]

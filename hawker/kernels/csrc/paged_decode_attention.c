@@ -193,9 +193,16 @@ static inline __m512 transpose_add16(const __m512 a[16]) {
                          _mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-/* The next `count` (<= 16) rows of a cursor. */
-static inline void next_rows(RowCursor *cursor, int64_t count, const char *rows[16]) {
-    for (int64_t j = 0; j < count; ++j) rows[j] = next_row(cursor);
+/* The rows of the block of (up to) 16 positions from `first`, fetching `bytes` of the rows ahead;
+ * returns how many there are. */
+static inline int64_t next_block(RowCursor *cursor, RowCursor *ahead, int64_t first, int64_t len, size_t bytes,
+                                 const char *rows[16]) {
+    const int64_t count = len - first < 16 ? len - first : 16;
+    for (int64_t j = 0; j < count; ++j) {
+        rows[j] = next_row(cursor);
+        prefetch_next(ahead, first + j, len, bytes);
+    }
+    return count;
 }
 
 /* scores[g, t] = scale * q_g . k_t, CHUNKS x 32 dims as bfloat16 pairs. */
@@ -207,10 +214,8 @@ static inline __attribute__((always_inline)) void key_scores_pairs_fixed(const D
     RowCursor keys = row_cursor(a, a->k_cache, table, kv_head);
     RowCursor ahead = cursor_ahead(keys, len < PREFETCH_AHEAD ? len : PREFETCH_AHEAD);
     for (int64_t first = 0; first < len; first += 16) {
-        const int64_t count = len - first < 16 ? len - first : 16;
         const char *rows[16];
-        next_rows(&keys, count, rows);
-        for (int64_t j = 0; j < count; ++j) prefetch_next(&ahead, first + j, len, CHUNKS * 64);
+        const int64_t count = next_block(&keys, &ahead, first, len, CHUNKS * 64, rows);
         for (int g = 0; g < GROUP; ++g) {
             __m512bh query[4];
             for (int c = 0; c < CHUNKS; ++c)
@@ -240,10 +245,8 @@ static inline __attribute__((always_inline)) void weighted_values_pairs_fixed(co
     RowCursor values = row_cursor(a, a->v_cache, table, kv_head);
     RowCursor ahead = cursor_ahead(values, len < PREFETCH_AHEAD ? len : PREFETCH_AHEAD);
     for (int64_t first = 0; first < len; first += 16) {
-        const int64_t count = len - first < 16 ? len - first : 16;
         const char *rows[16];
-        next_rows(&values, count, rows);
-        for (int64_t j = 0; j < count; ++j) prefetch_next(&ahead, first + j, len, CHUNKS * 64);
+        const int64_t count = next_block(&values, &ahead, first, len, CHUNKS * 64, rows);
         uint32_t weights[MAX_GROUP][8]; /* the 16 weights of each head as 8 bfloat16 pairs */
         for (int g = 0; g < GROUP; ++g) {
             const __m512 block = _mm512_maskz_loadu_ps((__mmask16)((1u << count) - 1), s->scores + g * len + first);
