@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
@@ -30,8 +30,42 @@ from hawker.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 # How long the idle loop thread sleeps before it looks at the stop flag again.
 _IDLE_POLL_S = 0.05
+
+
+def build_off_main_thread(build: Callable[[], T]) -> T:
+    """``build()`` run on a short-lived thread; returns its result or raises its error.
+
+    Why: torch's CPU kernels run on libgomp, which keeps one pool of worker
+    threads for every thread that has ever started a parallel region, for
+    as long as that thread lives. Once it manages more threads than there are
+    CPUs, libgomp stops spinning between regions and puts its workers to
+    sleep, so every region pays a wake-up. Loading and warming the model on
+    the main thread (which lives as long as the server) left a second pool
+    beside the engine loop thread's: on a 2-vCPU machine a small elementwise
+    op went from 22 to 100 us and the server's steps took 1.7-4x as long as
+    the same steps run offline (benchmarks/NOTES.md). Built on a thread that
+    then exits, the engine leaves no pool behind; the loop thread's is then
+    the only one.
+    """
+    result: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(build())
+        except BaseException as error:  # re-raised on the caller's thread
+            errors.append(error)
+
+    thread = threading.Thread(target=run, name="hawker-build")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return result[0]
 
 
 class EngineDeadError(RuntimeError):

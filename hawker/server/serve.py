@@ -20,7 +20,7 @@ from typing import NoReturn
 import torch
 import uvicorn
 
-from hawker.engine.async_engine import AsyncEngine
+from hawker.engine.async_engine import AsyncEngine, build_off_main_thread
 from hawker.engine.engine import Engine, EngineOptions, resolve_device
 from hawker.engine.faults import TokenFault
 from hawker.server.app import ServerSettings, ServerState, build_app
@@ -252,7 +252,8 @@ def run(options: ServeOptions) -> int:
             raise ValueError(str(error)) from None  # the CLI prints it as a usage error
         tracer = RequestTracer(provider.get_tracer(INSTRUMENTATION_NAME))
         logger.info("OpenTelemetry tracing on: one span per request")
-    router = build_router(options)
+    # The main thread serves HTTP and must never own a CPU thread pool (build_off_main_thread).
+    router = build_off_main_thread(lambda: build_router(options))
     settings = ServerSettings(
         served_model_name=served_name(router.replicas[0].engine.config.model_path, options.served_model_name),
         api_key=options.api_key,
