@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hawker import LLM, SamplingParams
-from hawker.engine.sampler import Sampler, SampleRow
+from hawker.engine.sampler import Sampler, SampleRow, _top_k_top_p
 from tests.tiny_models import VOCAB_SIZE
 
 
@@ -83,6 +83,63 @@ def test_top_p_and_min_p_cut_the_tail() -> None:
     assert set(top_p) == {0, 1}
     min_p = sampler(logits, _rows(SamplingParams(temperature=1.0, min_p=0.25), 400)).token_ids
     assert set(min_p) == {0, 1, 2}
+
+
+def test_draws_follow_the_distribution() -> None:
+    """Frequencies of 40,000 draws match the softmax within 5 standard errors (seeded: not flaky)."""
+    sampler = Sampler(eos_token_id=None, seed=0)
+    probs = torch.tensor([0.4, 0.0, 0.25, 0.2, 0.1, 0.04, 0.01])  # a zero-probability token in the middle
+    rows = 40_000
+    logits = probs.log().repeat(rows, 1)
+    tokens = torch.tensor(sampler(logits, _rows(SamplingParams(temperature=1.0), rows)).token_ids)
+    counts = torch.bincount(tokens, minlength=len(probs)).double()
+    assert counts[1] == 0
+    expected = probs.double() * rows
+    standard_error = (rows * probs.double() * (1 - probs.double())).sqrt()
+    assert ((counts - expected).abs() <= 5 * standard_error + 1e-9).all(), (counts, expected)
+
+
+def test_the_last_token_of_a_large_vocabulary_is_drawn_at_its_own_rate() -> None:
+    """The vocabulary's end: one token holding 5 % behind 49,151 tiny ones."""
+    vocab, rows = 49_152, 1_000
+    probs = torch.full((vocab,), 0.95 / (vocab - 1))
+    probs[-1] = 0.05
+    tokens = torch.tensor(
+        Sampler(eos_token_id=None, seed=1)(
+            probs.log().repeat(rows, 1), _rows(SamplingParams(temperature=1.0), rows)
+        ).token_ids
+    )
+    hits = int((tokens == vocab - 1).sum())
+    assert abs(hits - 50) <= 5 * (50 * 0.95) ** 0.5, hits
+
+
+def _reference_kept(row: torch.Tensor, k: int, p: float) -> set[int]:
+    """Top-k then top-p of one row, token by token (the definition)."""
+    order = sorted(range(len(row)), key=lambda i: -float(row[i]))[: len(row) if k == -1 else k]
+    probs = torch.softmax(row[order].double(), dim=0).tolist()
+    kept, mass = set(), 0.0
+    for token, prob in zip(order, probs, strict=True):
+        if kept and p < 1.0 and mass >= p:  # top_p 1 keeps everything
+            break
+        kept.add(token)
+        mass += prob
+    return kept
+
+
+def test_top_k_top_p_among_candidates_matches_the_definition() -> None:
+    """Peaked rows (kept set among the first candidates), flat rows (it is not: whole-row sort) and unfiltered rows."""
+    generator = torch.Generator().manual_seed(0)
+    vocab = 4096  # candidates * 4 < vocab: the candidates path runs
+    peaked = torch.randn(4, vocab, generator=generator) * 6
+    flat = torch.randn(3, vocab, generator=generator) * 0.1
+    logits = torch.cat([peaked, flat, peaked[:1]])
+    ks = [-1, 40, -1, 300, -1, 1000, -1, -1]
+    ps = [0.9, 1.0, 0.5, 0.95, 0.9, 0.8, 1.0, 1.0]  # the last row: no filter
+    out = _top_k_top_p(logits, ks, ps)
+    for row, k, p, filtered in zip(logits, ks, ps, out, strict=True):
+        kept = set(torch.isfinite(filtered).nonzero().flatten().tolist())
+        assert kept == _reference_kept(row, k, p)
+        assert torch.equal(filtered[sorted(kept)], row[sorted(kept)])
 
 
 def test_penalties_and_min_tokens() -> None:
