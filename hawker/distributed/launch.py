@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -18,7 +17,8 @@ from hawker.distributed.world import WorldSpec
 
 logger = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# How often a worker rank checks that its driver is still alive.
+PARENT_POLL_S = 0.2
 
 
 def free_port() -> int:
@@ -90,8 +90,19 @@ class WorkerProcesses:
 
 
 def die_with_parent(parent_pid: int) -> None:
-    """Linux: this process gets SIGTERM when its parent (the driver) dies, however it dies."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+    """This process exits when its parent (the driver) dies, however it dies.
+
+    A watcher thread polls the parent pid: an orphan is re-parented, so its
+    parent pid changes. Not ``PR_SET_PDEATHSIG``: Linux sends that signal
+    when the *thread* that started the process exits, and the server starts
+    its ranks from a short-lived build thread (``build_off_main_thread``).
+    """
+    if os.getppid() != parent_pid:  # the parent died before the watcher started
         sys.exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)  # no clean-up to wait for: the driver that would coordinate it is gone
+
+    threading.Thread(target=watch, name="hawker-parent-watch", daemon=True).start()
