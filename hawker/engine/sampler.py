@@ -265,7 +265,8 @@ def _top_k_top_p(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -
     top = logits.topk(candidates, dim=-1)
     # Probabilities over the whole row (after top-k, whose set lies among the candidates).
     full_row = torch.tensor([k == vocab for k in ks], device=logits.device).unsqueeze(1)
-    row_lse = torch.where(full_row, torch.logsumexp(logits, dim=-1, keepdim=True), 0.0)
+    # Only rows without top-k need the whole row's normaliser (a pass over the vocabulary).
+    row_lse = torch.logsumexp(logits, dim=-1, keepdim=True) if vocab in ks else torch.zeros_like(logits[:, :1])
     kept = _kept(top.values, ks, top_ps, row_lse, full_row)
     # Candidates cover a row when its kept set ends before the last of them.
     covered = ~kept[:, -1]
