@@ -1,6 +1,7 @@
 """Seconds from starting ``hawker serve`` to its first answer, and to its compiled decode step being ready.
 
     .venv/bin/python benchmarks/startup_time.py --cold        # empty inductor and native-kernel caches
+    .venv/bin/python benchmarks/startup_time.py --prepared    # as --cold, then `hawker prepare` (what setup.sh runs)
     .venv/bin/python benchmarks/startup_time.py -- --compile-warmup blocking
 
 It polls ``/v1/completions`` every 0.2 s until one answers 200, then
@@ -27,7 +28,7 @@ TIMEOUT_S = 600.0
 
 def _environment(cold: bool) -> dict[str, str]:
     env = dict(os.environ)
-    if cold:  # what a fresh machine has: nothing compiled yet
+    if cold:  # what a fresh machine has: nothing compiled or measured yet
         scratch = tempfile.mkdtemp(prefix="hawker-startup-")
         env["TORCHINDUCTOR_CACHE_DIR"] = f"{scratch}/inductor"
         env["HAWKER_KERNEL_CACHE"] = f"{scratch}/kernels"
@@ -60,14 +61,24 @@ def _wait_warm(url: str, deadline: float) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cold", action="store_true", help="empty inductor and native-kernel caches")
+    parser.add_argument(
+        "--prepared",
+        action="store_true",
+        help="as --cold, then run `hawker prepare` (kernels and matmul plans, as scripts/setup.sh does) first",
+    )
     parser.add_argument("--port", type=int, default=8011)
     parser.add_argument("serve_args", nargs="*", help="passed to hawker serve (after --)")
     args = parser.parse_args()
     url = f"http://127.0.0.1:{args.port}"
     command = [str(HAWKER), "serve", "--port", str(args.port), "--log-level", "warning", *args.serve_args]
+    env = _environment(args.cold or args.prepared)
+    if args.prepared:
+        began = time.monotonic()
+        subprocess.run([str(HAWKER), "prepare", *args.serve_args], env=env, check=True, capture_output=True)
+        print(f"hawker prepare took {time.monotonic() - began:.1f} s", flush=True)
     start = time.monotonic()
     deadline = start + TIMEOUT_S
-    process = subprocess.Popen(command, env=_environment(args.cold), stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
     try:
         text = _first_answer(url, process, deadline)
         print(f"first answer after {time.monotonic() - start:.1f} s: {text!r}", flush=True)

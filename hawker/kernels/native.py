@@ -47,7 +47,7 @@ def _compiler() -> str | None:
     return None
 
 
-def _cpu_features() -> str:
+def cpu_features() -> str:
     """The CPU's feature flags (what -march=native compiles for)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -61,7 +61,7 @@ def _cpu_features() -> str:
 def _build_key(source: bytes, flags: list[str], compiler: str) -> str:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
     digest = hashlib.sha256()
-    for part in (source, " ".join(flags).encode(), version.encode(), _cpu_features().encode()):
+    for part in (source, " ".join(flags).encode(), version.encode(), cpu_features().encode()):
         digest.update(part)
     return digest.hexdigest()[:16]
 

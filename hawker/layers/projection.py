@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hawker.config import MatmulOptions
+from hawker.layers import plan_cache
 from hawker.layers.matmul_plan import (
     CONSISTENT_DECODE_ROWS,
     SMALL_ROW_KERNELS,
@@ -164,6 +165,26 @@ def _timed_copies(group: _Group) -> dict[str, list[WeightCopy]]:
     return timed
 
 
+def _measured_plan(group: _Group, options: MatmulOptions, limit: int) -> LayerPlan:
+    weight = group.layers[0].weight.data
+    timings = measure(weight, _timed_copies(group), limit, options.repeats)
+    if options.consistent:
+        return consistent_plan(weight, group.kernels, group.is_head, timings, options, limit)
+    return speed_plan(timings, group.kernels, options, limit)
+
+
+def _cached_or_measured_plan(group: _Group, options: MatmulOptions, limit: int) -> LayerPlan:
+    """The group's plan as measured before on this machine and software (hawker/layers/plan_cache.py), else now."""
+    if options.cache == "off":
+        return _measured_plan(group, options, limit)
+    key = plan_cache.plan_key(group.is_head, group.layers[0].weight.data, group.kernels, options, limit)
+    plan = plan_cache.load(key) if options.cache == "reuse" else None
+    if plan is None or not plan.kernels <= set(group.kernels):
+        plan = _measured_plan(group, options, limit)
+        plan_cache.store(key, plan)
+    return plan
+
+
 def plan_projections(model: nn.Module, options: MatmulOptions) -> dict[str, str]:
     """Measure and set every CPU projection's plan; returns a description of each group's plan (for the log)."""
     described: dict[str, str] = {}
@@ -175,11 +196,7 @@ def plan_projections(model: nn.Module, options: MatmulOptions) -> dict[str, str]
             # The LM head's float32 copy is large to make and time (113 MB for the default model); where it
             # lost to the half-precision copies at every projection's shape it would lose here too.
             group.kernels = [k for k in group.kernels if k != FP32]
-        timings = measure(weight, _timed_copies(group), limit, options.repeats)
-        if options.consistent:
-            plan = consistent_plan(weight, group.kernels, group.is_head, timings, options, limit)
-        else:
-            plan = speed_plan(timings, group.kernels, options, limit)
+        plan = _cached_or_measured_plan(group, options, limit)
         for layer, built in zip(group.layers, group.built, strict=True):
             layer.set_plan(plan, built)
         float32_won = float32_won or FP32 in plan.kernels

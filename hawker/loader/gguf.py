@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import struct
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,7 +217,9 @@ def _dequantize(data: np.ndarray, kind: GGMLQuantizationType) -> np.ndarray:
     if kind != GGMLQuantizationType.Q4_1:
         return dequantize(data, kind)
     block_size, type_size = GGML_QUANT_SIZES[kind]
-    raw = torch.from_numpy(np.ascontiguousarray(data))
+    with warnings.catch_warnings():  # a read-only memory map: torch warns, but the tensor is only read
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.from_numpy(np.ascontiguousarray(data))
     blocks = raw.reshape(-1, type_size)
     # A block: scale d and minimum m (float16 each), then 16 bytes whose low
     # nibbles are the first 16 values and whose high nibbles the last 16.
