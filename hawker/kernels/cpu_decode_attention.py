@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from hawker.kernels.native import DTYPE_CODES, attention_inputs, int64_arrays, load_kernel_library
+from hawker.kernels.native import DTYPE_CODES, attention_inputs, define_cpu_op, int64_arrays, load_kernel_library
 
 _LIBRARY = "paged_decode_attention"
 
@@ -38,7 +38,9 @@ def available(dtype: torch.dtype, group: int, head_dim: int) -> bool:
     return dtype in DTYPE_CODES and _kernel(group, head_dim) is not None
 
 
-@torch.library.custom_op("hawker::paged_decode_attention", mutates_args=(), device_types="cpu")
+OP = "hawker::paged_decode_attention"
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -48,7 +50,23 @@ def paged_decode_attention(
     scale: float,
 ) -> torch.Tensor:
     """q: [B, H, D] (rows may be strided); caches: [blocks, block_size, Hkv, D];
-    block_tables: [B, width] int64; context_lens: [B] int64, each >= 1. Returns [B, H, D]."""
+    block_tables: [B, width] int64; context_lens: [B] int64, each >= 1. Returns [B, H, D].
+
+    Eager calls run the kernel directly; a compiled step calls it through the
+    op ``hawker::paged_decode_attention`` (one opaque node in the graph)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.hawker.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return _run(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def _run(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     kernel = _kernel(q.shape[1] // k_cache.shape[2], q.shape[2])
     if kernel is None:
         raise RuntimeError("the paged decode attention kernel is not built; check available() first")
@@ -79,8 +97,7 @@ def paged_decode_attention(
     return out
 
 
-@paged_decode_attention.register_fake
-def _(
+def _fake(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -89,3 +106,13 @@ def _(
     scale: float,
 ) -> torch.Tensor:
     return q.new_empty(q.shape)  # the shape and dtype a compiled graph sees
+
+
+# A plain operator with a CPU kernel, not ``torch.library.custom_op``: that wrapper's checks cost
+# ~17 us a call, 30 calls a decode step (benchmarks/NOTES.md).
+define_cpu_op(
+    OP,
+    "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, float scale) -> Tensor",
+    _run,
+    _fake,
+)

@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from hawker.kernels.native import DTYPE_CODES, attention_inputs, int64_arrays, load_kernel_library
+from hawker.kernels.native import DTYPE_CODES, attention_inputs, define_cpu_op, int64_arrays, load_kernel_library
 
 
 @functools.cache
@@ -38,7 +38,6 @@ def available(dtype: torch.dtype) -> bool:
     return dtype in DTYPE_CODES and _kernel() is not None
 
 
-@torch.library.custom_op("hawker::paged_prefill_attention", mutates_args=(), device_types="cpu")
 def paged_prefill_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -52,7 +51,24 @@ def paged_prefill_attention(
     """q: [T, H, D] (tokens may be strided); caches: [blocks, block_size, Hkv, D]; chunk c's queries are rows
     ``chunk_rows[c]`` .. + ``chunk_lens[c]`` of q at positions ``chunk_starts[c]`` onwards, attending causally
     to their sequence's keys through ``block_tables[c]`` (the chunk's own keys already in the cache).
-    Returns [T, H, D]; rows of q in no chunk are zero."""
+    Returns [T, H, D]; rows of q in no chunk are zero. Compiled graphs call it through the op
+    ``hawker::paged_prefill_attention``."""
+    args = (q, k_cache, v_cache, block_tables, chunk_rows, chunk_lens, chunk_starts, scale)
+    if torch.compiler.is_compiling():
+        return torch.ops.hawker.paged_prefill_attention(*args)
+    return _run(*args)
+
+
+def _run(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    chunk_rows: torch.Tensor,
+    chunk_lens: torch.Tensor,
+    chunk_starts: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     kernel = _kernel()
     if kernel is None:
         raise RuntimeError("the paged prefill attention kernel is not built; check available() first")
@@ -85,8 +101,7 @@ def paged_prefill_attention(
     return out
 
 
-@paged_prefill_attention.register_fake
-def _(
+def _fake(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -97,3 +112,12 @@ def _(
     scale: float,
 ) -> torch.Tensor:
     return q.new_empty(q.shape)
+
+
+define_cpu_op(
+    "hawker::paged_prefill_attention",
+    "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor chunk_rows, Tensor chunk_lens, "
+    "Tensor chunk_starts, float scale) -> Tensor",
+    _run,
+    _fake,
+)

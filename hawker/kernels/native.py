@@ -22,7 +22,9 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch  # loaded first: its OpenMP runtime is the one the kernels link against
 
@@ -120,6 +122,20 @@ def attention_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise ValueError(f"queries are {q.dtype} but the cache is {k_cache.dtype}")
     return q
+
+
+def define_cpu_op(name: str, schema: str, kernel: Callable[..., Any], fake: Callable[..., Any]) -> None:
+    """Register ``name`` ("namespace::op") with a CPU kernel and a fake (for compiled graphs' shapes).
+
+    ``torch.library.define`` keeps the library alive itself, so nothing is
+    held here. Defined once per process: a module imported again (tests that
+    reload) must not define the op twice."""
+    namespace, op = name.split("::")
+    if hasattr(getattr(torch.ops, namespace), op):
+        return
+    torch.library.define(name, schema)
+    torch.library.impl(name, "cpu", kernel)
+    torch.library.register_fake(name, fake)
 
 
 def int64_arrays(*tensors: torch.Tensor) -> list[torch.Tensor]:

@@ -9,10 +9,11 @@ once at load time removes it. The result is oneDNN's own kernel on the same
 data, so its bits are those of ``F.linear`` wherever both pick the same
 algorithm (measured, not assumed: hawker/layers/matmul_plan.py).
 
-Inside a ``torch.compile``'d step the call goes through the custom op
-``hawker::packed_linear``: inductor's own lowering of oneDNN's linear accepts
-only weights frozen into the graph as constants, and Hawker's weights change
-in place (weight updates) while its compiled graphs live on.
+Inside a ``torch.compile``'d step the call goes through the operator
+``hawker::packed_linear`` (a plain one: ``torch.library.custom_op``'s checks
+cost ~17 us a call): inductor's own lowering of oneDNN's linear accepts only
+weights frozen into the graph as constants, and Hawker's weights change in
+place (weight updates) while its compiled graphs live on.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 import functools
 
 import torch
+
+from hawker.kernels.native import define_cpu_op
 
 
 @functools.cache
@@ -46,9 +49,9 @@ def repack_into(packed: torch.Tensor, weight: torch.Tensor) -> None:
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """``x @ W^T`` for 2-D ``x``; ``packed`` is ``pack(W)``. Eager calls skip the custom op's dispatch (~10 us)."""
+    """``x @ W^T`` for 2-D ``x``; ``packed`` is ``pack(W)``. Eager calls skip the op's dispatch."""
     if torch.compiler.is_compiling():
-        return _packed_linear_op(x, packed, out_features)
+        return torch.ops.hawker.packed_linear(x, packed, out_features)
     return _oneDNN_linear(x, packed)
 
 
@@ -56,11 +59,14 @@ def _oneDNN_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
 
 
-@torch.library.custom_op("hawker::packed_linear", mutates_args=())
 def _packed_linear_op(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
     return _oneDNN_linear(x, packed)
 
 
-@_packed_linear_op.register_fake
-def _(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+def _fake(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
     return x.new_empty((x.shape[0], out_features))
+
+
+define_cpu_op(
+    "hawker::packed_linear", "(Tensor x, Tensor packed, SymInt out_features) -> Tensor", _packed_linear_op, _fake
+)
