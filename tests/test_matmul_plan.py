@@ -103,21 +103,22 @@ def test_consistent_plan_tiles_a_row_dependent_kernel_and_keeps_an_invariant_one
     # The row-dependent kernel is 3x the faster: it wins for large steps, but only on fixed tiles (of more
     # than the decode-sized range, which ends at 16 rows); for few rows its tiles would waste more than 3x.
     fast_packed = _timings({PACKED: _flat(1.0), DENSE: _flat(3.0)})
-    plan = consistent_plan(weight, [PACKED, DENSE], False, fast_packed, MatmulOptions(consistent=True), 512)
+    plan = consistent_plan(weight, [PACKED, DENSE], fast_packed, MatmulOptions(consistent=True), 512)
     assert plan.steps == (PlanStep(CONSISTENT_DECODE_ROWS, DENSE), PlanStep(ANY_ROWS, PACKED, 32))
     # Nearly as fast untiled and invariant: no tiles, one copy for every row count.
     close = _timings({PACKED: _flat(1.0), DENSE: _flat(1.01)})
-    plan = consistent_plan(weight, [PACKED, DENSE], False, close, MatmulOptions(consistent=True), 512)
+    plan = consistent_plan(weight, [PACKED, DENSE], close, MatmulOptions(consistent=True), 512)
     assert plan.steps == (PlanStep(ANY_ROWS, DENSE),)
 
 
-def test_consistent_plan_of_the_lm_head_is_one_copy_for_every_row_count(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_consistent_plan_takes_a_few_row_copy_up_to_the_decode_range_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The LM head's plan too: int4 (timed up to 32 rows) for decode-sized steps, dense beyond.
     monkeypatch.setitem(matmul_plan.BUILDERS, DENSE, _RowWise)
     monkeypatch.setitem(matmul_plan.BUILDERS, INT4, _RowWise)
     weight = torch.randn(24, 16, generator=torch.Generator().manual_seed(2))
     timings = _timings({DENSE: _flat(1.0, fixed=50.0), INT4: {r: 5.0 * r for r in ROW_COUNTS if r <= 32}})
-    plan = consistent_plan(weight, [DENSE, INT4], True, timings, MatmulOptions(consistent=True), 128)
-    assert len(plan.steps) == 1  # int4 is not timed past 32 rows, so it cannot serve every row count
+    plan = consistent_plan(weight, [DENSE, INT4], timings, MatmulOptions(consistent=True), 128)
+    assert plan.steps == (PlanStep(CONSISTENT_DECODE_ROWS, INT4), PlanStep(ANY_ROWS, DENSE))
 
 
 class _Tiny(nn.Module):

@@ -25,8 +25,13 @@ untiled; otherwise only on fixed tiles (every call the same shape, the last
 tile zero-padded). A projection then uses one copy for every step of up to
 ``CONSISTENT_DECODE_ROWS`` rows (decode steps of a few sequences) and one for
 every larger step, the model runner padding prefill forwards past that
-size; the LM head one copy for every row count. Each is the cheapest per
-row over its range among the consistent candidates.
+size. The LM head splits at the same row count: it sees one row per
+sequence sampled in the step, so with up to that many sequences running it
+always takes its few-row copy, whether a token was sampled after a prefill
+(cold or after a prefix-cache hit) or a decode; that is the same reach as
+the projections' guarantee (more concurrent sequences change the
+projections' copy anyway). Each is the cheapest per row over its range
+among the consistent candidates.
 """
 
 from __future__ import annotations
@@ -251,16 +256,13 @@ def _consistent_choice(
 
 
 def consistent_plan(
-    weight: torch.Tensor, kernels: list[str], is_head: bool, timings: Timings, options: MatmulOptions, limit: int
+    weight: torch.Tensor, kernels: list[str], timings: Timings, options: MatmulOptions, limit: int
 ) -> LayerPlan:
-    """Consistent numerics' plan (module docstring): one copy up to ``CONSISTENT_DECODE_ROWS`` rows, one beyond;
-    for the LM head one for every row count, unless int4 copies are asked for (then it splits as well)."""
+    """Consistent numerics' plan (module docstring): one copy up to ``CONSISTENT_DECODE_ROWS`` rows, one beyond,
+    for the LM head as for every projection."""
     generator = torch.Generator().manual_seed(1)
     probe = torch.randn(limit, weight.shape[1], generator=generator).to(weight.dtype)
     forced_int4 = bool(options.int4_max_rows) and INT4 in kernels
-    if is_head and not forced_int4:
-        head = _consistent_choice(weight, timings, kernels, 1, limit, probe)
-        return LayerPlan((PlanStep(ANY_ROWS, *head),))
     small_kernels = [INT4] if forced_int4 else kernels
     large_kernels = [FP32] if options.fp32_min_rows and FP32 in kernels else kernels
     small = _consistent_choice(weight, timings, small_kernels, 1, CONSISTENT_DECODE_ROWS, probe)

@@ -20,7 +20,6 @@ from hawker.config import MatmulOptions
 from hawker.layers import plan_cache
 from hawker.layers.matmul_plan import (
     CONSISTENT_DECODE_ROWS,
-    SMALL_ROW_KERNELS,
     WARM_LAYERS,
     LayerPlan,
     allowed_kernels,
@@ -139,9 +138,6 @@ def _groups(model: nn.Module, options: MatmulOptions) -> list[_Group]:
         weight = module.weight.data
         is_head = hasattr(module, "logits")
         kernels = allowed_kernels(weight.dtype, options)
-        if is_head and options.consistent and not options.int4_max_rows:
-            # One copy serves the LM head at every row count there: never one of the few-row ones.
-            kernels = [k for k in kernels if k not in SMALL_ROW_KERNELS]
         found = _available(weight, kernels)
         key = (is_head, tuple(weight.shape), weight.dtype, tuple(found))
         group = groups.setdefault(key, _Group(is_head, [], list(found), []))
@@ -169,7 +165,7 @@ def _measured_plan(group: _Group, options: MatmulOptions, limit: int) -> LayerPl
     weight = group.layers[0].weight.data
     timings = measure(weight, _timed_copies(group), limit, options.repeats)
     if options.consistent:
-        return consistent_plan(weight, group.kernels, group.is_head, timings, options, limit)
+        return consistent_plan(weight, group.kernels, timings, options, limit)
     return speed_plan(timings, group.kernels, options, limit)
 
 
