@@ -13,32 +13,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from hawker.config import MatmulOptions
 from hawker.layers import plan_cache, projection
-from hawker.layers.linear import ColumnParallelLinear, RowParallelLinear
 from hawker.layers.matmul_plan import ANY_ROWS, LayerPlan, PlanStep
-from hawker.layers.parallel import TPInfo
 from hawker.layers.projection import plan_projections
 from hawker.layers.weight_copies import DENSE, INT4
+from tests.test_matmul_plan import _Tiny  # two projections of different shapes: two groups
 
 OPTIONS = MatmulOptions(max_rows=64, repeats=1)
 
 
-class _Tiny(nn.Module):
-    """Two projections of different shapes: two groups, two plans."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.up = ColumnParallelLinear(64, [96], bias=False, tp=TPInfo(0, 1), dtype=torch.bfloat16)
-        self.down = RowParallelLinear(96, 64, bias=False, tp=TPInfo(0, 1), dtype=torch.bfloat16)
-        generator = torch.Generator().manual_seed(3)
-        self.up.load("weight", torch.randn(96, 64, generator=generator))
-        self.down.load("weight", torch.randn(64, 96, generator=generator))
-
-    def plans(self) -> list[LayerPlan | None]:
-        return [self.up.plan, self.down.plan]
+def _plans(model: _Tiny) -> list[LayerPlan | None]:
+    return [model.up.plan, model.down.plan]
 
 
 @pytest.fixture
@@ -64,7 +51,7 @@ def test_a_second_start_reuses_the_plans_the_first_measured(measurements: list[i
     second = _Tiny()
     plan_projections(second, OPTIONS)
     assert len(measurements) == 2  # nothing measured again
-    assert second.plans() == first.plans()
+    assert _plans(second) == _plans(first)
     x = torch.randn(5, 64).bfloat16()
     assert torch.equal(second.up.project(x), first.up.project(x))
 
@@ -97,8 +84,8 @@ def test_refresh_measures_again_and_replaces_the_kept_plan(measurements: list[in
     reused = _Tiny()
     plan_projections(reused, OPTIONS)
     assert len(measurements) == 4
-    assert fake not in refreshed.plans()
-    assert reused.plans() == refreshed.plans()
+    assert fake not in _plans(refreshed)
+    assert _plans(reused) == _plans(refreshed)
 
 
 def test_an_unreadable_or_unusable_plan_is_measured_again(
@@ -116,7 +103,7 @@ def test_an_unreadable_or_unusable_plan_is_measured_again(
         plan_projections(model, OPTIONS)
     assert len(measurements) == 4
     assert "unreadable matmul plan" in caplog.text
-    assert all(plan is not None and INT4 not in plan.kernels for plan in model.plans())
+    assert all(plan is not None and INT4 not in plan.kernels for plan in _plans(model))
 
 
 def test_the_key_names_machine_software_group_and_bounds() -> None:

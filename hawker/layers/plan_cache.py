@@ -23,6 +23,7 @@ The files live beside the native kernels (hawker/kernels/native.py,
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -53,16 +54,25 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
-def _machine_and_code() -> list[str]:
+@functools.cache  # read once per process: every group's key needs it
+def _machine_and_code() -> tuple[str, ...]:
     """What any plan measured here depends on besides its group: the CPU, the software, the plan's code."""
     sources = [Path(module.__file__ or "").read_bytes() for module in (matmul_plan, weight_copies)]
     code = hashlib.sha256(b"".join(sources)).hexdigest()
-    return [_cpu_model(), native.cpu_features(), torch.__version__, str(torch.get_num_threads()), code]
+    return (_cpu_model(), native.cpu_features(), torch.__version__, code)
 
 
 def plan_key(is_head: bool, weight: torch.Tensor, kernels: list[str], options: MatmulOptions, limit: int) -> str:
     """The file name of one group's plan (module docstring)."""
-    group = [str(is_head), str(tuple(weight.shape)), str(weight.dtype), ",".join(kernels), str(limit)]
+    # Threads are read at every call: data-parallel replicas split them within one process.
+    group = [
+        str(torch.get_num_threads()),
+        str(is_head),
+        str(tuple(weight.shape)),
+        str(weight.dtype),
+        ",".join(kernels),
+        str(limit),
+    ]
     bounds = {name: value for name, value in asdict(options).items() if name != "cache"}
     choices = json.dumps(bounds, sort_keys=True)
     digest = hashlib.sha256("\n".join([str(FORMAT_VERSION), *_machine_and_code(), *group, choices]).encode())
