@@ -86,6 +86,14 @@ def _add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = F
         "for few rows) (default: on CPU, wherever the measured plan finds them faster)",
     )
     parser.add_argument(
+        "--panel-matmul",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.panel_matmul,
+        help="multiply bfloat16 weights by Hawker's C kernel over weights packed in panels (float32 sums, "
+        "half the bytes of a float32 copy) (default: on CPUs with AVX512-BF16, wherever the measured "
+        "plan finds it faster)",
+    )
+    parser.add_argument(
         "--matmul-plan-cache",
         choices=PLAN_CACHE_MODES,
         default=defaults.matmul_plan_cache,
@@ -200,6 +208,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "int4_decode_max_rows": args.int4_decode_max_rows,
         "fp32_matmul_min_rows": args.fp32_matmul_min_rows,
         "packed_matmul": args.packed_matmul,
+        "panel_matmul": args.panel_matmul,
         "matmul_plan_cache": args.matmul_plan_cache,
         "compile_decode_max_rows": args.compile_decode_max_rows,
         "compile_warmup": args.compile_warmup,

@@ -221,6 +221,9 @@ class MatmulOptions:
     fp32_min_rows: int | None = None
     # oneDNN-prepacked weights (hawker/kernels/packed_linear.py): None = measured where oneDNN has them; False = never.
     packed: bool | None = None
+    # bfloat16 weights in panels for a C kernel (hawker/kernels/panel_linear.py): None = measured where
+    # the CPU has AVX512-BF16; False = never.
+    panel: bool | None = None
     # Consistent numerics: a token's numbers do not depend on the step's row count.
     consistent: bool = False
     # The most rows a projection (the token budget) and the LM head (sampled rows) see in one step.

@@ -12,6 +12,8 @@ from torch._dynamo.utils import counters
 
 from hawker import LLM
 from hawker.engine.compiled_decode import can_compile_on_cpu, warm_up_row_counts
+from hawker.layers.matmul_plan import ANY_ROWS, LayerPlan, PlanStep
+from hawker.layers.weight_copies import DENSE, INT4
 from tests.test_parity import assert_parity, make_prompts, reference_generate, run_hawker
 
 MAX_ROWS = 8
@@ -72,3 +74,12 @@ def check_compiled_parity(checkpoint: Path, **options: Any) -> None:
 def test_compile_option_is_validated() -> None:
     with pytest.raises(ValueError, match="compile_decode_max_rows"):
         LLM(dtype="float32", compile_decode_max_rows=-1)
+
+
+def test_tiled_plans_warm_up_every_number_of_full_tiles() -> None:
+    plan = LayerPlan((PlanStep(16, INT4), PlanStep(ANY_ROWS, DENSE, 32)))
+    # 17 (the copy changes), then each count of full tiles with and without a padded rest.
+    assert plan.graph_rows(100) == [17, 32, 33, 64, 65, 96, 97]
+    assert warm_up_row_counts(100, plan.graph_rows(100)) == [1, 2, 17, 32, 33, 64, 65, 96, 97, 100]
+    assert plan.graph_rows(40) == [17, 32, 33]
+    assert LayerPlan((PlanStep(ANY_ROWS, DENSE),)).graph_rows(100) == []

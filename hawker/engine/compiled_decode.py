@@ -51,9 +51,10 @@ logger = logging.getLogger(__name__)
 KVCache = tuple[torch.Tensor, torch.Tensor]
 Forward = Callable[[torch.Tensor, torch.Tensor, list[KVCache], AttentionMetadata], torch.Tensor]
 
-# Rows up to this many use the compiled path by default: where int4 decode
-# copies apply too, so one rows-dynamic graph (plus the 1-row one) covers it.
-DEFAULT_COMPILE_DECODE_MAX_ROWS = 16
+# Decode-only steps of up to min(max_num_seqs, this) rows take the compiled path by
+# default. Eager dispatch costs 10-30 ms a step at 17-64 rows on a 2-core CPU
+# (benchmarks/NOTES.md); the graphs are few: one per copy a plan switches to.
+DEFAULT_COMPILE_DECODE_MAX_ROWS = 256
 # How the compiled step is built: on a thread while serving eagerly, or before the engine is ready.
 WARM_UP_MODES = ("background", "blocking")
 # The warm-up thread's nice value: steps (and the HTTP loop) get the cores first.

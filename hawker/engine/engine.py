@@ -41,7 +41,7 @@ from hawker.engine.memory_profile import profile_num_blocks
 from hawker.engine.model_runner import LaunchedStep, ModelOutput, ModelRunner, SeqResult, build_model
 from hawker.engine.request import Request, RequestStatus
 from hawker.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
-from hawker.kernels import cpu_decode_attention, cpu_prefill_attention, packed_linear
+from hawker.kernels import cpu_decode_attention, cpu_prefill_attention, packed_linear, panel_linear
 from hawker.layers.projection import ProjectionCopies
 from hawker.loader.checkpoint import Checkpoint, open_checkpoint
 from hawker.loader.tokenizer import load_tokenizer
@@ -89,6 +89,11 @@ class EngineOptions:
     # few rows); None = wherever the measured plan finds them faster, False =
     # off. CPU only.
     packed_matmul: bool | None = None
+    # bfloat16 weights in panels of 32 outputs for a C kernel with float32 sums
+    # (hawker/kernels/panel_linear.py: half the bytes of a float32 copy where
+    # oneDNN's bfloat16 matmul is slow); None = wherever the measured plan
+    # finds it faster on a CPU with AVX512-BF16, False = off. CPU only.
+    panel_matmul: bool | None = None
     # The matmul plan measured before on this machine and software
     # (hawker/layers/plan_cache.py; ``hawker prepare`` measures it at install
     # time): "reuse" it where there is one, "refresh" (measure and keep), or
@@ -190,12 +195,17 @@ def _matmul_options(options: EngineOptions, dtype: torch.dtype, consistent: bool
         raise ValueError(f"packed_matmul is a CPU path; it must be off on device {options.device!r}")
     if options.packed_matmul and not packed_linear.available(dtype):
         raise ValueError(f"packed_matmul: oneDNN cannot prepack {dtype} weights on this CPU")
+    if options.panel_matmul and not on_cpu:
+        raise ValueError(f"panel_matmul is a CPU path; it must be off on device {options.device!r}")
+    if options.panel_matmul and not (dtype == torch.bfloat16 and panel_linear.available()):
+        raise ValueError("panel_matmul needs bfloat16 weights and a CPU with AVX512-BF16 (and a C compiler)")
     if not on_cpu or options.deterministic:
         return None
     return MatmulOptions(
         int4_max_rows=options.int4_decode_max_rows,
         fp32_min_rows=options.fp32_matmul_min_rows,
         packed=options.packed_matmul,
+        panel=options.panel_matmul,
         consistent=consistent,
         max_rows=options.max_num_batched_tokens,
         sample_rows=options.max_num_seqs,
@@ -207,7 +217,7 @@ def _compile_decode_max_rows(options: EngineOptions, attention_backend: str) -> 
     # The compiled step is the torch backend's (Triton kernels are not traced),
     # in one process (collectives are not traced either).
     usable = attention_backend == "torch" and options.world_size == 1
-    auto = DEFAULT_COMPILE_DECODE_MAX_ROWS if can_compile_on_cpu() and usable else 0
+    auto = min(options.max_num_seqs, DEFAULT_COMPILE_DECODE_MAX_ROWS) if can_compile_on_cpu() and usable else 0
     rows = _cpu_rows_option("compile_decode_max_rows", options.compile_decode_max_rows, auto, options.device)
     if rows and not usable:
         raise ValueError(
@@ -303,6 +313,7 @@ _SHAPE_DEPENDENT_OPTIONS = (
     "int4_decode_max_rows",
     "fp32_matmul_min_rows",
     "packed_matmul",
+    "panel_matmul",
     "compile_decode_max_rows",
     "cuda_graph_max_batch_size",
 )

@@ -181,7 +181,8 @@ class ModelRunner:
         if not max_rows:
             return None
         compiled = CompiledDecode(self.model, max_rows, self.config.native_decode_attention)
-        branches = {rows for m in self.model.modules() if isinstance(m, ProjectionCopies) for rows in m.change_rows}
+        projections = [m for m in self.model.modules() if isinstance(m, ProjectionCopies)]
+        branches = {rows for m in projections for rows in m.graph_rows(max_rows)}
         background = self.config.compile_warmup == "background"
         compiled.warm_up(self.kv_caches, warm_up_row_counts(max_rows, branches), background)
         return compiled

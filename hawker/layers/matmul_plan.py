@@ -46,7 +46,8 @@ from dataclasses import dataclass
 import torch
 
 from hawker.config import MatmulOptions
-from hawker.layers.weight_copies import BUILDERS, DENSE, FP32, INT4, INT8PAIR, PACKED, WeightCopy
+from hawker.kernels import panel_linear
+from hawker.layers.weight_copies import BUILDERS, DENSE, FP32, INT4, INT8PAIR, PACKED, PANEL, WeightCopy
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ CONSISTENT_DECODE_ROWS = 16
 # Tile sizes of the tiled (consistent by construction) candidates.
 TILES = (16, 32, 64, 128)
 # Ties and near-ties go to the first of these that the layer has.
-PREFERENCE = (PACKED, DENSE, INT4, INT8PAIR, FP32)
+PREFERENCE = (PACKED, DENSE, PANEL, INT4, INT8PAIR, FP32)
 # Another copy replaces the preferred one only when at least this much faster.
 MIN_GAIN = 0.05
 # Copies worth timing at few rows only (they lose to the dense forms beyond) and many rows only.
@@ -99,6 +100,24 @@ class LayerPlan:
     def change_rows(self) -> list[int]:
         """Row counts whose step takes another copy than one row fewer (where compiled graphs branch)."""
         return [step.max_rows + 1 for step in self.steps[:-1]]
+
+    def graph_rows(self, max_rows: int) -> list[int]:
+        """Row counts up to ``max_rows`` where a compiled graph of the projection meets a new branch.
+
+        Besides the copy changes, a tiled step loops over ``rows // tile`` full
+        tiles and pads the rest: each number of full tiles, and whether there is
+        a padded rest, is a graph of its own.
+        """
+        rows = set(self.change_rows)
+        first = 1
+        for step in self.steps:
+            if step.tile:
+                first_multiple = -(-first // step.tile) * step.tile
+                for multiple in range(first_multiple, min(step.max_rows, max_rows) + 1, step.tile):
+                    rows |= {multiple, multiple + 1}
+                rows.add(first)
+            first = step.max_rows + 1
+        return sorted(count for count in rows if count <= max_rows)
 
     def describe(self) -> str:
         parts, first = [], 1
@@ -277,6 +296,8 @@ def allowed_kernels(dtype: torch.dtype, options: MatmulOptions) -> list[str]:
     kernels = [DENSE]
     if options.packed is not False:
         kernels.append(PACKED)
+    if options.panel is not False and dtype == torch.bfloat16 and panel_linear.available():
+        kernels.append(PANEL)
     if options.int4_max_rows != 0 and (dtype != torch.float32 or options.int4_max_rows):
         # torch's int4 kernel is 30-50x slower with float32 activations: only when asked for.
         kernels += [INT4, INT8PAIR]

@@ -7,6 +7,10 @@ step, so a layer keeps the copies its measured plan uses
 - ``dense``: ``F.linear`` on the weight itself (no copy);
 - ``packed``: the weight prepacked for oneDNN (hawker/kernels/packed_linear.py):
   the same kernel without a per-call reorder, much faster for few rows;
+- ``panel``: the bfloat16 weight in panels of 32 outputs for a C kernel with
+  float32 sums (hawker/kernels/panel_linear.py): half the bytes of ``fp32``
+  at its arithmetic speed where oneDNN's bfloat16 matmul is slow (AVX-512
+  without AMX); each row's bits independent of the other rows;
 - ``fp32``: a float32 copy of a half-precision weight, for CPUs whose
   half-precision matmul is slower than float32's (no AVX512-BF16, no AMX):
   inputs widen exactly, and the product is rounded back once, which is what a
@@ -26,10 +30,10 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from hawker.kernels import packed_linear
+from hawker.kernels import packed_linear, panel_linear
 from hawker.layers.quant import quantize_int4, quantize_int8_as_int4_pair
 
-DENSE, PACKED, FP32, INT4, INT8PAIR = "dense", "packed", "fp32", "int4", "int8pair"
+DENSE, PACKED, PANEL, FP32, INT4, INT8PAIR = "dense", "packed", "panel", "fp32", "int4", "int8pair"
 
 
 class WeightCopy(Protocol):
@@ -87,6 +91,27 @@ class PackedWeight:
 
 
 @dataclass(frozen=True)
+class PanelWeight:
+    panel: torch.Tensor  # [ceil(out / 32), in / 2, 32, 2] bfloat16
+    out_features: int
+
+    @staticmethod
+    def build(weight: torch.Tensor) -> PanelWeight | None:
+        if not panel_linear.supports(weight):
+            return None
+        return PanelWeight(panel_linear.pack(weight), weight.shape[0])
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return panel_linear.panel_linear(x, self.panel, self.out_features)
+
+    def refresh(self, weight: torch.Tensor) -> None:
+        panel_linear.repack_into(self.panel, weight)
+
+    def nbytes(self) -> int:
+        return self.panel.numel() * self.panel.element_size()
+
+
+@dataclass(frozen=True)
 class Fp32Weight:
     weight: torch.Tensor  # float32 [out, in]
 
@@ -118,6 +143,7 @@ def _int8pair(weight: torch.Tensor) -> WeightCopy | None:
 BUILDERS: dict[str, Callable[[torch.Tensor], WeightCopy | None]] = {
     DENSE: DenseWeight,
     PACKED: PackedWeight.build,
+    PANEL: PanelWeight.build,
     FP32: Fp32Weight.build,
     INT4: _int4,
     INT8PAIR: _int8pair,
