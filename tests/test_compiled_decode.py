@@ -11,7 +11,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from hawker import LLM
-from hawker.engine.compiled_decode import can_compile_on_cpu, warm_up_row_counts
+from hawker.engine.compiled_decode import can_compile_on_cpu, rows_within_graph_budget, warm_up_row_counts
 from hawker.layers.matmul_plan import ANY_ROWS, LayerPlan, PlanStep
 from hawker.layers.weight_copies import DENSE, INT4
 from tests.test_parity import assert_parity, make_prompts, reference_generate, run_hawker
@@ -83,3 +83,13 @@ def test_tiled_plans_warm_up_every_number_of_full_tiles() -> None:
     assert warm_up_row_counts(100, plan.graph_rows(100)) == [1, 2, 17, 32, 33, 64, 65, 96, 97, 100]
     assert plan.graph_rows(40) == [17, 32, 33]
     assert LayerPlan((PlanStep(ANY_ROWS, DENSE),)).graph_rows(100) == []
+
+
+def test_a_plan_that_branches_often_compiles_fewer_rows() -> None:
+    plan = LayerPlan((PlanStep(16, INT4), PlanStep(ANY_ROWS, DENSE, 16)))
+    branches = plan.graph_rows(256)
+    # Graphs at 1, 2, 17, 32, 33 and 48 rows fill the budget; 49 (three tiles and a rest) would be a 7th.
+    bound = rows_within_graph_budget(256, branches, graphs=6)
+    assert len(warm_up_row_counts(bound, [b for b in branches if b <= bound])) <= 6
+    assert bound == 48 and warm_up_row_counts(bound, [b for b in branches if b <= bound]) == [1, 2, 17, 32, 33, 48]
+    assert rows_within_graph_budget(128, [17], graphs=6) == 128

@@ -13,7 +13,7 @@ from hawker.config import MatmulOptions
 from hawker.kernels import panel_linear
 from hawker.layers.matmul_plan import ANY_ROWS, LayerPlan, PlanStep, allowed_kernels
 from hawker.layers.projection import ProjectionCopies
-from hawker.layers.weight_copies import PANEL, PanelWeight
+from hawker.layers.weight_copies import BUILDERS, PACKED, PANEL, PanelWeight
 from tests.test_fp32_matmul import prompt_logprobs
 from tests.test_parity import make_prompts
 
@@ -83,6 +83,25 @@ def test_a_compiled_graph_calls_the_kernel_as_one_operator() -> None:
         for rows in (3, 7):
             x = torch.randn(rows, 64, generator=generator).to(torch.bfloat16)
             assert torch.allclose(compiled(x).float(), step(x).float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("kernel", [PANEL, PACKED])
+def test_copies_with_their_own_operators_run_inside_a_compiled_graph(kernel: str) -> None:
+    """A compiled decode step calls these copies through hawker's operators (oneDNN's packed weight is an
+    opaque tensor that dispatches on its own key)."""
+    generator = torch.Generator().manual_seed(6)
+    weight = torch.randn(48, 64, generator=generator).to(torch.bfloat16)
+    copy = BUILDERS[kernel](weight)
+    if copy is None:
+        pytest.skip(f"no {kernel} copy on this CPU")
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        return copy.matmul(x + 1)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    with torch._dynamo.config.patch(disable=False):
+        x = torch.randn(5, 64, generator=generator).to(torch.bfloat16)
+        assert torch.equal(compiled(x), step(x))
 
 
 def test_weights_it_cannot_take_and_the_off_switch() -> None:

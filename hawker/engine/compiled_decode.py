@@ -55,6 +55,8 @@ Forward = Callable[[torch.Tensor, torch.Tensor, list[KVCache], AttentionMetadata
 # default. Eager dispatch costs 10-30 ms a step at 17-64 rows on a 2-core CPU
 # (benchmarks/NOTES.md); the graphs are few: one per copy a plan switches to.
 DEFAULT_COMPILE_DECODE_MAX_ROWS = 256
+# Graphs compiled at most (each ~10-30 s cold on 2 cores; dynamo's recompile limit is 8).
+MAX_GRAPHS = 6
 # How the compiled step is built: on a thread while serving eagerly, or before the engine is ready.
 WARM_UP_MODES = ("background", "blocking")
 # The warm-up thread's nice value: steps (and the HTTP loop) get the cores first.
@@ -273,6 +275,20 @@ def _private_forward(model: nn.Module) -> Forward:
 
     code = forward.__code__.replace(co_name=f"forward_of_model_{id(model):x}")
     return types.FunctionType(code, forward.__globals__, code.co_name, None, forward.__closure__)
+
+
+def rows_within_graph_budget(max_rows: int, branch_rows: Iterable[int], graphs: int = MAX_GRAPHS) -> int:
+    """The largest bound <= ``max_rows`` whose warm-up compiles at most ``graphs`` graphs.
+
+    A plan on tiles branches at every multiple of the tile: up to 256 rows on
+    tiles of 16 that is 32 graphs, minutes of compiling, and past dynamo's
+    recompile limit (8) the compiled step fails. Beyond the bound, steps run eager.
+    """
+    branches = sorted(set(branch_rows))
+    for bound in [max_rows, *(rows - 1 for rows in reversed(branches) if 2 < rows <= max_rows)]:
+        if len(warm_up_row_counts(bound, branches)) <= graphs:
+            return bound
+    return min(max_rows, 2)
 
 
 def warm_up_row_counts(max_rows: int, branch_rows: Iterable[int]) -> list[int]:

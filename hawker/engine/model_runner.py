@@ -25,7 +25,7 @@ from hawker.attention.metadata import (
 )
 from hawker.config import EngineConfig
 from hawker.distributed.pipeline import StageLinks, split_micro_batches
-from hawker.engine.compiled_decode import CompiledDecode, warm_up_row_counts
+from hawker.engine.compiled_decode import CompiledDecode, rows_within_graph_budget, warm_up_row_counts
 from hawker.engine.host_transfer import HostCopy, upload
 from hawker.engine.request import PENDING_TOKEN
 from hawker.engine.sampler import (
@@ -180,9 +180,15 @@ class ModelRunner:
     def _compile_decode(self, max_rows: int) -> CompiledDecode | None:
         if not max_rows:
             return None
-        compiled = CompiledDecode(self.model, max_rows, self.config.native_decode_attention)
         projections = [m for m in self.model.modules() if isinstance(m, ProjectionCopies)]
         branches = {rows for m in projections for rows in m.graph_rows(max_rows)}
+        bounded = rows_within_graph_budget(max_rows, branches)
+        if bounded < max_rows:
+            logger.info(
+                "compiling decode steps of up to %d rows, not %d: the matmul plan branches too often", bounded, max_rows
+            )
+            max_rows, branches = bounded, {rows for rows in branches if rows <= bounded}
+        compiled = CompiledDecode(self.model, max_rows, self.config.native_decode_attention)
         background = self.config.compile_warmup == "background"
         compiled.warm_up(self.kv_caches, warm_up_row_counts(max_rows, branches), background)
         return compiled

@@ -124,7 +124,9 @@ def attention_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return q
 
 
-def define_cpu_op(name: str, schema: str, kernel: Callable[..., Any], fake: Callable[..., Any]) -> None:
+def define_cpu_op(
+    name: str, schema: str, kernel: Callable[..., Any], fake: Callable[..., Any], extra_keys: tuple[str, ...] = ()
+) -> None:
     """Register ``name`` ("namespace::op") with a CPU kernel and a fake (for compiled graphs' shapes).
 
     ``torch.library.define`` keeps the library alive itself, so nothing is
@@ -135,6 +137,8 @@ def define_cpu_op(name: str, schema: str, kernel: Callable[..., Any], fake: Call
         return
     torch.library.define(name, schema)
     torch.library.impl(name, "cpu", kernel)
+    for key in extra_keys:  # e.g. "MkldnnCPU": an argument that is an opaque oneDNN tensor dispatches there
+        torch.library.impl(name, key, kernel)
     torch.library.register_fake(name, fake)
 
 

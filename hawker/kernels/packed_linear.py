@@ -67,6 +67,11 @@ def _fake(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Ten
     return x.new_empty((x.shape[0], out_features))
 
 
+# The packed weight is an opaque oneDNN tensor, so a call dispatches on the MkldnnCPU key.
 define_cpu_op(
-    "hawker::packed_linear", "(Tensor x, Tensor packed, SymInt out_features) -> Tensor", _packed_linear_op, _fake
+    "hawker::packed_linear",
+    "(Tensor x, Tensor packed, SymInt out_features) -> Tensor",
+    _packed_linear_op,
+    _fake,
+    extra_keys=("MkldnnCPU",),
 )

@@ -8,7 +8,7 @@ group's shape and options, never on the weights' values, so it is kept in
 one small JSON file per group, named by a hash of:
 
 - the CPU (model name, feature flags), torch's version and thread count;
-- the source of the plan's code and of the weight copies it times;
+- the source of the plan's code, of the weight copies it times and of the C kernels among them;
 - the group (LM head or not, weight shape and dtype, the copies it has) and
   every option that bounds the choice (forced ranges, consistent numerics,
   row limits, repeats).
@@ -57,7 +57,8 @@ def _cpu_model() -> str:
 @functools.cache  # read once per process: every group's key needs it
 def _machine_and_code() -> tuple[str, ...]:
     """What any plan measured here depends on besides its group: the CPU, the software, the plan's code."""
-    sources = [Path(module.__file__ or "").read_bytes() for module in (matmul_plan, weight_copies)]
+    modules = [Path(module.__file__ or "") for module in (matmul_plan, weight_copies)]
+    sources = [path.read_bytes() for path in [*modules, native.SOURCE_DIR / "panel_linear.c"]]
     code = hashlib.sha256(b"".join(sources)).hexdigest()
     return (_cpu_model(), native.cpu_features(), torch.__version__, code)
 

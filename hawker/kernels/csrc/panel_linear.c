@@ -106,14 +106,18 @@ int hawker_panel_linear(const float *x, int64_t x_stride, const uint16_t *packed
                             int threads) {
     const int64_t pairs = in_features / 2;
     const int64_t panels = (out_features + PANEL - 1) / PANEL;
+    /* Rows split into equal chunks of at most ROWS_MAX: a small last chunk (32 rows as
+     * 10 + 10 + 10 + 2) has too few accumulators to hide the FMAs' latency. */
+    const int64_t chunks = (rows + ROWS_MAX - 1) / ROWS_MAX;
+    const int64_t chunk_rows = chunks ? (rows + chunks - 1) / chunks : 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t j = 0; j < panels; ++j) {
         const uint16_t *panel = packed + j * pairs * 2 * PANEL;
         const int64_t first = j * PANEL;
         const __mmask16 mask_lo = lane_mask(out_features - first);
         const __mmask16 mask_hi = lane_mask(out_features - first - 16);
-        for (int64_t r = 0; r < rows; r += ROWS_MAX) {
-            const int chunk = (int)(rows - r < ROWS_MAX ? rows - r : ROWS_MAX);
+        for (int64_t r = 0; r < rows; r += chunk_rows) {
+            const int chunk = (int)(rows - r < chunk_rows ? rows - r : chunk_rows);
             panel_chunk(x + r * x_stride, x_stride, panel, out + r * out_stride + first, out_stride, pairs, chunk,
                         mask_lo, mask_hi);
         }
