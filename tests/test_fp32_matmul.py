@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -58,6 +60,20 @@ def prompt_logprobs(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
 
+def count_calls(monkeypatch: pytest.MonkeyPatch, owner: type, name: str) -> Callable[[], int]:
+    """Count the calls of ``owner.name`` from now on; the returned function reads the count."""
+    calls = 0
+    original = getattr(owner, name)
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return lambda: calls
+
+
 def test_bf16_model_with_fp32_copies_is_as_accurate(
     tiny_checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -67,17 +83,9 @@ def test_bf16_model_with_fp32_copies_is_as_accurate(
     reference = prompt_logprobs(LLM(checkpoint, dtype="float32"), prompts)
     dense = prompt_logprobs(LLM(checkpoint, dtype="bfloat16", fp32_matmul_min_rows=0, panel_matmul=False), prompts)
 
-    calls = 0
-    original = Fp32Weight.matmul
-
-    def counting(self: Fp32Weight, x: torch.Tensor) -> torch.Tensor:
-        nonlocal calls
-        calls += 1
-        return original(self, x)
-
-    monkeypatch.setattr(Fp32Weight, "matmul", counting)
+    calls = count_calls(monkeypatch, Fp32Weight, "matmul")
     wide = prompt_logprobs(LLM(checkpoint, dtype="bfloat16", fp32_matmul_min_rows=16), prompts)
-    assert calls > 0
+    assert calls() > 0
     dense_error = (dense - reference).abs().max().item()
     wide_error = (wide - reference).abs().max().item()
     # Both are bf16 models; the float32 copies change rounding order only, so

@@ -14,7 +14,7 @@ from hawker.kernels import panel_linear
 from hawker.layers.matmul_plan import ANY_ROWS, LayerPlan, PlanStep, allowed_kernels
 from hawker.layers.projection import ProjectionCopies
 from hawker.layers.weight_copies import BUILDERS, PACKED, PANEL, PanelWeight
-from tests.test_fp32_matmul import prompt_logprobs
+from tests.test_fp32_matmul import count_calls, prompt_logprobs
 from tests.test_parity import make_prompts
 
 needs_kernel = pytest.mark.skipif(not panel_linear.available(), reason="the CPU has no AVX512-BF16")
@@ -114,7 +114,9 @@ def test_weights_it_cannot_take_and_the_off_switch() -> None:
 
 
 @needs_kernel
-def test_bf16_model_on_panels_is_as_accurate(tiny_checkpoints: dict[str, Path]) -> None:
+def test_bf16_model_on_panels_is_as_accurate(
+    tiny_checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Prompt logprobs of a bf16 model with every projection on the panel kernel, against float32, no worse
     than the dense bf16 path (both are bf16 models; the panels change the order of the sums only)."""
     checkpoint = str(tiny_checkpoints["llama"])
@@ -125,20 +127,9 @@ def test_bf16_model_on_panels_is_as_accurate(tiny_checkpoints: dict[str, Path]) 
     projections = [m for m in llm.engine.runner.model.modules() if isinstance(m, ProjectionCopies)]
     for layer in projections:
         layer.set_plan(LayerPlan((PlanStep(ANY_ROWS, PANEL),)), {})
-    calls = 0
-    original = PanelWeight.matmul
-
-    def counting(self: PanelWeight, x: torch.Tensor) -> torch.Tensor:
-        nonlocal calls
-        calls += 1
-        return original(self, x)
-
-    PanelWeight.matmul = counting  # type: ignore[method-assign]
-    try:
-        panels = prompt_logprobs(llm, prompts)
-    finally:
-        PanelWeight.matmul = original  # type: ignore[method-assign]
-    assert calls >= len(projections)
+    calls = count_calls(monkeypatch, PanelWeight, "matmul")
+    panels = prompt_logprobs(llm, prompts)
+    assert calls() >= len(projections)
     dense_error = (dense - reference).abs().max().item()
     panel_error = (panels - reference).abs().max().item()
     assert panel_error <= 1.5 * dense_error + 1e-3, (panel_error, dense_error)

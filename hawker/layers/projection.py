@@ -75,11 +75,6 @@ class ProjectionCopies:
         if self.plan is not None:
             self.copies = {kernel: copy for kernel, copy in self.copies.items() if isinstance(copy, DenseWeight)}
 
-    @property
-    def change_rows(self) -> list[int]:
-        """Row counts at which the plan switches copy."""
-        return self.plan.change_rows if self.plan is not None else []
-
     def graph_rows(self, max_rows: int) -> list[int]:
         """Row counts up to ``max_rows`` where a compiled graph branches (``LayerPlan.graph_rows``)."""
         return self.plan.graph_rows(max_rows) if self.plan is not None else []
