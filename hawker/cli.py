@@ -94,6 +94,14 @@ def _add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = F
         "plan finds it faster)",
     )
     parser.add_argument(
+        "--int8-dot-matmul",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.int8_dot_matmul,
+        help="multiply weights that are 4/8-bit in the checkpoint (GGUF Q4_1, Q8_0) by 8-bit integer dot "
+        "products, activations quantised to 8 bits per group of 32 as llama.cpp does (default: for "
+        "half-precision models on CPUs with AVX512-VNNI, wherever the measured plan finds it faster)",
+    )
+    parser.add_argument(
         "--matmul-plan-cache",
         choices=PLAN_CACHE_MODES,
         default=defaults.matmul_plan_cache,
@@ -209,6 +217,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "fp32_matmul_min_rows": args.fp32_matmul_min_rows,
         "packed_matmul": args.packed_matmul,
         "panel_matmul": args.panel_matmul,
+        "int8_dot_matmul": args.int8_dot_matmul,
         "matmul_plan_cache": args.matmul_plan_cache,
         "compile_decode_max_rows": args.compile_decode_max_rows,
         "compile_warmup": args.compile_warmup,

@@ -224,6 +224,10 @@ class MatmulOptions:
     # bfloat16 weights in panels for a C kernel (hawker/kernels/panel_linear.py): None = measured where
     # the CPU has AVX512-BF16; False = never.
     panel: bool | None = None
+    # 4/8-bit checkpoint weights by 8-bit integer dot products, activations quantised per group of 32
+    # (hawker/kernels/int8_dot_linear.py): None = measured for half-precision models on a CPU with
+    # AVX512-VNNI; True = float32 models too; False = never.
+    int8_dot: bool | None = None
     # Consistent numerics: a token's numbers do not depend on the step's row count.
     consistent: bool = False
     # The most rows a projection (the token budget) and the LM head (sampled rows) see in one step.

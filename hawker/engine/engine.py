@@ -41,7 +41,13 @@ from hawker.engine.memory_profile import profile_num_blocks
 from hawker.engine.model_runner import LaunchedStep, ModelOutput, ModelRunner, SeqResult, build_model
 from hawker.engine.request import Request, RequestStatus
 from hawker.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
-from hawker.kernels import cpu_decode_attention, cpu_prefill_attention, packed_linear, panel_linear
+from hawker.kernels import (
+    cpu_decode_attention,
+    cpu_prefill_attention,
+    int8_dot_linear,
+    packed_linear,
+    panel_linear,
+)
 from hawker.layers.projection import ProjectionCopies
 from hawker.loader.checkpoint import Checkpoint, open_checkpoint
 from hawker.loader.tokenizer import load_tokenizer
@@ -94,6 +100,14 @@ class EngineOptions:
     # oneDNN's bfloat16 matmul is slow); None = wherever the measured plan
     # finds it faster on a CPU with AVX512-BF16, False = off. CPU only.
     panel_matmul: bool | None = None
+    # Weights that are 4/8-bit in the checkpoint (GGUF Q4_1, Q8_0) multiplied
+    # by 8-bit integer dot products with activations quantised to 8 bits per
+    # group of 32, as llama.cpp does (hawker/kernels/int8_dot_linear.py: a
+    # quarter of bfloat16's bytes and 4x the products per instruction);
+    # None = wherever the measured plan finds it faster (half-precision
+    # models, CPUs with AVX512-VNNI), True = float32 models too, False = off.
+    # CPU only.
+    int8_dot_matmul: bool | None = None
     # The matmul plan measured before on this machine and software
     # (hawker/layers/plan_cache.py; ``hawker prepare`` measures it at install
     # time): "reuse" it where there is one, "refresh" (measure and keep), or
@@ -199,6 +213,12 @@ def _matmul_options(options: EngineOptions, dtype: torch.dtype, consistent: bool
         raise ValueError(f"panel_matmul is a CPU path; it must be off on device {options.device!r}")
     if options.panel_matmul and not (dtype == torch.bfloat16 and panel_linear.available()):
         raise ValueError("panel_matmul needs bfloat16 weights and a CPU with AVX512-BF16 (and a C compiler)")
+    if options.int8_dot_matmul and not on_cpu:
+        raise ValueError(f"int8_dot_matmul is a CPU path; it must be off on device {options.device!r}")
+    if options.int8_dot_matmul and not int8_dot_linear.supports(dtype, explicit=True):
+        raise ValueError(
+            "int8_dot_matmul needs bfloat16 or float32 weights and a CPU with AVX512-VNNI (and a C compiler)"
+        )
     if not on_cpu or options.deterministic:
         return None
     return MatmulOptions(
@@ -206,6 +226,7 @@ def _matmul_options(options: EngineOptions, dtype: torch.dtype, consistent: bool
         fp32_min_rows=options.fp32_matmul_min_rows,
         packed=options.packed_matmul,
         panel=options.panel_matmul,
+        int8_dot=options.int8_dot_matmul,
         consistent=consistent,
         max_rows=options.max_num_batched_tokens,
         sample_rows=options.max_num_seqs,
@@ -314,6 +335,7 @@ _SHAPE_DEPENDENT_OPTIONS = (
     "fp32_matmul_min_rows",
     "packed_matmul",
     "panel_matmul",
+    "int8_dot_matmul",
     "compile_decode_max_rows",
     "cuda_graph_max_batch_size",
 )

@@ -46,8 +46,8 @@ from dataclasses import dataclass
 import torch
 
 from hawker.config import MatmulOptions
-from hawker.kernels import panel_linear
-from hawker.layers.weight_copies import BUILDERS, DENSE, FP32, INT4, INT8PAIR, PACKED, PANEL, WeightCopy
+from hawker.kernels import int8_dot_linear, panel_linear
+from hawker.layers.weight_copies import BUILDERS, DENSE, FP32, INT4, INT8DOT, INT8PAIR, PACKED, PANEL, WeightCopy
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ CONSISTENT_DECODE_ROWS = 16
 # Tile sizes of the tiled (consistent by construction) candidates.
 TILES = (16, 32, 64, 128)
 # Ties and near-ties go to the first of these that the layer has.
-PREFERENCE = (PACKED, DENSE, PANEL, INT4, INT8PAIR, FP32)
+PREFERENCE = (PACKED, DENSE, PANEL, INT4, INT8PAIR, INT8DOT, FP32)
 # Another copy replaces the preferred one only when at least this much faster.
 MIN_GAIN = 0.05
 # Copies worth timing at few rows only (they lose to the dense forms beyond) and many rows only.
@@ -270,6 +270,10 @@ def _consistent_choice(
         return probed[kernel]
 
     cheapest = next(c for c in sorted(candidates, key=per_row) if consistent(c))
+    untiled = (cheapest[0], 0)
+    if cheapest[1] and untiled in candidates and consistent(untiled):
+        # Tiles cost compiled graphs (one per tile count): the same copy untiled wins near-ties.
+        cheapest = untiled if per_row(untiled) <= per_row(cheapest) * (1 + MIN_GAIN) else cheapest
     preferred = next(c for c in candidates if consistent(c))  # candidates are in order of preference
     return preferred if per_row(preferred) <= per_row(cheapest) * (1 + MIN_GAIN) else cheapest
 
@@ -301,6 +305,8 @@ def allowed_kernels(dtype: torch.dtype, options: MatmulOptions) -> list[str]:
     if options.int4_max_rows != 0 and (dtype != torch.float32 or options.int4_max_rows):
         # torch's int4 kernel is 30-50x slower with float32 activations: only when asked for.
         kernels += [INT4, INT8PAIR]
+    if options.int8_dot is not False and int8_dot_linear.supports(dtype, explicit=bool(options.int8_dot)):
+        kernels.append(INT8DOT)
     if options.fp32_min_rows != 0 and dtype in (torch.bfloat16, torch.float16):
         kernels.append(FP32)
     return _preferred(kernels)

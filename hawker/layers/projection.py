@@ -27,7 +27,7 @@ from hawker.layers.matmul_plan import (
     measure,
     speed_plan,
 )
-from hawker.layers.weight_copies import BUILDERS, FP32, INT4, INT8PAIR, DenseWeight, WeightCopy
+from hawker.layers.weight_copies import BUILDERS, FP32, INT4, INT8DOT, INT8PAIR, DenseWeight, WeightCopy
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class ProjectionCopies:
     @property
     def quantized_copy(self) -> bool:
         """It multiplies through a 4/8-bit copy, which new weight values could not be written into."""
-        return self.plan is not None and bool(self.plan.kernels & {INT4, INT8PAIR})
+        return self.plan is not None and bool(self.plan.kernels & {INT4, INT8PAIR, INT8DOT})
 
 
 def _tiled(copy: WeightCopy, x: torch.Tensor, tile: int) -> torch.Tensor:

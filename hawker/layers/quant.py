@@ -66,6 +66,25 @@ def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> In
     group's grid; the weights are stored in the model dtype, whose rounding
     moves a grid value by a few hundredths of a step at most.
     """
+    grid = int4_grid(weight, group_size)
+    if grid is None:
+        return None
+    # The kernel computes (q - 8) * scale + zero, so zero = min + 8 * scale.
+    return _pack(grid.codes, grid.scale, grid.offset + 8 * grid.scale, weight.dtype)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A weight [out, in] as ``scale * codes + offset`` per group of inputs (scale, offset [out, groups, 1])."""
+
+    codes: torch.Tensor  # float32 [out, in], whole numbers
+    scale: torch.Tensor
+    offset: torch.Tensor
+
+
+def int4_grid(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> Grid | None:
+    """``weight``'s 4-bit codes (0..15) with per-group scale and minimum, if it lies on such a grid (see
+    ``quantize_int4``), else None."""
     if weight.dim() != 2 or weight.shape[1] % group_size or weight.device.type != "cpu":
         return None
     out_features, in_features = weight.shape
@@ -77,8 +96,7 @@ def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> In
     off_grid = (codes * scale + low - groups).abs() > GRID_TOLERANCE * scale
     if bool(off_grid.any()):
         return None
-    # The kernel computes (q - 8) * scale + zero, so zero = min + 8 * scale.
-    return _pack(codes.view(out_features, in_features), scale, low + 8 * scale, weight.dtype)
+    return Grid(codes.view(out_features, in_features), scale, low)
 
 
 @dataclass(frozen=True)
@@ -115,6 +133,17 @@ def quantize_int8_as_int4_pair(weight: torch.Tensor, group_size: int = INT4_GROU
     weights fail it (their small codes sit up to half a step, i.e. many
     percent, away from the grid).
     """
+    grid = int8_grid(weight, group_size)
+    if grid is None:
+        return None
+    high = _pack(grid.codes // 16, 16 * grid.scale, torch.zeros_like(grid.scale), weight.dtype)
+    low = _pack(grid.codes % 16, grid.scale, 8 * grid.scale, weight.dtype)
+    return Int8PairWeight(high, low)
+
+
+def int8_grid(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> Grid | None:
+    """``weight`` on Q8_0's grid (see ``quantize_int8_as_int4_pair``) as unsigned codes ``code + 128``
+    (0..255) with offset ``-128 * scale``, else None."""
     if weight.dim() != 2 or weight.shape[1] % group_size or weight.device.type != "cpu":
         return None
     out_features, in_features = weight.shape
@@ -124,10 +153,7 @@ def quantize_int8_as_int4_pair(weight: torch.Tensor, group_size: int = INT4_GROU
     off_grid = (codes * scale - groups).abs() > Q8_RELATIVE_TOLERANCE * groups.abs()
     if bool(off_grid.any()):
         return None
-    unsigned = (codes + 128).view(out_features, in_features)
-    high = _pack(unsigned // 16, 16 * scale, torch.zeros_like(scale), weight.dtype)
-    low = _pack(unsigned % 16, scale, 8 * scale, weight.dtype)
-    return Int8PairWeight(high, low)
+    return Grid((codes + 128).view(out_features, in_features), scale, -128 * scale)
 
 
 def _pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> Int4Weight:

@@ -18,7 +18,12 @@ step, so a layer keeps the copies its measured plan uses
   its sums;
 - ``int4`` / ``int8pair``: weights that are 4- or 8-bit in the checkpoint, kept
   packed (hawker/layers/quant.py): a quarter (half) of the bytes to read, for
-  steps whose cost is reading the weights.
+  steps whose cost is reading the weights;
+- ``int8dot``: the same 4- or 8-bit codes for a C kernel that quantises the
+  activations to 8 bits per group of 32 and sums integer products
+  (hawker/kernels/int8_dot_linear.py, as llama.cpp does): the bytes of the
+  codes and 4x the products per instruction of float32 FMAs, at the price of
+  the activations' rounding to 8 bits.
 """
 
 from __future__ import annotations
@@ -30,10 +35,12 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from hawker.kernels import packed_linear, panel_linear
-from hawker.layers.quant import quantize_int4, quantize_int8_as_int4_pair
+from hawker.kernels import int8_dot_linear, packed_linear, panel_linear
+from hawker.layers.quant import Grid, int4_grid, int8_grid, quantize_int4, quantize_int8_as_int4_pair
 
-DENSE, PACKED, PANEL, FP32, INT4, INT8PAIR = "dense", "packed", "panel", "fp32", "int4", "int8pair"
+DENSE, PACKED, PANEL, FP32, INT4, INT8PAIR, INT8DOT = "dense", "packed", "panel", "fp32", "int4", "int8pair", "int8dot"
+# float16 (the kernel's scales) keeps 11 significant bits: a scale it moves by more than this is out of its range.
+_FLOAT16_RELATIVE_TOLERANCE = 2**-10
 
 
 class WeightCopy(Protocol):
@@ -131,6 +138,47 @@ class Fp32Weight:
         return self.weight.numel() * 4
 
 
+@dataclass(frozen=True)
+class IntDotWeight:
+    packed: torch.Tensor  # uint8 [ceil(out / 16), in / 32, block] (hawker/kernels/int8_dot_linear.py)
+    bits: int
+    out_features: int
+
+    @staticmethod
+    def build(weight: torch.Tensor) -> IntDotWeight | None:
+        """The weight's 4-bit codes, else its 8-bit ones, when it lies on such a grid (never re-quantised)."""
+        if weight.device.type != "cpu" or not int8_dot_linear.available():
+            return None
+        for bits, grid in ((4, int4_grid(weight)), (8, int8_grid(weight))):
+            if grid is not None:
+                return IntDotWeight._from_grid(grid, bits) if _fits_float16(grid) else None
+        return None
+
+    @staticmethod
+    def _from_grid(grid: Grid, bits: int) -> IntDotWeight:
+        scale, offset = grid.scale.squeeze(-1), grid.offset.squeeze(-1)
+        packed = int8_dot_linear.pack(grid.codes, scale, offset, bits)
+        return IntDotWeight(packed, bits, grid.codes.shape[0])
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_dot_linear.int8_dot_linear(x, self.packed, self.bits, self.out_features)
+
+    def refresh(self, weight: torch.Tensor) -> None:
+        raise ValueError("an int8dot copy holds the checkpoint's 4/8-bit codes; new weights cannot be written into it")
+
+    def nbytes(self) -> int:
+        return self.packed.numel()
+
+
+def _fits_float16(grid: Grid) -> bool:
+    """Scales and offsets that float16 holds to its precision (none too large, none lost below its range)."""
+    for values in (grid.scale, grid.offset):
+        error = (values.to(torch.float16).float() - values).abs()
+        if not bool((error <= _FLOAT16_RELATIVE_TOLERANCE * values.abs()).all()):
+            return False
+    return True
+
+
 def _int4(weight: torch.Tensor) -> WeightCopy | None:
     return quantize_int4(weight)
 
@@ -147,4 +195,5 @@ BUILDERS: dict[str, Callable[[torch.Tensor], WeightCopy | None]] = {
     FP32: Fp32Weight.build,
     INT4: _int4,
     INT8PAIR: _int8pair,
+    INT8DOT: IntDotWeight.build,
 }
