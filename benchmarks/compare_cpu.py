@@ -18,8 +18,8 @@ Measures, in this order and with nothing else running:
          time, since it is no batch engine, each workload capped at
          ``--llama-cpp-budget-s`` seconds (``benchmarks/llamacpp_offline.py``);
   3. single-stream decode (256 new tokens after a short prompt) and the
-     prefill of a 2,000-token prompt: Hawker (bf16; int4 decode copies and
-     the compiled decode step switched off one at a time, then the default),
+     prefill of a 2,000-token prompt: Hawker (bf16; the 4/8-bit copies and the
+     compiled step off, the int8 dot kernel off, then the default),
      llama.cpp in-process (2 threads) and, for decode, vLLM CPU;
   4. serving: ``hawker bench serve`` against ``hawker serve``, vLLM CPU's
      OpenAI server and ``python -m llama_cpp.server`` at three Poisson rates
@@ -344,9 +344,12 @@ def wall_table(results: dict[str, dict[str, ThroughputResult]]) -> list[str]:
 # --- single stream --------------------------------------------------------------
 
 # Single-stream configurations: each optimisation's off switch, then the default.
-SINGLE_STREAM_CONFIGS: tuple[tuple[str, dict[str, int | None]], ...] = (
-    ("bf16, int4 off, eager", {"int4_decode_max_rows": 0, "compile_decode_max_rows": 0}),
-    ("bf16, measured matmul plan, eager", {"compile_decode_max_rows": 0}),
+SINGLE_STREAM_CONFIGS: tuple[tuple[str, dict[str, int | bool | None]], ...] = (
+    (
+        "bf16, 4/8-bit copies off, eager",
+        {"int4_decode_max_rows": 0, "int8_dot_matmul": False, "compile_decode_max_rows": 0},
+    ),
+    ("bf16, int8 dots off, compiled", {"int8_dot_matmul": False}),
     ("bf16, default: measured plan + compiled", {}),
 )
 
@@ -384,7 +387,7 @@ def single_section(run: Run, python: dict[str, Path | None]) -> None:
         }
         if not options:
             run.rows.append(Row("Hawker start-up s (default, incl. compiling)", startup, {}, False))
-        if options.get("int4_decode_max_rows") == 0:
+        if not options:
             seconds = hawker_prefill_seconds(llm)
             prefill_peer = {LLAMA_CPP: peer and peer["prefill_s"]}
             run.rows.append(Row(f"TTFT of a {PREFILL_TOKENS}-token prompt, s", seconds, prefill_peer, False))
