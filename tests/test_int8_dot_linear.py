@@ -188,3 +188,22 @@ def test_bf16_model_through_int8_dots_stays_close_to_float32(
     int8_error = (quantised - reference_values).abs().max().item()
     print(f"bf16 dense {dense_error:.4f}, int8 dot {int8_error:.4f}")
     assert int8_error <= 3 * dense_error + 1e-3, (int8_error, dense_error)
+
+
+@needs_kernel
+def test_weight_updates_are_refused_through_codes_and_taken_with_the_switches_off(
+    gguf_like_checkpoint: Path,
+) -> None:
+    """New values cannot be written into 4/8-bit codes: the update is refused (naming the switches) and
+    changes nothing; with the quantised copies off the same update is taken."""
+    checkpoint = str(gguf_like_checkpoint)
+    name = "model.layers.0.mlp.down_proj.weight"
+    llm = LLM(checkpoint, dtype="bfloat16", compile_decode_max_rows=0)
+    layer = llm.engine.runner.model.model.layers[0].mlp.down_proj
+    layer.set_plan(LayerPlan((PlanStep(ANY_ROWS, INT8DOT),)), {})
+    update = torch.zeros_like(layer.weight)
+    with pytest.raises(ValueError, match="int8_dot_matmul=False"):
+        llm.update_weights([(name, update)])
+    assert llm.weight_version == 0 and not bool((layer.weight == 0).all())
+    plain = LLM(checkpoint, dtype="bfloat16", int8_dot_matmul=False, int4_decode_max_rows=0)
+    assert plain.update_weights([(name, update)]) == 1

@@ -699,8 +699,9 @@ class Engine:
         for name, module in self.runner.model.named_modules():
             if isinstance(module, ProjectionCopies) and module.quantized_copy and id(module.weight) in ids:
                 raise ValueError(
-                    f"{name} keeps an int4 copy of its 4-bit checkpoint weight, which new values would not "
-                    "match; start the engine with int4_decode_max_rows=0 to take weight updates"
+                    f"{name} keeps a 4/8-bit copy of its quantised checkpoint weight, which new values would "
+                    "not match; start the engine with int4_decode_max_rows=0 and int8_dot_matmul=False to take "
+                    "weight updates"
                 )
 
     # ------------------------------------------------------------- requests
