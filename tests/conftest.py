@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 
 import torch
-from safetensors.torch import load_file, save_file
 
 # Without a GPU, Triton kernels run in Triton's interpreter (read when a
 # kernel module is first imported).
@@ -23,7 +21,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hawker.layers.quant import INT4_GROUP_SIZE
-from tests.tiny_models import ARCHITECTURES, build_tiny_checkpoint, snap_to_grid
+from tests.tiny_models import ARCHITECTURES, build_tiny_checkpoint, rewritten_copy, snap_to_grid
 
 
 @pytest.fixture(scope="session")
@@ -36,14 +34,8 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
 @pytest.fixture(scope="session")
 def grid_checkpoint(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama with every 2-D projection and the (tied) embedding snapped to a 4-bit grid."""
-    source = tiny_checkpoints["llama"]
-    target = tmp_path_factory.mktemp("int4") / "llama"
-    shutil.copytree(source, target)
-    (path,) = target.glob("*.safetensors")
-    tensors = load_file(path)
-    snapped = {
-        name: snap_to_grid(t) if t.dim() == 2 and t.shape[1] % INT4_GROUP_SIZE == 0 else t
-        for name, t in tensors.items()
-    }
-    save_file(snapped, path, metadata={"format": "pt"})
-    return target
+
+    def snap(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return snap_to_grid(tensor) if tensor.dim() == 2 and tensor.shape[1] % INT4_GROUP_SIZE == 0 else tensor
+
+    return rewritten_copy(tiny_checkpoints["llama"], tmp_path_factory.mktemp("int4") / "llama", snap)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from hawker import LLM
 from hawker.layers.quant import INT4_GROUP_SIZE, Int8PairWeight, quantize_int4, quantize_int8_as_int4_pair
 from tests.test_parity import assert_parity, make_prompts, reference_generate, run_hawker
+from tests.tiny_models import rewritten_copy
 
 
 def grid_weight(out_features: int, in_features: int, generator: torch.Generator) -> torch.Tensor:
@@ -110,15 +109,11 @@ def test_int4_decode_option_is_validated() -> None:
 @pytest.fixture(scope="module")
 def q8_head_checkpoint(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama with its embedding and LM head on Q8_0's grid; other weights unquantized."""
-    target = tmp_path_factory.mktemp("q8") / "llama"
-    shutil.copytree(tiny_checkpoints["llama"], target)
-    (path,) = target.glob("*.safetensors")
-    tensors = load_file(path)
-    for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        if name in tensors:  # absent when the embedding is tied
-            tensors[name] = snap_to_q8_grid(tensors[name])
-    save_file(tensors, path, metadata={"format": "pt"})
-    return target
+
+    def snap(name: str, tensor: torch.Tensor) -> torch.Tensor:  # the LM head is absent when tied
+        return snap_to_q8_grid(tensor) if name in ("model.embed_tokens.weight", "lm_head.weight") else tensor
+
+    return rewritten_copy(tiny_checkpoints["llama"], tmp_path_factory.mktemp("q8") / "llama", snap)
 
 
 def test_q8_lm_head_as_int4_halves_keeps_parity_with_transformers(q8_head_checkpoint: Path) -> None:

@@ -4,12 +4,10 @@ compiled graphs, the options, and a bf16 model's accuracy against float32."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from hawker import LLM
 from hawker.config import MatmulOptions
@@ -20,7 +18,7 @@ from hawker.layers.weight_copies import BUILDERS, INT8DOT, IntDotWeight
 from tests.test_fp32_matmul import count_calls, prompt_logprobs
 from tests.test_int4_decode import grid_weight, snap_to_q8_grid
 from tests.test_parity import make_prompts
-from tests.tiny_models import snap_to_grid
+from tests.tiny_models import rewritten_copy, snap_to_grid
 
 needs_kernel = pytest.mark.skipif(not int8_dot_linear.available(), reason="the CPU has no AVX512-VNNI")
 
@@ -153,16 +151,13 @@ def test_options_and_the_off_switch() -> None:
 @pytest.fixture(scope="module")
 def gguf_like_checkpoint(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama laid out like the default GGUF: projections on Q4_1's grid, the embedding on Q8_0's."""
-    target = tmp_path_factory.mktemp("q4q8") / "llama"
-    shutil.copytree(tiny_checkpoints["llama"], target)
-    (path,) = target.glob("*.safetensors")
-    tensors = load_file(path)
-    for name, tensor in tensors.items():
-        if tensor.dim() == 2 and tensor.shape[1] % 32 == 0:
-            is_embedding = "embed_tokens" in name or "lm_head" in name
-            tensors[name] = snap_to_q8_grid(tensor) if is_embedding else snap_to_grid(tensor)
-    save_file(tensors, path, metadata={"format": "pt"})
-    return target
+
+    def snap(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dim() != 2 or tensor.shape[1] % 32:
+            return tensor
+        return snap_to_q8_grid(tensor) if "embed_tokens" in name or "lm_head" in name else snap_to_grid(tensor)
+
+    return rewritten_copy(tiny_checkpoints["llama"], tmp_path_factory.mktemp("q4q8") / "llama", snap)
 
 
 @needs_kernel

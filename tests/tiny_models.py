@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from hawker.layers.quant import INT4_GROUP_SIZE
@@ -117,3 +120,12 @@ def snap_to_grid(weight: torch.Tensor) -> torch.Tensor:
     low = groups.amin(-1, keepdim=True)
     scale = (groups.amax(-1, keepdim=True) - low) / 15
     return (((groups - low) / scale).round() * scale + low).view(out_features, in_features)
+
+
+def rewritten_copy(source: Path, target: Path, rewrite: Callable[[str, torch.Tensor], torch.Tensor]) -> Path:
+    """A copy of the checkpoint ``source`` at ``target`` with every tensor replaced by ``rewrite(name, tensor)``."""
+    shutil.copytree(source, target)
+    (path,) = target.glob("*.safetensors")
+    tensors = {name: rewrite(name, tensor) for name, tensor in load_file(path).items()}
+    save_file(tensors, path, metadata={"format": "pt"})
+    return target
