@@ -23,7 +23,7 @@ import functools
 
 import torch
 
-from hawker.kernels.native import define_cpu_op, load_kernel_library
+from hawker.kernels.native import built_kernel, define_cpu_op
 
 _LIBRARY = "int8_dot_linear"
 PANEL = 16  # outputs a packed panel holds (csrc/int8_dot_linear.c)
@@ -33,14 +33,8 @@ _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 @functools.cache
 def _kernel() -> ctypes._CFuncPtr | None:
-    library = load_kernel_library(_LIBRARY)
-    if library is None or not library.hawker_int8_dot_linear_built():
-        return None
-    function = library.hawker_int8_dot_linear
     pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    function.argtypes = [pointer, i64, pointer, i32, pointer, i64, i64, i64, i64, i32, i32]
-    function.restype = ctypes.c_int
-    return function
+    return built_kernel(_LIBRARY, [pointer, i64, pointer, i32, pointer, i64, i64, i64, i64, i32, i32])
 
 
 def available() -> bool:

@@ -108,6 +108,18 @@ def load_kernel_library(name: str, defines: tuple[tuple[str, int], ...] = ()) ->
         return None
 
 
+def built_kernel(name: str, argtypes: list[Any]) -> ctypes._CFuncPtr | None:
+    """``hawker_<name>`` from ``csrc/<name>.c`` (returning int, taking ``argtypes``), or None where it cannot be
+    built here or was built without the instructions it needs (its ``hawker_<name>_built()`` returns 0)."""
+    library = load_kernel_library(name)
+    if library is None or not getattr(library, f"hawker_{name}_built")():
+        return None
+    function = getattr(library, f"hawker_{name}")
+    function.argtypes = argtypes
+    function.restype = ctypes.c_int
+    return function
+
+
 # How the attention kernels' dtype argument names a dtype (csrc/attention_common.h).
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 

@@ -19,22 +19,16 @@ import functools
 
 import torch
 
-from hawker.kernels.native import define_cpu_op, load_kernel_library
+from hawker.kernels.native import built_kernel, define_cpu_op
 
 _LIBRARY = "panel_linear"
-PANEL = 32  # outputs a packed panel holds (csrc/bf16_pair_linear.c)
+PANEL = 32  # outputs a packed panel holds (csrc/panel_linear.c)
 
 
 @functools.cache
 def _kernel() -> ctypes._CFuncPtr | None:
-    library = load_kernel_library(_LIBRARY)
-    if library is None or not library.hawker_panel_linear_built():
-        return None
-    function = library.hawker_panel_linear
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    function.argtypes = [pointer, i64, pointer, pointer, i64, i64, i64, i64, ctypes.c_int]
-    function.restype = ctypes.c_int
-    return function
+    return built_kernel(_LIBRARY, [pointer, i64, pointer, pointer, i64, i64, i64, i64, ctypes.c_int])
 
 
 def available() -> bool:

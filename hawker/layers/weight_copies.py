@@ -149,7 +149,8 @@ class IntDotWeight:
         """The weight's 4-bit codes, else its 8-bit ones, when it lies on such a grid (never re-quantised)."""
         if weight.device.type != "cpu" or not int8_dot_linear.available():
             return None
-        for bits, grid in ((4, int4_grid(weight)), (8, int8_grid(weight))):
+        for bits, find_grid in ((4, int4_grid), (8, int8_grid)):
+            grid = find_grid(weight)
             if grid is not None:
                 return IntDotWeight._from_grid(grid, bits) if _fits_float16(grid) else None
         return None

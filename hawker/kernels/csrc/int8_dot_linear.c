@@ -24,7 +24,6 @@
  * Numerics: each output is its row's groups summed in input order in float32; a row's result depends
  * only on that row and W, whatever the number of rows, the chunking or the thread.
  */
-#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -125,7 +124,8 @@ static inline __attribute__((always_inline)) void panel_rows(const uint8_t *pane
 
 static void store16(void *out, int dtype, __m512 values, __mmask16 mask) {
     if (dtype == DTYPE_BFLOAT16) {
-        /* Round to nearest even, as torch rounds float32 to bfloat16 (NaN kept a NaN). */
+        /* Round to nearest even, as torch rounds float32 to bfloat16 (NaN kept a NaN); by hand, since
+         * this kernel needs only AVX512-VNNI, not AVX512-BF16's vcvtneps2bf16. */
         const __m512i bits = _mm512_castps_si512(values);
         const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
         const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
