@@ -354,10 +354,10 @@ SINGLE_STREAM_CONFIGS: tuple[tuple[str, dict[str, int | bool | None]], ...] = (
 )
 
 
-def llama_cpp_figures(python: Path, model: Path) -> dict[str, Any]:
+def llama_cpp_figures(python: Path, model: Path, prefill_tokens: int = PREFILL_TOKENS) -> dict[str, Any]:
     probe = BENCHMARKS / "llamacpp_probe.py"
     command = [str(python), str(probe), str(model), "--threads", str(torch.get_num_threads())]
-    command += ["--prompt", PROMPT, "--new-tokens", str(NEW_TOKENS), "--prefill-tokens", str(PREFILL_TOKENS)]
+    command += ["--prompt", PROMPT, "--new-tokens", str(NEW_TOKENS), "--prefill-tokens", str(prefill_tokens)]
     out = subprocess.run(command, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"llamacpp_probe.py failed ({out.returncode}): {out.stderr[-2000:]}")
@@ -387,12 +387,28 @@ def single_section(run: Run, python: dict[str, Path | None]) -> None:
         }
         if not options:
             run.rows.append(Row("Hawker start-up s (default, incl. compiling)", startup, {}, False))
+        if not options and llama and run.args.single_rounds:
+            run.rows.append(alternating_single_stream(llm, llama, run.args.single_rounds, run.report))
         if not options:
             seconds = hawker_prefill_seconds(llm)
             prefill_peer = {LLAMA_CPP: peer and peer["prefill_s"]}
             run.rows.append(Row(f"TTFT of a {PREFILL_TOKENS}-token prompt, s", seconds, prefill_peer, False))
             run.report["hawker_prefill_s"] = seconds
         del llm
+
+
+def alternating_single_stream(llm: LLM, llama: Path, rounds: int, report: dict[str, Any]) -> Row:
+    """Single-stream decode, llama.cpp and Hawker in turn ``rounds`` times: on a shared machine one
+    process's figure moves by +-25 % within minutes (benchmarks/NOTES.md), so the row gives each
+    engine's median over the rounds, measured in the same minutes as the other's."""
+    pairs = []
+    for _ in range(rounds):
+        peer = llama_cpp_figures(llama, default_model_path(), prefill_tokens=0)["single_stream_tok_s"]
+        pairs.append((hawker_single_stream(llm), peer))
+    report["single_stream_rounds"] = [{"hawker": ours, "llama_cpp": theirs} for ours, theirs in pairs]
+    ours, theirs = median([ours for ours, _ in pairs]), median([theirs for _, theirs in pairs])
+    label = f"single-stream decode tok/s (default, median of {rounds} alternating rounds)"
+    return Row(label, ours, {LLAMA_CPP: theirs}, True)
 
 
 # --- serving ------------------------------------------------------------------
@@ -540,6 +556,9 @@ def main() -> None:
     parser.add_argument("--serve-prompts", type=int, default=64, help="prompts per serving run (default: %(default)s)")
     parser.add_argument("--rates", type=float, nargs="+", default=[0.25, 0.5, 1.0], help="request rates, req/s")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    parser.add_argument(
+        "--single-rounds", type=int, default=3, help="alternating single-stream rounds against llama.cpp (0: none)"
+    )
     parser.add_argument("--port", type=int, default=8019)
     parser.add_argument("--out-dir", type=Path, default=BENCHMARKS / "out")
     parser.add_argument("--append-results", action="store_true", help="append the Markdown to benchmarks/RESULTS.md")

@@ -52,8 +52,12 @@ def main() -> None:
     )
     single_stream(llm, args.prompt, 8)  # warm-up
     decode = [single_stream(llm, args.prompt, args.new_tokens) for _ in range(args.repeats)]
-    prefill = [prefill_seconds(llm, args.prefill_tokens, seed) for seed in range(args.repeats)]
-    print(json.dumps({"single_stream_tok_s": max(decode), "prefill_s": min(prefill), "threads": args.threads}))
+    # --prefill-tokens 0: decode only (the alternating single-stream rounds of compare_cpu.py)
+    prefill = [
+        prefill_seconds(llm, args.prefill_tokens, seed) for seed in range(args.repeats if args.prefill_tokens else 0)
+    ]
+    prefill_s = min(prefill) if prefill else None
+    print(json.dumps({"single_stream_tok_s": max(decode), "prefill_s": prefill_s, "threads": args.threads}))
 
 
 if __name__ == "__main__":

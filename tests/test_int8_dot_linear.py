@@ -202,3 +202,14 @@ def test_weight_updates_are_refused_through_codes_and_taken_with_the_switches_of
     assert llm.weight_version == 0 and not bool((layer.weight == 0).all())
     plain = LLM(checkpoint, dtype="bfloat16", int8_dot_matmul=False, int4_decode_max_rows=0)
     assert plain.update_weights([(name, update)]) == 1
+
+
+@needs_kernel
+def test_the_operator_kernel_matches_the_ctypes_one() -> None:
+    """The operator's kernel (C++ where it builds) and the ctypes wrapper give the same bits, strided rows too."""
+    codes, scale, offset = random_codes(40, 96, 4, seed=11)
+    packed = int8_dot_linear.pack(codes, scale, offset, 4)
+    generator = torch.Generator().manual_seed(12)
+    wide = torch.randn(5, 192, generator=generator).to(torch.bfloat16)
+    for x in (wide[:, :96], wide[:, :96].contiguous(), wide[:, :96].float(), wide[:0, :96]):
+        assert torch.equal(int8_dot_linear.int8_dot_linear(x, packed, 4, 40), int8_dot_linear._run(x, packed, 4, 40))

@@ -1,8 +1,11 @@
 """Small C kernels for the CPU path, compiled on first use and kept in a cache folder.
 
 A kernel here is one plain C file under ``csrc/`` (with the headers there)
-and no Python or torch headers, so compiling it takes well under a second
-(a torch C++ extension takes about a minute on a 2-core machine). It is built for this machine
+and no Python or torch headers, so compiling it takes well under a second.
+A kernel whose per-call cost matters may add ``csrc/<name>_op.cpp``: its torch
+operator's CPU kernel in C++ (only the lean ATen headers: ~7 s once on a 2-core
+machine), so the dispatcher reaches the C code without going through Python
+(``load_op_library``). It is built for this machine
 (``-march=native``) with OpenMP and linked against the OpenMP runtime torch
 has already loaded, so both share one thread pool. The shared object is
 keyed by a hash of the source, the flags, the compiler and the CPU's
@@ -68,14 +71,16 @@ def _build_key(source: bytes, flags: list[str], compiler: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def _compile(source_path: Path, target: Path, compiler: str, flags: list[str]) -> None:
+def _compile(
+    source_path: Path, target: Path, compiler: str, flags: list[str], links: tuple[str, ...] | list[str] = ("-lm",)
+) -> None:
     """Compile to a temporary file, then rename: concurrent builders never see a half-written library."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as handle:
         partial = Path(handle.name)
     try:
         subprocess.run(
-            [compiler, *flags, str(source_path), "-o", str(partial), "-lm"],
+            [compiler, *flags, str(source_path), "-o", str(partial), *links],
             check=True,
             capture_output=True,
             text=True,
@@ -120,6 +125,40 @@ def built_kernel(name: str, argtypes: list[Any]) -> ctypes._CFuncPtr | None:
     return function
 
 
+def load_op_library(name: str, kernel: ctypes.CDLL) -> bool:
+    """Build ``csrc/<name>.cpp`` (a torch operator's C++ kernel over ``kernel``'s C functions) against torch's
+    headers and load it into torch's dispatcher; False (with a warning) where it cannot be built here.
+
+    Keyed like the C kernels, plus torch's version and the C library it links (whose file name is its own
+    key). The first build takes ~7 s on a 2-core machine; ``hawker prepare`` does it ahead."""
+    compiler = _cxx_compiler()
+    if compiler is None:
+        return False
+    torch_dir = Path(torch.__file__).resolve().parent
+    source_path = SOURCE_DIR / f"{name}.cpp"
+    abi = int(torch.compiled_with_cxx11_abi())
+    flags = ["-O2", "-std=c++20", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{torch_dir / 'include'}"]
+    links = [kernel._name, f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}"]
+    key_parts = [*flags, *links, torch.__version__]
+    try:
+        target = cache_dir() / f"{name}-{_build_key(source_path.read_bytes(), key_parts, compiler)}.so"
+        if not target.exists():
+            _compile(source_path, target, compiler, flags, links)
+        torch.ops.load_library(str(target))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", "") or str(error)
+        logger.warning("could not build the %s operator, calling its kernel from Python: %s", name, detail[:2000])
+        return False
+    return True
+
+
+def _cxx_compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
 # How the attention kernels' dtype argument names a dtype (csrc/attention_common.h).
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -134,6 +173,16 @@ def attention_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise ValueError(f"queries are {q.dtype} but the cache is {k_cache.dtype}")
     return q
+
+
+def define_op(name: str, schema: str, fake: Callable[..., Any]) -> None:
+    """Define ``name`` ("namespace::op") with a fake (for compiled graphs' shapes) but no kernel yet: the
+    caller registers one (from C++ or Python) before the first call. Defined once per process."""
+    namespace, op = name.split("::")
+    if hasattr(getattr(torch.ops, namespace), op):
+        return
+    torch.library.define(name, schema)
+    torch.library.register_fake(name, fake)
 
 
 def define_cpu_op(
