@@ -386,15 +386,19 @@ def single_section(run: Run, python: dict[str, Path | None]) -> None:
             "startup_s": startup,
         }
         if not options:
-            run.rows.append(Row("Hawker start-up s (default, incl. compiling)", startup, {}, False))
-        if not options and llama and run.args.single_rounds:
-            run.rows.append(alternating_single_stream(llm, llama, run.args.single_rounds, run.report))
-        if not options:
-            seconds = hawker_prefill_seconds(llm)
-            prefill_peer = {LLAMA_CPP: peer and peer["prefill_s"]}
-            run.rows.append(Row(f"TTFT of a {PREFILL_TOKENS}-token prompt, s", seconds, prefill_peer, False))
-            run.report["hawker_prefill_s"] = seconds
+            default_engine_rows(run, llm, startup, peer, llama)
         del llm
+
+
+def default_engine_rows(run: Run, llm: LLM, startup: float, peer: dict[str, Any] | None, llama: Path | None) -> None:
+    """The default engine's start-up, its alternating rounds against llama.cpp and its long-prompt TTFT."""
+    run.rows.append(Row("Hawker start-up s (default, incl. compiling)", startup, {}, False))
+    if llama and run.args.single_rounds:
+        run.rows.append(alternating_single_stream(llm, llama, run.args.single_rounds, run.report))
+    seconds = hawker_prefill_seconds(llm)
+    prefill_peer = {LLAMA_CPP: peer and peer["prefill_s"]}
+    run.rows.append(Row(f"TTFT of a {PREFILL_TOKENS}-token prompt, s", seconds, prefill_peer, False))
+    run.report["hawker_prefill_s"] = seconds
 
 
 def alternating_single_stream(llm: LLM, llama: Path, rounds: int, report: dict[str, Any]) -> Row:

@@ -37,7 +37,7 @@ enum { DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1 };
 /* How far ahead of the block in use the weight stream is fetched. A thread reads its panels in one
  * contiguous run, but on its own one core keeps too few misses in flight to reach the memory's
  * bandwidth: one row's projections of the default model, 30 layers cycled, 2 threads, went from
- * 3.2-5.7 ms to 2.3-2.4 ms (28 GB/s, partly from L3) at 5 KB ahead; 2.5 and 10-20 KB were slower
+ * 3.2-5.7 ms to 2.3-2.4 ms (28 GB/s, partly from L3) at 5 KB ahead; 2.5 KB was slower, 10-20 KB no faster
  * (benchmarks/NOTES.md). Past the last panel the hint reads nothing that faults. */
 enum { PREFETCH_BYTES = 5120 };
 
