@@ -103,3 +103,17 @@ def test_engine_decodes_through_the_kernel_by_default(
     assert llm.engine.config.native_decode_attention
     llm.generate([[1, 2, 3], [4, 5, 6, 7, 8]], use_tqdm=False)
     assert calls and max(calls) == 2
+
+
+def test_the_operator_kernel_matches_the_ctypes_one() -> None:
+    """The operator's kernel (C++ where it builds) and the ctypes wrapper give the same bits, a shape of heads
+    first met in this call and strided queries too; bad arguments are refused with a ValueError."""
+    lens = [3, 40, 129]
+    for heads, kv_heads, dim in ((6, 2, 64), (5, 5, 48)):
+        k_cache, v_cache, tables, context_lens = _paged_case(lens, kv_heads, dim, 16, torch.bfloat16, seed=3)
+        fused = torch.randn(len(lens), heads + 2 * kv_heads, dim).bfloat16()
+        for q in (fused[:, :heads], fused[:, :heads].contiguous()):
+            expected = cpu_decode_attention._run(q, k_cache, v_cache, tables, context_lens, 0.1)
+            assert torch.equal(paged_decode_attention(q, k_cache, v_cache, tables, context_lens, 0.1), expected)
+    with pytest.raises(ValueError, match="cache"):
+        paged_decode_attention(q.float(), k_cache, v_cache, tables, context_lens, 0.1)

@@ -5,7 +5,10 @@ and runs SDPA per length group; on a CPU that copy and the masked SDPA calls
 dominate a batched decode step (benchmarks/NOTES.md). The C kernel walks each
 sequence's block table instead: one call per layer for all decodes, no
 padding, no copy. It is a torch custom op, so a ``torch.compile``'d decode
-step calls it as one opaque kernel.
+step calls it as one opaque kernel. Its CPU kernel is C++
+(``csrc/paged_decode_attention_op.cpp``, built on first use) where torch's
+headers and a C++ compiler are at hand, else ``_run`` here through ctypes:
+~9 against ~21 us a call at one sequence, one call a layer.
 """
 
 from __future__ import annotations
@@ -15,7 +18,14 @@ import functools
 
 import torch
 
-from hawker.kernels.native import DTYPE_CODES, attention_inputs, define_cpu_op, int64_arrays, load_kernel_library
+from hawker.kernels.native import (
+    DTYPE_CODES,
+    attention_inputs,
+    define_op,
+    int64_arrays,
+    load_kernel_library,
+    load_op_library,
+)
 
 _LIBRARY = "paged_decode_attention"
 
@@ -33,12 +43,36 @@ def _kernel(group: int, head_dim: int) -> ctypes._CFuncPtr | None:
     return function
 
 
+OP = "hawker::paged_decode_attention"
+
+
+@functools.cache
+def _operator_library() -> ctypes.CDLL | None:
+    """Registers the operator's CPU kernel once: the C++ one where it builds (returned: shapes are registered
+    with it as they are built), else ``_run``."""
+    library = load_op_library(f"{_LIBRARY}_op")
+    if library is None:
+        torch.library.impl(OP, "cpu", _run)
+    return library
+
+
+@functools.cache
+def _operator_kernel(group: int, head_dim: int) -> bool:
+    """The kernel for this shape of heads built and callable through the operator."""
+    kernel = _kernel(group, head_dim)
+    if kernel is None:
+        return False
+    library = _operator_library()
+    if library is not None:
+        register = library.hawker_register_paged_decode_attention
+        register.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        register(group, head_dim, ctypes.cast(kernel, ctypes.c_void_p))
+    return True
+
+
 def available(dtype: torch.dtype, group: int, head_dim: int) -> bool:
     """The kernel built on this machine for this shape of heads and handles ``dtype``."""
-    return dtype in DTYPE_CODES and _kernel(group, head_dim) is not None
-
-
-OP = "hawker::paged_decode_attention"
+    return dtype in DTYPE_CODES and _operator_kernel(group, head_dim)
 
 
 def paged_decode_attention(
@@ -52,11 +86,11 @@ def paged_decode_attention(
     """q: [B, H, D] (rows may be strided); caches: [blocks, block_size, Hkv, D];
     block_tables: [B, width] int64; context_lens: [B] int64, each >= 1. Returns [B, H, D].
 
-    Eager calls run the kernel directly; a compiled step calls it through the
-    op ``hawker::paged_decode_attention`` (one opaque node in the graph)."""
-    if torch.compiler.is_compiling():
-        return torch.ops.hawker.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
-    return _run(q, k_cache, v_cache, block_tables, context_lens, scale)
+    Every call goes through the op ``hawker::paged_decode_attention`` (one
+    opaque node in a compiled graph), whose kernel for this shape of heads is built on first use."""
+    if not torch.compiler.is_compiling() and not _operator_kernel(q.shape[1] // k_cache.shape[2], q.shape[2]):
+        raise RuntimeError("the paged decode attention kernel is not built; check available() first")
+    return torch.ops.hawker.paged_decode_attention.default(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
 def _run(
@@ -105,14 +139,16 @@ def _fake(
     context_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
+    # Tracing a compiled step (in any process, a distributed worker's too) passes here before the graph
+    # runs: the shape's kernel must be registered with the C++ operator by then.
+    _operator_kernel(int(q.shape[1]) // int(k_cache.shape[2]), int(q.shape[2]))
     return q.new_empty(q.shape)  # the shape and dtype a compiled graph sees
 
 
-# A plain operator with a CPU kernel, not ``torch.library.custom_op``: that wrapper's checks cost
-# ~17 us a call, 30 calls a decode step (benchmarks/NOTES.md).
-define_cpu_op(
+# A plain operator, not ``torch.library.custom_op``: that wrapper's checks cost ~17 us a call, 30 calls a
+# decode step (benchmarks/NOTES.md). Its CPU kernel is registered by ``_operator_library``.
+define_op(
     OP,
     "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, float scale) -> Tensor",
-    _run,
     _fake,
 )

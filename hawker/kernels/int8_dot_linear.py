@@ -47,7 +47,7 @@ def _operator_kernel() -> bool:
     the C kernel (this CPU lacks AVX512-VNNI, or there is no compiler)."""
     if _kernel() is None:
         return False
-    if not load_op_library(f"{_LIBRARY}_op", load_kernel_library(_LIBRARY)):
+    if load_op_library(f"{_LIBRARY}_op", load_kernel_library(_LIBRARY)) is None:
         torch.library.impl(OP, "cpu", _run)
     return True
 

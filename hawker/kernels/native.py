@@ -125,31 +125,38 @@ def built_kernel(name: str, argtypes: list[Any]) -> ctypes._CFuncPtr | None:
     return function
 
 
-def load_op_library(name: str, kernel: ctypes.CDLL) -> bool:
-    """Build ``csrc/<name>.cpp`` (a torch operator's C++ kernel over ``kernel``'s C functions) against torch's
-    headers and load it into torch's dispatcher; False (with a warning) where it cannot be built here.
+def load_op_library(name: str, kernel: ctypes.CDLL | None = None) -> ctypes.CDLL | None:
+    """Build ``csrc/<name>.cpp`` (a torch operator's C++ kernel, over ``kernel``'s C functions if given)
+    against torch's headers and load it into torch's dispatcher; returns the loaded library (for its own
+    C functions), or None (with a warning) where it cannot be built here.
 
     Keyed like the C kernels, plus torch's version and the C library it links (whose file name is its own
     key). The first build takes ~7 s on a 2-core machine; ``hawker prepare`` does it ahead."""
     compiler = _cxx_compiler()
     if compiler is None:
-        return False
+        return None
     torch_dir = Path(torch.__file__).resolve().parent
     source_path = SOURCE_DIR / f"{name}.cpp"
     abi = int(torch.compiled_with_cxx11_abi())
     flags = ["-O2", "-std=c++20", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{torch_dir / 'include'}"]
-    links = [kernel._name, f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}"]
+    links = [
+        *([kernel._name] if kernel is not None else []),
+        f"-L{torch_dir / 'lib'}",
+        "-lc10",
+        "-ltorch_cpu",
+        f"-Wl,-rpath,{torch_dir / 'lib'}",
+    ]
     key_parts = [*flags, *links, torch.__version__]
     try:
         target = cache_dir() / f"{name}-{_build_key(source_path.read_bytes(), key_parts, compiler)}.so"
         if not target.exists():
             _compile(source_path, target, compiler, flags, links)
         torch.ops.load_library(str(target))
+        return ctypes.CDLL(str(target))  # dlopen of a loaded path: the same handle
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", "") or str(error)
         logger.warning("could not build the %s operator, calling its kernel from Python: %s", name, detail[:2000])
-        return False
-    return True
+        return None
 
 
 def _cxx_compiler() -> str | None:
