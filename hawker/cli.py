@@ -137,6 +137,13 @@ def _add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = F
         "for serve, else blocking)",
     )
     parser.add_argument(
+        "--compile-cpp-wrapper",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.compile_cpp_wrapper,
+        help="that forward's calls of its kernels are C++ (inductor's cpp_wrapper), not Python: one stream "
+        "~20%% faster on a small CPU, a longer compile (default: on)",
+    )
+    parser.add_argument(
         "--tensor-parallel-size",
         "-tp",
         type=int,
@@ -221,6 +228,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "matmul_plan_cache": args.matmul_plan_cache,
         "compile_decode_max_rows": args.compile_decode_max_rows,
         "compile_warmup": args.compile_warmup,
+        "compile_cpp_wrapper": args.compile_cpp_wrapper,
         "attention_backend": args.attention_backend,
         "cuda_graph_max_batch_size": args.cuda_graph_max_batch_size,
         "tensor_parallel_size": args.tensor_parallel_size,

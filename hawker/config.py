@@ -281,6 +281,8 @@ class EngineConfig:
     # "blocking": the compiled decode step is built before the engine is ready;
     # "background": on a thread while steps run eager (hawker/engine/compiled_decode.py).
     compile_warmup: str = "blocking"
+    # The compiled step's wrapper is C++ (inductor's cpp_wrapper), not Python.
+    compile_cpp_wrapper: bool = True
     # Decodes attend through the in-place C kernel (hawker/kernels/cpu_decode_attention.py).
     native_decode_attention: bool = False
     # Prompt chunks attend through the in-place C kernel (hawker/kernels/cpu_prefill_attention.py).

@@ -60,8 +60,8 @@ def compiled_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
     original = compiled_decode._compile
 
-    def counting_compile(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
-        forward = original(model)
+    def counting_compile(model: torch.nn.Module, cpp_wrapper: bool) -> Callable[..., torch.Tensor]:
+        forward = original(model, cpp_wrapper)
 
         def counted(*args: Any) -> torch.Tensor:
             calls.append(threading.current_thread().name)
@@ -102,6 +102,7 @@ def test_background_warm_up_serves_eagerly_then_switches_to_the_compiled_step(
         block_size=BLOCK_SIZE,
         compile_decode_max_rows=MAX_ROWS,
         compile_warmup="background",
+        compile_cpp_wrapper=False,  # its C++ build is covered by test_compiled_decode; here ~15 s more
     )
     engine = llm.engine
     compiled = engine.runner.compiled_decode
@@ -149,7 +150,7 @@ def test_background_warm_up_serves_eagerly_then_switches_to_the_compiled_step(
 def test_failed_background_compile_leaves_the_engine_serving_eagerly(
     tiny_checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken(model: torch.nn.Module) -> Any:
+    def broken(model: torch.nn.Module, cpp_wrapper: bool) -> Any:
         raise RuntimeError("no compiler today")
 
     monkeypatch.setattr(compiled_decode, "_compile", broken)

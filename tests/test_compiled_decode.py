@@ -34,17 +34,20 @@ def dynamo_enabled() -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("dynamo_enabled")
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_compiled_decode_keeps_parity_with_transformers(arch: str, tiny_checkpoints: dict[str, Path]) -> None:
-    check_compiled_parity(tiny_checkpoints[arch])
+@pytest.mark.parametrize(("arch", "cpp_wrapper"), [("llama", True), ("qwen3", False)])
+def test_compiled_decode_keeps_parity_with_transformers(
+    arch: str, cpp_wrapper: bool, tiny_checkpoints: dict[str, Path]
+) -> None:
+    # Each wrapper once (inductor's C++ wrapper, the default, builds for ~10 s more a graph).
+    check_compiled_parity(tiny_checkpoints[arch], compile_cpp_wrapper=cpp_wrapper)
 
 
 @pytest.mark.usefixtures("dynamo_enabled")
 def test_models_of_one_shape_in_one_process_run_their_own_graphs(grid_checkpoint: Path) -> None:
     # Same shapes, different modules (int4 copies or not): the second model
     # must not run the first one's graph (the module guards are skipped).
-    check_compiled_parity(grid_checkpoint, int4_decode_max_rows=MAX_ROWS)
-    check_compiled_parity(grid_checkpoint, int4_decode_max_rows=0)
+    check_compiled_parity(grid_checkpoint, int4_decode_max_rows=MAX_ROWS, compile_cpp_wrapper=False)
+    check_compiled_parity(grid_checkpoint, int4_decode_max_rows=0, compile_cpp_wrapper=False)
 
 
 def check_compiled_parity(checkpoint: Path, **options: Any) -> None:
@@ -92,3 +95,13 @@ def test_a_plan_that_branches_often_compiles_fewer_rows() -> None:
     bound = rows_within_graph_budget(256, branches, graphs=6)
     assert bound == 48 and warm_up_row_counts(bound, branches) == [1, 2, 17, 32, 33, 48]
     assert rows_within_graph_budget(128, [17], graphs=6) == 128
+
+
+def test_the_cpp_wrapper_switch_reaches_the_engine() -> None:
+    from hawker.cli import _engine_kwargs, build_parser
+    from hawker.engine.engine import EngineOptions
+
+    parser = build_parser()
+    assert EngineOptions().compile_cpp_wrapper
+    assert _engine_kwargs(parser.parse_args(["serve"]))["compile_cpp_wrapper"] is True
+    assert _engine_kwargs(parser.parse_args(["serve", "--no-compile-cpp-wrapper"]))["compile_cpp_wrapper"] is False

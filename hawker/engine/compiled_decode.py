@@ -95,9 +95,10 @@ def decode_only_single_group(meta: AttentionMetadata) -> bool:
 class CompiledDecode:
     """Runs eligible decode steps through the compiled forward once ``warm_up`` has compiled it."""
 
-    def __init__(self, model: nn.Module, max_rows: int, paged_decode: bool = False) -> None:
+    def __init__(self, model: nn.Module, max_rows: int, paged_decode: bool = False, cpp_wrapper: bool = True) -> None:
         self.max_rows = max_rows
         self.paged_decode = paged_decode  # steps' decodes use the in-place kernel (PagedDecode metadata)
+        self.cpp_wrapper = cpp_wrapper  # inductor's wrapper around the kernel calls in C++, not Python
         self._model = model
         self._forward: Forward | None = None  # built by warm_up: torch.compile imports dynamo (~1.5 s)
         self._ready = threading.Event()  # every warm-up graph is compiled
@@ -122,7 +123,7 @@ class CompiledDecode:
 
     def _compiled(self) -> Forward:
         if self._forward is None:
-            self._forward = _compile(self._model)
+            self._forward = _compile(self._model, self.cpp_wrapper)
         return self._forward
 
     def handles(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> bool:
@@ -243,8 +244,12 @@ def _in_this_thread(replacement: Callable[..., Any], original: Callable[..., Any
     return dispatch
 
 
-def _compile(model: nn.Module) -> Forward:
-    """``model``'s forward through ``torch.compile`` (compiled on its first calls)."""
+def _compile(model: nn.Module, cpp_wrapper: bool) -> Forward:
+    """``model``'s forward through ``torch.compile`` (compiled on its first calls).
+
+    With ``cpp_wrapper`` inductor writes the code around the kernel calls in C++: a one-row step of the
+    default model makes ~300 calls (inductor's fused loops, the int8 dot and attention operators), each
+    ~3-5 us from Python's wrapper; the price is a C++ build of that wrapper per graph."""
     # Guards on the model's ~400 parameters and attributes cost 1.3 ms a
     # step (measured: 1.5 ms -> 0.2 ms of "TorchDynamo Cache Lookup").
     # Skipping them is safe while the modules and their tensors are never
@@ -254,7 +259,7 @@ def _compile(model: nn.Module) -> Forward:
         _private_forward(model),
         dynamic=None,
         fullgraph=True,
-        options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
+        options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "cpp_wrapper": cpp_wrapper},
     )
 
 

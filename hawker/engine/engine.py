@@ -121,6 +121,10 @@ class EngineOptions:
     # offline API, benchmarks); "background" = on a thread while steps run
     # eager, switching once every graph is compiled (``hawker serve``'s default).
     compile_warmup: str = "blocking"
+    # That step's wrapper in C++ (inductor's ``cpp_wrapper``): its ~300 kernel
+    # calls a step without Python between them (one stream ~20 % faster on a
+    # 2-core CPU), for a longer compile (benchmarks/NOTES.md). CPU only.
+    compile_cpp_wrapper: bool = True
     # "auto" (triton on CUDA when installed, else torch), "torch" or "triton".
     attention_backend: str = "auto"
     # Decode-only steps of at most this many sequences replay CUDA graphs
@@ -386,6 +390,7 @@ def engine_config(options: EngineOptions, parallel: ParallelConfig) -> tuple[Eng
         overlap_scheduling=_overlap_scheduling(options),
         consistent_numerics=consistent,
         compile_warmup=options.compile_warmup,
+        compile_cpp_wrapper=options.compile_cpp_wrapper,
         native_decode_attention=_native_attention(
             options.native_decode_attention, "decode", options, attention_backend, model_config
         ),

@@ -188,7 +188,9 @@ class ModelRunner:
                 "compiling decode steps of up to %d rows, not %d: the matmul plan branches too often", bounded, max_rows
             )
             max_rows = bounded  # warm_up_row_counts leaves out the branches beyond it
-        compiled = CompiledDecode(self.model, max_rows, self.config.native_decode_attention)
+        compiled = CompiledDecode(
+            self.model, max_rows, self.config.native_decode_attention, self.config.compile_cpp_wrapper
+        )
         background = self.config.compile_warmup == "background"
         compiled.warm_up(self.kv_caches, warm_up_row_counts(max_rows, branches), background)
         return compiled
