@@ -36,7 +36,7 @@ def make_prompts(seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(3, VOCAB_SIZE) for _ in range(n)] for n in PROMPT_LENGTHS]
 
 
-def reference_generate(directory: Path, prompts: list[list[int]]) -> Reference:
+def reference_generate(directory: Path, prompts: list[list[int]], new_tokens: int = NUM_NEW_TOKENS) -> Reference:
     model = load_reference(directory)
     tokens, logits = [], []
     with torch.no_grad():
@@ -44,8 +44,8 @@ def reference_generate(directory: Path, prompts: list[list[int]]) -> Reference:
             out = model.generate(
                 torch.tensor([prompt]),
                 attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=NUM_NEW_TOKENS,
-                min_new_tokens=NUM_NEW_TOKENS,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
                 do_sample=False,
                 output_logits=True,
                 return_dict_in_generate=True,
@@ -62,7 +62,9 @@ def references(tiny_checkpoints: dict[str, Path]) -> dict[str, Reference]:
     return {arch: reference_generate(path, prompts) for arch, path in tiny_checkpoints.items()}
 
 
-def run_hawker(llm: LLM, prompts: list[list[int]]) -> tuple[list[list[int]], list[torch.Tensor]]:
+def run_hawker(
+    llm: LLM, prompts: list[list[int]], new_tokens: int = NUM_NEW_TOKENS
+) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Greedy generation of all prompts in one batch; returns tokens and per-step logits."""
     seen: dict[str, list[torch.Tensor]] = defaultdict(list)
 
@@ -71,7 +73,7 @@ def run_hawker(llm: LLM, prompts: list[list[int]]) -> tuple[list[list[int]], lis
             seen[request_id].append(row.clone())
 
     llm.engine.runner.logits_observer = observe
-    params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     try:
         outputs = llm.generate(prompts, params, use_tqdm=False)
     finally:

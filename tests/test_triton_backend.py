@@ -17,8 +17,10 @@ from tests.test_parity import assert_parity, make_prompts, reference_generate, r
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_triton_backend_keeps_parity_with_transformers(arch: str, tiny_checkpoints: dict[str, Path]) -> None:
     # Mixed steps: prompts of different lengths, chunked (16-token budget), then decodes.
+    # 16 new tokens (the longest prompt, 24, then crosses into a third block): every step runs in Triton's
+    # interpreter on a CPU.
     prompts = make_prompts(seed=7)[:4]
-    reference = reference_generate(tiny_checkpoints[arch], prompts)
+    reference = reference_generate(tiny_checkpoints[arch], prompts, new_tokens=16)
     llm = LLM(
         str(tiny_checkpoints[arch]),
         dtype="float32",
@@ -27,7 +29,7 @@ def test_triton_backend_keeps_parity_with_transformers(arch: str, tiny_checkpoin
         max_num_batched_tokens=16,
     )
     assert llm.engine.config.attention_backend == "triton"
-    tokens, logits = run_hawker(llm, prompts)
+    tokens, logits = run_hawker(llm, prompts, new_tokens=16)
     assert_parity(reference, tokens, logits)
     llm.engine.kv.check_invariants()
 
