@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hawker.bench.serve_cli import add_bench_serve_parser
-from hawker.config import PLAN_CACHE_MODES
+from hawker.config import KV_CACHE_DTYPES, PLAN_CACHE_MODES
 from hawker.engine.compiled_decode import WARM_UP_MODES
 from hawker.engine.engine import EngineOptions
 from hawker.server.protocol import DEFAULT_MAX_TOKENS
@@ -41,6 +41,13 @@ def _add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = F
         default=defaults.kv_cache_memory_gb,
         help="memory budget of the KV cache pool in GiB (default: 2 on CPU; on a GPU what "
         "--gpu-memory-utilization leaves after the weights and a worst-case step)",
+    )
+    parser.add_argument(
+        "--kv-cache-dtype",
+        default=defaults.kv_cache_dtype,
+        choices=list(KV_CACHE_DTYPES),
+        help="what the KV cache holds: auto = the model's dtype; fp8 (= fp8_e4m3) or fp8_e5m2 halve its bytes, "
+        "rounding keys and values to 8 bits (torch attention backend; default: %(default)s)",
     )
     parser.add_argument(
         "--gpu-memory-utilization",
@@ -215,6 +222,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "max_model_len": args.max_model_len,
         "block_size": args.block_size,
         "kv_cache_memory_gb": args.kv_cache_memory_gb,
+        "kv_cache_dtype": args.kv_cache_dtype,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_num_seqs": args.max_num_seqs,

@@ -123,6 +123,16 @@ class ModelConfig:
         )
 
 
+# kv_cache_dtype: "auto" = the model's dtype; the 8-bit floats (vLLM's names; "fp8" = "fp8_e4m3") halve
+# the cache's bytes: keys and values rounded to them, saturating at their largest value (no scale).
+KV_CACHE_DTYPES = {
+    "auto": None,
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
@@ -133,8 +143,12 @@ class CacheConfig:
     num_blocks: int | None = None
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = 0.9
+    # A name in KV_CACHE_DTYPES: the model's dtype ("auto") or an 8-bit float.
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:
@@ -143,6 +157,10 @@ class CacheConfig:
             raise ValueError("kv_cache_memory_bytes must be positive")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+    def torch_dtype(self, model: ModelConfig) -> torch.dtype:
+        """What the KV cache holds: the model's dtype, or the 8-bit float asked for."""
+        return KV_CACHE_DTYPES[self.kv_cache_dtype] or model.dtype
 
     @property
     def sized_by_profiling(self) -> bool:
@@ -153,16 +171,16 @@ class CacheConfig:
             return self.num_blocks
         if self.kv_cache_memory_bytes is None:
             raise ValueError("the KV cache is sized by profiling the device (hawker/engine/memory_profile.py)")
-        per_block = bytes_per_kv_block(model, self.block_size, tp_size, pp_size)
+        per_block = bytes_per_kv_block(model, self, tp_size, pp_size)
         return max(1, self.kv_cache_memory_bytes // per_block)
 
 
-def bytes_per_kv_block(model: ModelConfig, block_size: int, tp_size: int = 1, pp_size: int = 1) -> int:
+def bytes_per_kv_block(model: ModelConfig, cache: CacheConfig, tp_size: int = 1, pp_size: int = 1) -> int:
     """Bytes of one KV block on one rank: its KV heads (replicated when fewer than the ranks), its stage's layers."""
     kv_heads = max(1, model.num_kv_heads // tp_size)
     layers = -(-model.num_layers // pp_size)  # the largest stage
-    elem = torch.empty((), dtype=model.dtype).element_size()
-    return 2 * layers * block_size * kv_heads * model.head_dim * elem
+    elem = torch.empty((), dtype=cache.torch_dtype(model)).element_size()
+    return 2 * layers * cache.block_size * kv_heads * model.head_dim * elem
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,20 @@ import torch
 from torch._dynamo.utils import counters
 
 from hawker import LLM
+from hawker.config import KV_CACHE_DTYPES
 from hawker.engine.compiled_decode import can_compile_on_cpu, rows_within_graph_budget, warm_up_row_counts
 from hawker.layers.matmul_plan import ANY_ROWS, LayerPlan, PlanStep
 from hawker.layers.weight_copies import DENSE, INT4
-from tests.test_parity import assert_parity, make_prompts, reference_generate, run_hawker
+from tests.test_fp8_kv_cache import FP8_RELATIVE_TOLERANCE, rounding_reference
+from tests.test_parity import (
+    NUM_NEW_TOKENS,
+    RELATIVE_TOLERANCE,
+    Reference,
+    assert_parity,
+    make_prompts,
+    reference_generate,
+    run_hawker,
+)
 
 MAX_ROWS = 8
 
@@ -34,12 +44,16 @@ def dynamo_enabled() -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("dynamo_enabled")
-@pytest.mark.parametrize(("arch", "cpp_wrapper"), [("llama", True), ("qwen3", False)])
+@pytest.mark.parametrize(
+    ("arch", "options"),
+    [("llama", {"compile_cpp_wrapper": True}), ("qwen3", {"compile_cpp_wrapper": False, "kv_cache_dtype": "fp8"})],
+)
 def test_compiled_decode_keeps_parity_with_transformers(
-    arch: str, cpp_wrapper: bool, tiny_checkpoints: dict[str, Path]
+    arch: str, options: dict[str, Any], tiny_checkpoints: dict[str, Path]
 ) -> None:
-    # Each wrapper once (inductor's C++ wrapper, the default, builds for ~10 s more a graph).
-    check_compiled_parity(tiny_checkpoints[arch], compile_cpp_wrapper=cpp_wrapper)
+    # Each wrapper once (inductor's C++ wrapper, the default, builds for ~10 s more a graph); the second
+    # with an 8-bit KV cache too, against transformers rounding its cache alike.
+    check_compiled_parity(tiny_checkpoints[arch], **options)
 
 
 @pytest.mark.usefixtures("dynamo_enabled")
@@ -52,7 +66,14 @@ def test_models_of_one_shape_in_one_process_run_their_own_graphs(grid_checkpoint
 
 def check_compiled_parity(checkpoint: Path, **options: Any) -> None:
     prompts = make_prompts(seed=5)  # 8 prompts: their decode steps have 8 rows, then fewer
-    reference = reference_generate(checkpoint, prompts)
+    cache_dtype = KV_CACHE_DTYPES[options.get("kv_cache_dtype", "auto")]
+
+    def reference_of(prompts: list[list[int]]) -> Reference:
+        if cache_dtype is None:
+            return reference_generate(checkpoint, prompts)
+        return rounding_reference(checkpoint, prompts, cache_dtype, NUM_NEW_TOKENS)
+
+    reference = reference_of(prompts)
     llm = LLM(str(checkpoint), dtype="float32", compile_decode_max_rows=MAX_ROWS, **options)
     compiled = llm.engine.runner.compiled_decode
     assert compiled is not None
@@ -70,8 +91,9 @@ def check_compiled_parity(checkpoint: Path, **options: Any) -> None:
     single_tokens, single_logits = run_hawker(llm, prompts[:1])
     assert calls > 0
     assert counters["stats"]["unique_graphs"] == graphs_after_warm_up, "a step compiled a new graph mid-run"
-    assert_parity(reference, tokens, logits)
-    assert_parity(reference_generate(checkpoint, prompts[:1]), single_tokens, single_logits)
+    tolerance = RELATIVE_TOLERANCE if cache_dtype is None else FP8_RELATIVE_TOLERANCE
+    assert_parity(reference, tokens, logits, tolerance)
+    assert_parity(reference_of(prompts[:1]), single_tokens, single_logits, tolerance)
 
 
 def test_compile_option_is_validated() -> None:

@@ -62,5 +62,5 @@ def test_profile_runs_the_step_and_sizes_the_pool(tiny_checkpoints: dict[str, Pa
 
     blocks = profile_num_blocks(config, engine.runner.model, 0.5, read_memory=fake_memory)
     expected_bytes = GIB // 2 - GIB // 8 - GIB // 4
-    assert blocks == expected_bytes // bytes_per_kv_block(config.model, config.cache.block_size)
+    assert blocks == expected_bytes // bytes_per_kv_block(config.model, config.cache)
     assert reads == [torch.device("cpu")]

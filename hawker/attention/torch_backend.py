@@ -6,6 +6,11 @@ kernel on a CPU where it builds (one call for all of them), else a few padded
 SDPA calls grouped by context length; prefill chunks likewise run the
 in-place prefill kernel (one call for all of them), else one SDPA call each
 (their lengths vary too much to pad together cheaply).
+
+An 8-bit cache (``kv_cache_dtype``) keeps the step's keys and values rounded
+to it, and every path attends to those rounded values, the step's own tokens
+included: a token's numbers are then the same whether its context was just
+computed or read back from the cache (a prefix-cache hit).
 """
 
 from __future__ import annotations
@@ -21,11 +26,28 @@ from hawker.kernels.cpu_prefill_attention import paged_prefill_attention
 def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
 ) -> None:
-    """Write the step's keys and values; rows past ``slots`` are padding (consistent numerics) and are not kept."""
-    heads, dim = k_cache.shape[-2:]
+    """Write the step's keys and values; rows past ``slots`` are padding (consistent numerics) and are not kept.
+
+    An 8-bit cache takes them rounded (``round_to_cache``: exact when they already are)."""
     real = slots.shape[0]
-    k_cache.view(-1, heads, dim).index_copy_(0, slots, k[:real])
-    v_cache.view(-1, heads, dim).index_copy_(0, slots, v[:real])
+    for new, cache in ((k[:real], k_cache), (v[:real], v_cache)):
+        new = _saturated(new, cache.dtype)
+        if cache.element_size() == 1:  # torch's CPU index_copy_ has no 8-bit floats: copy their bytes
+            new, cache = new.view(torch.uint8), cache.view(torch.uint8)
+        cache.view(-1, *cache.shape[-2:]).index_copy_(0, slots, new)
+
+
+def round_to_cache(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as a cache of ``cache_dtype`` keeps it, in x's dtype: itself unless the cache is narrower."""
+    return x if cache_dtype == x.dtype else _saturated(x, cache_dtype).to(x.dtype)
+
+
+def _saturated(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype``; an 8-bit float saturates at its largest value (a plain cast would give NaN)."""
+    if x.dtype == dtype:
+        return x
+    largest = torch.finfo(dtype).max
+    return x.clamp(-largest, largest).to(dtype)
 
 
 def paged_attention(
@@ -37,7 +59,8 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """q: [T, H, D]; k, v: [T, Hkv, D]; caches: [blocks, block_size, Hkv, D]."""
+    """q: [T, H, D]; k, v: [T, Hkv, D]; caches: [blocks, block_size, Hkv, D] of q's dtype or an 8-bit float."""
+    k, v = round_to_cache(k, k_cache.dtype), round_to_cache(v, v_cache.dtype)
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     if meta.query_contexts is not None:
         return _each_query_alone(q, k_cache, v_cache, meta.query_contexts, scale)
@@ -85,18 +108,18 @@ def _each_query_alone(
     out = torch.empty_like(q)
     heads, dim = q.shape[1:]
     for row, slots in enumerate(contexts):
-        keys = _gather(k_cache, slots).float()  # [Hkv, L, D]
-        values = _gather(v_cache, slots).float()
+        keys = _gather(k_cache, slots, torch.float32)  # [Hkv, L, D]
+        values = _gather(v_cache, slots, torch.float32)
         query = q[row].float().reshape(keys.shape[0], heads // keys.shape[0], dim)  # [Hkv, group, D]
         probs = torch.softmax(torch.matmul(query, keys.transpose(1, 2)) * scale, dim=-1)
         out[row] = torch.matmul(probs, values).reshape(heads, dim).to(q.dtype)
     return out
 
 
-def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """Keys or values at ``slots`` as [..., Hkv, len, D] (one index_select, then a view)."""
+def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Keys or values at ``slots`` as [..., Hkv, len, D] in ``dtype`` (one index_select, then a view)."""
     heads, dim = cache.shape[-2:]
-    rows = cache.view(-1, heads, dim).index_select(0, slots.reshape(-1))
+    rows = cache.view(-1, heads, dim).index_select(0, slots.reshape(-1)).to(dtype)
     return rows.view(*slots.shape, heads, dim).transpose(-3, -2)
 
 
@@ -120,8 +143,8 @@ def _decode(
 def _decode_group(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup, scale: float
 ) -> torch.Tensor:
-    keys = _gather(k_cache, group.slots)
-    values = _gather(v_cache, group.slots)
+    keys = _gather(k_cache, group.slots, q.dtype)
+    values = _gather(v_cache, group.slots, q.dtype)
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2), keys, values, attn_mask=group.mask, scale=scale, enable_gqa=True
     )
@@ -152,8 +175,8 @@ def _prefill(
         return out[0].transpose(0, 1)
     length = chunk.context_len
     assert chunk.context_slots is not None
-    keys = _gather(k_cache, chunk.context_slots.unsqueeze(0))
-    values = _gather(v_cache, chunk.context_slots.unsqueeze(0))
+    keys = _gather(k_cache, chunk.context_slots.unsqueeze(0), q.dtype)
+    values = _gather(v_cache, chunk.context_slots.unsqueeze(0), q.dtype)
     key_pos = torch.arange(length, device=q.device)
     query_pos = torch.arange(chunk.start_pos, length, device=q.device)
     mask = (key_pos.unsqueeze(0) <= query_pos.unsqueeze(1))[None, None]
@@ -185,8 +208,8 @@ def _prefill_tiled(
         keys, values = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, end, D]: the chunk is the whole context
     else:
         assert chunk.context_slots is not None
-        keys = _gather(k_cache, chunk.context_slots)
-        values = _gather(v_cache, chunk.context_slots)
+        keys = _gather(k_cache, chunk.context_slots, q.dtype)
+        values = _gather(v_cache, chunk.context_slots, q.dtype)
     # Laid out [Hkv, end, D] once: each tile then attends to a view of the first
     # keys (SDPA takes strided heads) instead of copying them again, which made
     # the copies grow as end^2 / tile.

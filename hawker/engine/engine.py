@@ -76,6 +76,10 @@ class EngineOptions:
     kv_cache_memory_gb: float | None = None
     gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None
+    # What the KV cache holds: "auto" (the model's dtype) or an 8-bit float,
+    # "fp8" / "fp8_e4m3" or "fp8_e5m2" (half the bytes; keys and values
+    # rounded to 8 bits). The torch attention backend only.
+    kv_cache_dtype: str = "auto"
     enable_prefix_caching: bool = True
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 128
@@ -290,6 +294,16 @@ def _cuda_graph_max_batch_size(options: EngineOptions, attention_backend: str) -
     return rows
 
 
+def _kv_cache_dtype(options: EngineOptions, attention_backend: str) -> str:
+    # The triton kernels read the cache as the queries' dtype; 8-bit floats are the torch backend's.
+    if options.kv_cache_dtype != "auto" and attention_backend != "torch":
+        raise ValueError(
+            f"kv_cache_dtype={options.kv_cache_dtype!r} needs the torch attention backend "
+            f"(attention_backend='torch'); the {attention_backend} one reads only the model's dtype"
+        )
+    return options.kv_cache_dtype
+
+
 def _consistent_numerics(options: EngineOptions, attention_backend: str) -> bool:
     """Consistent numerics (on by default where covered); batch-invariant mode has its own, stricter tiling."""
     covered = attention_backend == "torch" and not options.deterministic
@@ -373,6 +387,7 @@ def engine_config(options: EngineOptions, parallel: ParallelConfig) -> tuple[Eng
             num_blocks=options.num_kv_blocks,
             enable_prefix_caching=options.enable_prefix_caching,
             gpu_memory_utilization=options.gpu_memory_utilization,
+            kv_cache_dtype=_kv_cache_dtype(options, attention_backend),
         ),
         scheduler=SchedulerConfig(
             max_num_batched_tokens=options.max_num_batched_tokens,

@@ -109,9 +109,7 @@ def profile_num_blocks(
     if device.type == "cuda":
         torch.cuda.empty_cache()
     budget = kv_cache_budget(memory, utilization)
-    num_blocks = budget // bytes_per_kv_block(
-        config.model, config.cache.block_size, config.parallel.tensor_parallel_size
-    )
+    num_blocks = budget // bytes_per_kv_block(config.model, config.cache, config.parallel.tensor_parallel_size)
     logger.info(
         "KV cache: %.2f GiB of %.2f GiB (utilization %.2f, peak of weights + worst-case step %.2f GiB): %d blocks",
         budget / 2**30,

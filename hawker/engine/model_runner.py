@@ -257,10 +257,11 @@ class ModelRunner:
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         cfg = self.config.model
         shape = (num_blocks, self.block_size, self.kv_heads, cfg.head_dim)
+        dtype = self.config.cache.torch_dtype(cfg)
         return [
             (
-                torch.zeros(shape, dtype=cfg.dtype, device=self.device),
-                torch.zeros(shape, dtype=cfg.dtype, device=self.device),
+                torch.zeros(shape, dtype=dtype, device=self.device),
+                torch.zeros(shape, dtype=dtype, device=self.device),
             )
             for _ in range(self.model.num_local_layers)
         ]

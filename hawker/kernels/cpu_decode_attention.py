@@ -38,7 +38,7 @@ def _kernel(group: int, head_dim: int) -> ctypes._CFuncPtr | None:
         return None
     function = library.hawker_paged_decode_attention
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    function.argtypes = [pointer] * 6 + [i64] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    function.argtypes = [pointer] * 6 + [i64] * 7 + [ctypes.c_float] + [ctypes.c_int] * 3
     function.restype = ctypes.c_int
     return function
 
@@ -83,7 +83,7 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """q: [B, H, D] (rows may be strided); caches: [blocks, block_size, Hkv, D];
+    """q: [B, H, D] (rows may be strided); caches: [blocks, block_size, Hkv, D] of q's dtype or an 8-bit float;
     block_tables: [B, width] int64; context_lens: [B] int64, each >= 1. Returns [B, H, D].
 
     Every call goes through the op ``hawker::paged_decode_attention`` (one
@@ -104,7 +104,7 @@ def _run(
     kernel = _kernel(q.shape[1] // k_cache.shape[2], q.shape[2])
     if kernel is None:
         raise RuntimeError("the paged decode attention kernel is not built; check available() first")
-    q = attention_inputs(q, k_cache, v_cache)
+    q, cache_dtype = attention_inputs(q, k_cache, v_cache)
     tables, lens = int64_arrays(block_tables, context_lens)
     seqs, heads, dim = q.shape
     out = torch.empty((seqs, heads, dim), dtype=q.dtype)
@@ -124,6 +124,7 @@ def _run(
         k_cache.shape[1],
         scale,
         DTYPE_CODES[q.dtype],
+        cache_dtype,
         torch.get_num_threads(),
     )
     if status != 0:

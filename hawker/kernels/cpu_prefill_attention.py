@@ -28,7 +28,7 @@ def _kernel() -> ctypes._CFuncPtr | None:
         return None
     function = library.hawker_paged_prefill_attention
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    function.argtypes = [pointer] * 8 + [i64] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    function.argtypes = [pointer] * 8 + [i64] * 7 + [ctypes.c_float] + [ctypes.c_int] * 3
     function.restype = ctypes.c_int
     return function
 
@@ -48,7 +48,8 @@ def paged_prefill_attention(
     chunk_starts: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """q: [T, H, D] (tokens may be strided); caches: [blocks, block_size, Hkv, D]; chunk c's queries are rows
+    """q: [T, H, D] (tokens may be strided); caches: [blocks, block_size, Hkv, D] of q's dtype or an 8-bit
+    float; chunk c's queries are rows
     ``chunk_rows[c]`` .. + ``chunk_lens[c]`` of q at positions ``chunk_starts[c]`` onwards, attending causally
     to their sequence's keys through ``block_tables[c]`` (the chunk's own keys already in the cache).
     Returns [T, H, D]; rows of q in no chunk are zero. Compiled graphs call it through the op
@@ -72,7 +73,7 @@ def _run(
     kernel = _kernel()
     if kernel is None:
         raise RuntimeError("the paged prefill attention kernel is not built; check available() first")
-    q = attention_inputs(q, k_cache, v_cache)
+    q, cache_dtype = attention_inputs(q, k_cache, v_cache)
     tables, rows, lens, starts = int64_arrays(block_tables, chunk_rows, chunk_lens, chunk_starts)
     tokens, heads, dim = q.shape
     out = torch.zeros((tokens, heads, dim), dtype=q.dtype)
@@ -94,6 +95,7 @@ def _run(
         k_cache.shape[1],
         scale,
         DTYPE_CODES[q.dtype],
+        cache_dtype,
         torch.get_num_threads(),
     )
     if status != 0:

@@ -168,18 +168,27 @@ def _cxx_compiler() -> str | None:
 
 # How the attention kernels' dtype argument names a dtype (csrc/attention_common.h).
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# The 8-bit floats a KV cache may hold instead of the queries' dtype (``kv_cache_dtype``).
+FLOAT8_CACHE_CODES = {torch.float8_e4m3fn: 3, torch.float8_e5m2: 4}
 
 
-def attention_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+def attention_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``q`` as the attention kernels read it: [tokens, heads, dim] with heads and dims dense (tokens may be
-    strided); raises unless the caches are contiguous and of q's dtype."""
+    strided), and the cache's dtype code; raises unless the caches are contiguous and of q's dtype or an
+    8-bit float."""
     if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
         q = q.contiguous()
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("the KV cache must be contiguous")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"queries are {q.dtype} but the cache is {k_cache.dtype}")
-    return q
+    return q, cache_dtype_code(q.dtype, k_cache, v_cache)
+
+
+def cache_dtype_code(q_dtype: torch.dtype, k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
+    """The kernels' code for the caches' dtype: the queries' own, or an 8-bit float."""
+    dtype = k_cache.dtype
+    if v_cache.dtype != dtype or (dtype != q_dtype and dtype not in FLOAT8_CACHE_CODES):
+        raise ValueError(f"queries are {q_dtype} but the cache is {dtype} / {v_cache.dtype}")
+    return FLOAT8_CACHE_CODES.get(dtype, DTYPE_CODES[q_dtype])
 
 
 def define_op(name: str, schema: str, fake: Callable[..., Any]) -> None:

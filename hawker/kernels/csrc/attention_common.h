@@ -1,6 +1,7 @@
 /*
  * What the CPU attention kernels share: dtype codes (as the Python wrappers in hawker/kernels pass
- * them), bfloat16 conversions that round as torch does, and a vectorisable exp.
+ * them), bfloat16 conversions that round as torch does, 8-bit float cache elements widened exactly,
+ * and a vectorisable exp.
  */
 #ifndef HAWKER_ATTENTION_COMMON_H
 #define HAWKER_ATTENTION_COMMON_H
@@ -10,7 +11,31 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1, DTYPE_FLOAT16 = 2 };
+/* The 8-bit floats are KV cache elements only (kv_cache_dtype "fp8_e4m3", "fp8_e5m2"), never queries. */
+enum { DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1, DTYPE_FLOAT16 = 2, DTYPE_FLOAT8_E4M3 = 3, DTYPE_FLOAT8_E5M2 = 4 };
+
+static inline int is_float8(int dtype) { return dtype == DTYPE_FLOAT8_E4M3 || dtype == DTYPE_FLOAT8_E5M2; }
+
+/*
+ * An 8-bit float's bits as a float16's. e5m2 is float16's top byte. e4m3's exponent and mantissa,
+ * moved into float16's places, read as its value times 2^-8 (the biases differ by 8), subnormals
+ * included; FLOAT8_E4M3_FACTOR undoes that. Exact either way (float16 holds every such value).
+ */
+#define FLOAT8_E4M3_FACTOR 256.0f
+
+static inline size_t element_size(int dtype) { return dtype == DTYPE_FLOAT32 ? 4 : is_float8(dtype) ? 1 : 2; }
+
+static inline uint16_t float8_half_bits(uint8_t byte, int dtype) {
+    if (dtype == DTYPE_FLOAT8_E5M2) return (uint16_t)((uint16_t)byte << 8);
+    return (uint16_t)(((uint16_t)(byte & 0x80u) << 8) | ((uint16_t)(byte & 0x7fu) << 7));
+}
+
+static inline float float8_to_float(uint8_t byte, int dtype) {
+    const uint16_t bits = float8_half_bits(byte, dtype);
+    _Float16 half;
+    memcpy(&half, &bits, sizeof half);
+    return dtype == DTYPE_FLOAT8_E5M2 ? (float)half : (float)half * FLOAT8_E4M3_FACTOR;
+}
 
 static inline float bf16_to_float(uint16_t half) {
     uint32_t bits = (uint32_t)half << 16;
@@ -35,9 +60,24 @@ static inline void load_row(const void *src, int dtype, int64_t dim, float *rest
     } else if (dtype == DTYPE_FLOAT16) {
         const _Float16 *row = (const _Float16 *)src;
         for (int64_t d = 0; d < dim; ++d) dst[d] = (float)row[d];
+    } else if (is_float8(dtype)) {
+        const uint8_t *row = (const uint8_t *)src;
+        for (int64_t d = 0; d < dim; ++d) dst[d] = float8_to_float(row[d], dtype);
     } else {
         memcpy(dst, src, (size_t)dim * sizeof(float));
     }
+}
+
+/* Row of `dim` cache elements of `dtype` as bfloat16 bits: the same bits for bfloat16, exact for the
+ * 8-bit floats (their values all fit), rounded from float16 and float32. */
+static inline void load_row_bf16(const void *src, int dtype, int64_t dim, uint16_t *restrict dst) {
+    if (dtype == DTYPE_BFLOAT16) {
+        memcpy(dst, src, (size_t)dim * sizeof(uint16_t));
+        return;
+    }
+    float row[dim];
+    load_row(src, dtype, dim, row);
+    for (int64_t d = 0; d < dim; ++d) dst[d] = float_to_bf16(row[d]);
 }
 
 static inline void store_row(void *dst, int dtype, int64_t dim, const float *restrict src, float factor) {
@@ -73,8 +113,6 @@ static inline float exp_nonpositive(float x) {
     memcpy(&scale, &bits, sizeof scale);
     return y * scale;
 }
-
-static inline size_t element_size(int dtype) { return dtype == DTYPE_FLOAT32 ? 4 : 2; }
 
 #if defined(__AVX512F__)
 #include <immintrin.h>

@@ -6,6 +6,9 @@
  * table, for all the query heads that share the KV head (grouped-query
  * attention), so no padded copy of the context is ever made.
  *
+ * The cache may hold 8-bit floats instead of the queries' dtype (kv_cache_dtype): their rows
+ * are widened exactly as they are read (to bfloat16 for the bfloat16-pairs loops).
+ *
  * Numerics: float32 accumulation; scores, softmax and the weighted sum of
  * values are computed in a fixed order that depends only on the sequence's
  * own context length, so a sequence's output is the same whatever else is in
@@ -36,7 +39,8 @@ typedef struct {
     int64_t head_dim;
     int64_t block_size;
     float scale;
-    int dtype;
+    int dtype;       /* of the queries and the output */
+    int cache_dtype; /* of the keys and values: the queries' or an 8-bit float */
 } DecodeArgs;
 
 /* Scratch of one thread: queries, accumulators, cache rows, and the scores. */
@@ -45,6 +49,7 @@ typedef struct {
     float *acc;     /* [group, dim] */
     float *rows;    /* [dim]: a cache row widened to float (portable path) */
     float *scores;  /* [group, max_len] */
+    uint16_t *widened; /* [16, dim]: a block of 8-bit cache rows as bfloat16 (pairs path) */
 } Scratch;
 
 
@@ -60,7 +65,7 @@ typedef struct {
 } RowCursor;
 
 static inline RowCursor row_cursor(const DecodeArgs *a, const char *cache, const int64_t *table, int64_t kv_head) {
-    const size_t elem = element_size(a->dtype);
+    const size_t elem = element_size(a->cache_dtype);
     const size_t row_bytes = (size_t)(a->num_kv_heads * a->head_dim) * elem;
     RowCursor cursor = {cache + (size_t)(kv_head * a->head_dim) * elem, table, row_bytes,
                         row_bytes * (size_t)a->block_size, a->block_size, 0, 0};
@@ -81,7 +86,21 @@ static inline const char *next_row(RowCursor *cursor) {
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
+/* The float16 bits of 16 or 32 8-bit floats (float8_half_bits, 16 lanes at a time). */
+static inline __m256i half_bits16(__m256i bytes, int dtype) {
+    if (dtype == DTYPE_FLOAT8_E5M2) return _mm256_slli_epi16(bytes, 8);
+    return _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(bytes, _mm256_set1_epi16(0x80)), 8),
+                           _mm256_slli_epi16(_mm256_and_si256(bytes, _mm256_set1_epi16(0x7f)), 7));
+}
+
+static inline __m512 float8_values16(__m256i half_bits, int dtype) {
+    const __m512 values = _mm512_cvtph_ps(half_bits);
+    return dtype == DTYPE_FLOAT8_E5M2 ? values : _mm512_mul_ps(values, _mm512_set1_ps(FLOAT8_E4M3_FACTOR));
+}
+
 static inline __m512 load16(const char *src, int dtype) {
+    if (is_float8(dtype))
+        return float8_values16(half_bits16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)src)), dtype), dtype);
     if (dtype == DTYPE_BFLOAT16) {
         __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src));
         return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
@@ -90,8 +109,14 @@ static inline __m512 load16(const char *src, int dtype) {
     return _mm512_loadu_ps((const float *)src);
 }
 
-/* Rows come from scattered blocks: fetch the row this many positions ahead while this one is used. */
+/* Rows come from scattered blocks: fetch the row this many positions ahead while this one is used.
+ * Both settable with -D for experiments (benchmarks/NOTES.md: 16 rows into L1 is as good as any). */
+#ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 16
+#endif
+#ifndef PREFETCH_HINT
+#define PREFETCH_HINT _MM_HINT_T0
+#endif
 
 static inline RowCursor cursor_ahead(RowCursor cursor, int64_t steps) {
     for (int64_t i = 0; i < steps; ++i) (void)next_row(&cursor);
@@ -99,9 +124,9 @@ static inline RowCursor cursor_ahead(RowCursor cursor, int64_t steps) {
 }
 
 static inline void prefetch_next(RowCursor *ahead, int64_t t, int64_t len, size_t bytes) {
-    if (t + PREFETCH_AHEAD >= len) return;
+    if (PREFETCH_AHEAD == 0 || t + PREFETCH_AHEAD >= len) return;
     const char *row = next_row(ahead);
-    for (size_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(row + offset, _MM_HINT_T0);
+    for (size_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(row + offset, PREFETCH_HINT);
 }
 
 /* The shape this build specialises (accumulators in registers) when it has a vector loop. */
@@ -125,7 +150,7 @@ static inline __attribute__((always_inline)) void key_scores_fixed(const DecodeA
                                                                    const int64_t *table, int64_t len,
                                                                    int64_t kv_head, const int GROUP,
                                                                    const int CHUNKS) {
-    const size_t chunk_bytes = 16 * element_size(a->dtype);
+    const size_t chunk_bytes = 16 * element_size(a->cache_dtype);
     __m512 query[MAX_GROUP][8];
     for (int g = 0; g < GROUP; ++g)
         for (int c = 0; c < CHUNKS; ++c) query[g][c] = _mm512_loadu_ps(s->queries + g * CHUNKS * 16 + c * 16);
@@ -135,7 +160,7 @@ static inline __attribute__((always_inline)) void key_scores_fixed(const DecodeA
         prefetch_next(&ahead, t, len, CHUNKS * chunk_bytes);
         const char *src = next_row(&keys);
         __m512 key[8];
-        for (int c = 0; c < CHUNKS; ++c) key[c] = load16(src + c * chunk_bytes, a->dtype);
+        for (int c = 0; c < CHUNKS; ++c) key[c] = load16(src + c * chunk_bytes, a->cache_dtype);
         for (int g = 0; g < GROUP; ++g) {
             __m512 acc = _mm512_mul_ps(query[g][0], key[0]);
             for (int c = 1; c < CHUNKS; ++c) acc = _mm512_fmadd_ps(query[g][c], key[c], acc);
@@ -149,7 +174,7 @@ static inline __attribute__((always_inline)) void weighted_values_fixed(const De
                                                                         const int64_t *table, int64_t len,
                                                                         int64_t kv_head, const int GROUP,
                                                                         const int CHUNKS) {
-    const size_t chunk_bytes = 16 * element_size(a->dtype);
+    const size_t chunk_bytes = 16 * element_size(a->cache_dtype);
     __m512 acc[MAX_GROUP][8];
     for (int g = 0; g < GROUP; ++g)
         for (int c = 0; c < CHUNKS; ++c) acc[g][c] = _mm512_setzero_ps();
@@ -159,7 +184,7 @@ static inline __attribute__((always_inline)) void weighted_values_fixed(const De
         prefetch_next(&ahead, t, len, CHUNKS * chunk_bytes);
         const char *src = next_row(&values);
         __m512 value[8];
-        for (int c = 0; c < CHUNKS; ++c) value[c] = load16(src + c * chunk_bytes, a->dtype);
+        for (int c = 0; c < CHUNKS; ++c) value[c] = load16(src + c * chunk_bytes, a->cache_dtype);
         for (int g = 0; g < GROUP; ++g) {
             const __m512 weight = _mm512_set1_ps(s->scores[g * len + t]);
             for (int c = 0; c < CHUNKS; ++c) acc[g][c] = _mm512_fmadd_ps(weight, value[c], acc[g][c]);
@@ -193,14 +218,29 @@ static inline __m512 transpose_add16(const __m512 a[16]) {
                          _mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-/* The rows of the block of (up to) 16 positions from `first`, fetching `bytes` of the rows ahead;
- * returns how many there are. */
-static inline int64_t next_block(RowCursor *cursor, RowCursor *ahead, int64_t first, int64_t len, size_t bytes,
-                                 const char *rows[16]) {
+/* 32 8-bit floats as bfloat16 (exact: every such value fits). */
+static inline __m512i widen32_float8(const char *src, int dtype) {
+    const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)src));
+    const __m512 low = float8_values16(half_bits16(_mm512_castsi512_si256(bytes), dtype), dtype);
+    const __m512 high = float8_values16(half_bits16(_mm512_extracti64x4_epi64(bytes, 1), dtype), dtype);
+    return (__m512i)_mm512_cvtne2ps_pbh(high, low);
+}
+
+/* The rows of the block of (up to) 16 positions from `first`, fetching the rows ahead, as bfloat16:
+ * in place for a bfloat16 cache, widened into the thread's scratch for an 8-bit one; returns how many. */
+static inline int64_t next_block(const DecodeArgs *a, const Scratch *s, RowCursor *cursor, RowCursor *ahead,
+                                 int64_t first, int64_t len, const char *rows[16]) {
+    const size_t bytes = (size_t)a->head_dim * element_size(a->cache_dtype);
     const int64_t count = len - first < 16 ? len - first : 16;
     for (int64_t j = 0; j < count; ++j) {
         rows[j] = next_row(cursor);
         prefetch_next(ahead, first + j, len, bytes);
+        if (is_float8(a->cache_dtype)) {
+            uint16_t *wide = s->widened + j * a->head_dim;
+            for (int64_t d = 0; d < a->head_dim; d += 32)
+                _mm512_storeu_si512(wide + d, widen32_float8(rows[j] + d, a->cache_dtype));
+            rows[j] = (const char *)wide;
+        }
     }
     return count;
 }
@@ -215,7 +255,7 @@ static inline __attribute__((always_inline)) void key_scores_pairs_fixed(const D
     RowCursor ahead = cursor_ahead(keys, len < PREFETCH_AHEAD ? len : PREFETCH_AHEAD);
     for (int64_t first = 0; first < len; first += 16) {
         const char *rows[16];
-        const int64_t count = next_block(&keys, &ahead, first, len, CHUNKS * 64, rows);
+        const int64_t count = next_block(a, s, &keys, &ahead, first, len, rows);
         for (int g = 0; g < GROUP; ++g) {
             __m512bh query[4];
             for (int c = 0; c < CHUNKS; ++c)
@@ -246,7 +286,7 @@ static inline __attribute__((always_inline)) void weighted_values_pairs_fixed(co
     RowCursor ahead = cursor_ahead(values, len < PREFETCH_AHEAD ? len : PREFETCH_AHEAD);
     for (int64_t first = 0; first < len; first += 16) {
         const char *rows[16];
-        const int64_t count = next_block(&values, &ahead, first, len, CHUNKS * 64, rows);
+        const int64_t count = next_block(a, s, &values, &ahead, first, len, rows);
         uint32_t weights[MAX_GROUP][8]; /* the 16 weights of each head as 8 bfloat16 pairs */
         for (int g = 0; g < GROUP; ++g) {
             const __m512 block = _mm512_maskz_loadu_ps((__mmask16)((1u << count) - 1), s->scores + g * len + first);
@@ -339,7 +379,7 @@ static void key_scores_portable(const DecodeArgs *a, const Scratch *s, const int
     const int64_t dim = a->head_dim;
     RowCursor keys = row_cursor(a, a->k_cache, table, kv_head);
     for (int64_t t = 0; t < len; ++t) {
-        load_row(next_row(&keys), a->dtype, dim, s->rows);
+        load_row(next_row(&keys), a->cache_dtype, dim, s->rows);
         for (int64_t g = 0; g < group; ++g) {
             const float *query = s->queries + g * dim;
             float dot = 0.0f;
@@ -356,7 +396,7 @@ static void weighted_values_portable(const DecodeArgs *a, const Scratch *s, cons
     memset(s->acc, 0, (size_t)(group * dim) * sizeof(float));
     RowCursor values = row_cursor(a, a->v_cache, table, kv_head);
     for (int64_t t = 0; t < len; ++t) {
-        load_row(next_row(&values), a->dtype, dim, s->rows);
+        load_row(next_row(&values), a->cache_dtype, dim, s->rows);
         for (int64_t g = 0; g < group; ++g) {
             const float weight = s->scores[g * len + t];
             float *acc = s->acc + g * dim;
@@ -383,7 +423,8 @@ static void attend_one(const DecodeArgs *a, const Scratch *s, int64_t seq, int64
     const int64_t first_head = kv_head * group;
     float sums[group];
 #if PAIRS_PATH
-    if (a->dtype == DTYPE_BFLOAT16 && vector_path(dim, group)) {
+    if (a->dtype == DTYPE_BFLOAT16 && (a->cache_dtype == DTYPE_BFLOAT16 || is_float8(a->cache_dtype)) &&
+        vector_path(dim, group)) {
         const uint16_t *queries = (const uint16_t *)a->q + seq * a->q_row_stride + first_head * dim;
         key_scores_pairs(a, s, table, len, kv_head, queries);
         softmax_weights(s->scores, len, group, sums);
@@ -412,7 +453,7 @@ static void attend_one(const DecodeArgs *a, const Scratch *s, int64_t seq, int64
 
 /*
  * q: queries, sequence `i` head `h` at q[i * q_row_stride + h * head_dim];
- * k_cache, v_cache: [blocks, block_size, num_kv_heads, head_dim];
+ * k_cache, v_cache: [blocks, block_size, num_kv_heads, head_dim] of cache_dtype (dtype or an 8-bit float);
  * out: [num_seqs, num_heads, head_dim], contiguous;
  * block_tables: [num_seqs, table_stride]; context_lens: [num_seqs], each >= 1.
  * Returns 0, or -1 if scratch memory could not be allocated.
@@ -421,9 +462,10 @@ int hawker_paged_decode_attention(const void *q, const void *k_cache, const void
                                   const int64_t *block_tables, const int64_t *context_lens, int64_t num_seqs,
                                   int64_t table_stride, int64_t q_row_stride, int64_t num_heads,
                                   int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, int dtype,
-                                  int num_threads) {
+                                  int cache_dtype, int num_threads) {
     const DecodeArgs args = {q,         k_cache,      v_cache,      out,      block_tables, context_lens, table_stride,
-                             q_row_stride, num_heads, num_kv_heads, head_dim, block_size,   scale,        dtype};
+                             q_row_stride, num_heads, num_kv_heads, head_dim, block_size,   scale,        dtype,
+                             cache_dtype};
     int64_t max_len = 1;
     for (int64_t i = 0; i < num_seqs; ++i) max_len = context_lens[i] > max_len ? context_lens[i] : max_len;
     const int64_t group = num_heads / num_kv_heads;
@@ -432,9 +474,11 @@ int hawker_paged_decode_attention(const void *q, const void *k_cache, const void
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
         const int64_t rows = head_dim;
-        float *memory = malloc((size_t)(2 * group * head_dim + rows + group * max_len) * sizeof(float));
-        const Scratch scratch = {memory, memory + group * head_dim, memory + 2 * group * head_dim,
-                                 memory + 2 * group * head_dim + rows};
+        /* widened: 16 rows of bfloat16, i.e. 8 rows' worth of floats */
+        float *memory = malloc((size_t)(2 * group * head_dim + rows + group * max_len + 8 * head_dim) * sizeof(float));
+        float *scores = memory + 2 * group * head_dim + rows;
+        const Scratch scratch = {memory, memory + group * head_dim, memory + 2 * group * head_dim, scores,
+                                 (uint16_t *)(scores + group * max_len)};
         /* Every thread must reach the work-sharing loop, so a failed allocation only marks its items. */
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < items; ++item) {

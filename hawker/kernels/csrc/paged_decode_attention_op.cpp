@@ -26,7 +26,8 @@ namespace {
 using DecodeKernel = int (*)(const void *q, const void *k_cache, const void *v_cache, void *out,
                              const int64_t *block_tables, const int64_t *context_lens, int64_t num_seqs,
                              int64_t table_stride, int64_t q_row_stride, int64_t num_heads, int64_t num_kv_heads,
-                             int64_t head_dim, int64_t block_size, float scale, int dtype, int num_threads);
+                             int64_t head_dim, int64_t block_size, float scale, int dtype, int cache_dtype,
+                             int num_threads);
 
 // The builds Python has registered, by (query heads per KV head, head size).
 class KernelRegistry {
@@ -61,14 +62,22 @@ int dtype_code(at::ScalarType dtype) {
     }
 }
 
+// The cache's code: the queries' dtype, or an 8-bit float (kv_cache_dtype).
+int cache_dtype_code(at::ScalarType cache, at::ScalarType queries) {
+    if (cache == at::kFloat8_e4m3fn) return 3;
+    if (cache == at::kFloat8_e5m2) return 4;
+    TORCH_CHECK_VALUE(cache == queries, "queries are ", queries, " but the cache is ", cache);
+    return dtype_code(queries);
+}
+
 at::Tensor paged_decode_attention(const at::Tensor &q, const at::Tensor &k_cache, const at::Tensor &v_cache,
                                   const at::Tensor &block_tables, const at::Tensor &context_lens, double scale) {
     TORCH_CHECK_VALUE(q.dim() == 3, "queries must be [sequences, heads, dims], got ", q.sizes());
     TORCH_CHECK_VALUE(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
                       "caches must be [blocks, block_size, kv_heads, dims] of one shape");
     TORCH_CHECK_VALUE(k_cache.is_contiguous() && v_cache.is_contiguous(), "the KV cache must be contiguous");
-    TORCH_CHECK_VALUE(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
-                      "queries are ", q.scalar_type(), " but the cache is ", k_cache.scalar_type());
+    TORCH_CHECK_VALUE(v_cache.scalar_type() == k_cache.scalar_type(), "the key and value caches differ in dtype");
+    const int cache_dtype = cache_dtype_code(k_cache.scalar_type(), q.scalar_type());
     const int64_t seqs = q.size(0), heads = q.size(1), dim = q.size(2), kv_heads = k_cache.size(2);
     TORCH_CHECK_VALUE(k_cache.size(3) == dim && heads % kv_heads == 0, "queries ", q.sizes(),
                       " do not match the cache ", k_cache.sizes());
@@ -87,7 +96,7 @@ at::Tensor paged_decode_attention(const at::Tensor &q, const at::Tensor &k_cache
     const int status =
         kernel(rows.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), tables.data_ptr<int64_t>(),
                lens.data_ptr<int64_t>(), seqs, tables.size(1), rows.stride(0), heads, kv_heads, dim, k_cache.size(1),
-               static_cast<float>(scale), dtype_code(q.scalar_type()), at::get_num_threads());
+               static_cast<float>(scale), dtype_code(q.scalar_type()), cache_dtype, at::get_num_threads());
     TORCH_CHECK(status == 0, "paged decode attention could not allocate its scratch memory");
     return out;
 }

@@ -8,7 +8,8 @@
  * layout the dot products stream through (16 keys to a vector); then work
  * items, a tile of TILE_QUERIES queries of a chunk with the query heads that
  * share a KV head, compute every score (pass 1), the softmax (pass 2) and the
- * weighted sum of values (pass 3).
+ * weighted sum of values (pass 3). A cache of 8-bit floats (kv_cache_dtype) is
+ * widened exactly as it is packed.
  *
  * Numerics: every query row is computed on its own, in an order that depends
  * only on its position: keys in blocks of 16 from position 0, the softmax over
@@ -49,8 +50,9 @@ typedef struct {
     int64_t head_dim;
     int64_t block_size;
     float scale;
-    int dtype;
-    int pairs; /* the bfloat16-pairs path (else float32) */
+    int dtype;       /* of the queries and the output */
+    int cache_dtype; /* of the keys and values: the queries' or an 8-bit float */
+    int pairs;       /* the bfloat16-pairs path (else float32) */
 } PrefillArgs;
 
 typedef struct {
@@ -77,9 +79,20 @@ static inline int64_t round_up(int64_t value, int64_t multiple) { return (value 
 /* The cache row of `position` of this chunk's sequence, for `kv_head`. */
 static inline const char *cache_row(const PrefillArgs *a, const char *cache, const int64_t *table, int64_t kv_head,
                                     int64_t position) {
-    const size_t elem = element_size(a->dtype);
+    const size_t elem = element_size(a->cache_dtype);
     const int64_t block = table[position / a->block_size], offset = position % a->block_size;
     return cache + (size_t)(((block * a->block_size + offset) * a->num_kv_heads + kv_head) * a->head_dim) * elem;
+}
+
+/* That row as bfloat16: in place for a bfloat16 cache, else widened into `wide` (exact for 8-bit floats);
+ * NULL past `count` positions. */
+static inline const uint16_t *cache_row_bf16(const PrefillArgs *a, const char *cache, const int64_t *table,
+                                             int64_t kv_head, int64_t position, int64_t count, uint16_t *wide) {
+    if (position >= count) return NULL;
+    const char *row = cache_row(a, cache, table, kv_head, position);
+    if (a->cache_dtype == DTYPE_BFLOAT16) return (const uint16_t *)row;
+    load_row_bf16(row, a->cache_dtype, a->head_dim, wide);
+    return wide;
 }
 
 /* ---------------------------------------------------------------- packing */
@@ -91,12 +104,13 @@ static void pack_block(const PrefillArgs *a, const Packed *packed, const int64_t
     if (a->pairs) {
         uint32_t *keys = (uint32_t *)packed->keys + first * (dim / 2);
         uint32_t *values = (uint32_t *)packed->values + first / 2 * dim;
+        uint16_t wide[4][dim];
         for (int64_t j = 0; j < KEYS; j += 2) {
             const int64_t t = first + j;
-            const uint16_t *k0 = t < count ? (const uint16_t *)cache_row(a, a->k_cache, table, kv_head, t) : NULL;
-            const uint16_t *k1 = t + 1 < count ? (const uint16_t *)cache_row(a, a->k_cache, table, kv_head, t + 1) : NULL;
-            const uint16_t *v0 = t < count ? (const uint16_t *)cache_row(a, a->v_cache, table, kv_head, t) : NULL;
-            const uint16_t *v1 = t + 1 < count ? (const uint16_t *)cache_row(a, a->v_cache, table, kv_head, t + 1) : NULL;
+            const uint16_t *k0 = cache_row_bf16(a, a->k_cache, table, kv_head, t, count, wide[0]);
+            const uint16_t *k1 = cache_row_bf16(a, a->k_cache, table, kv_head, t + 1, count, wide[1]);
+            const uint16_t *v0 = cache_row_bf16(a, a->v_cache, table, kv_head, t, count, wide[2]);
+            const uint16_t *v1 = cache_row_bf16(a, a->v_cache, table, kv_head, t + 1, count, wide[3]);
             for (int64_t p = 0; p < dim / 2; ++p) {
                 keys[p * KEYS + j] = k0 ? (uint32_t)k0[2 * p] | (uint32_t)k0[2 * p + 1] << 16 : 0;
                 keys[p * KEYS + j + 1] = k1 ? (uint32_t)k1[2 * p] | (uint32_t)k1[2 * p + 1] << 16 : 0;
@@ -111,8 +125,8 @@ static void pack_block(const PrefillArgs *a, const Packed *packed, const int64_t
     for (int64_t j = 0; j < KEYS; ++j) {
         const int64_t t = first + j;
         if (t < count) {
-            load_row(cache_row(a, a->k_cache, table, kv_head, t), a->dtype, dim, row);
-            load_row(cache_row(a, a->v_cache, table, kv_head, t), a->dtype, dim, values + j * dim);
+            load_row(cache_row(a, a->k_cache, table, kv_head, t), a->cache_dtype, dim, row);
+            load_row(cache_row(a, a->v_cache, table, kv_head, t), a->cache_dtype, dim, values + j * dim);
         } else {
             memset(row, 0, sizeof row);
             memset(values + j * dim, 0, sizeof row);
@@ -288,14 +302,15 @@ static void attend_tile(const PrefillArgs *a, const Scratch *s, const Packed *pa
 }
 
 /* Whether the bfloat16-pairs path serves this call (else float32 everywhere). */
-static int use_pairs(int dtype, int64_t head_dim) {
-    return HAVE_BF16_PAIRS && dtype == DTYPE_BFLOAT16 && (head_dim == 64 || head_dim == 128);
+static int use_pairs(int dtype, int cache_dtype, int64_t head_dim) {
+    return HAVE_BF16_PAIRS && dtype == DTYPE_BFLOAT16 && (cache_dtype == DTYPE_BFLOAT16 || is_float8(cache_dtype)) &&
+           (head_dim == 64 || head_dim == 128);
 }
 
 /*
  * q: [tokens, num_heads, head_dim] with tokens q_row_stride elements apart;
  * out: [tokens, num_heads, head_dim], contiguous; k_cache, v_cache: [blocks,
- * block_size, num_kv_heads, head_dim]; chunk c's queries are rows
+ * block_size, num_kv_heads, head_dim] of cache_dtype (dtype or an 8-bit float); chunk c's queries are rows
  * chunk_rows[c] .. + chunk_lens[c] at positions chunk_starts[c] onwards, its
  * table block_tables[c]. Returns 0, or -1 if scratch memory was short.
  */
@@ -303,11 +318,11 @@ int hawker_paged_prefill_attention(const void *q, const void *k_cache, const voi
                                    const int64_t *block_tables, const int64_t *chunk_rows, const int64_t *chunk_lens,
                                    const int64_t *chunk_starts, int64_t num_chunks, int64_t table_stride,
                                    int64_t q_row_stride, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                                   int64_t block_size, float scale, int dtype, int num_threads) {
+                                   int64_t block_size, float scale, int dtype, int cache_dtype, int num_threads) {
     const PrefillArgs args = {q,          k_cache,      v_cache,      out,          block_tables,
                               chunk_rows, chunk_lens,   chunk_starts, table_stride, q_row_stride,
                               num_heads,  num_kv_heads, head_dim,     block_size,   scale,
-                              dtype,      use_pairs(dtype, head_dim)};
+                              dtype,      cache_dtype,  use_pairs(dtype, cache_dtype, head_dim)};
     const int64_t dim = head_dim, group = num_heads / num_kv_heads;
     const size_t packed_elem = args.pairs ? 2 : 4; /* bytes a packed element takes */
     /* Each (chunk, KV head)'s packed keys start at first_key[c] * num_kv_heads + h * padded(c) positions. */
