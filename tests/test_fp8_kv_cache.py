@@ -17,8 +17,14 @@ from hawker.kernels import cpu_decode_attention, cpu_prefill_attention
 from hawker.kernels.cpu_decode_attention import paged_decode_attention
 from hawker.kernels.cpu_prefill_attention import paged_prefill_attention
 from tests.paged_caches import scattered_caches
-from tests.test_parity import Reference, assert_parity, assert_pool_full, make_prompts, run_hawker
-from tests.tiny_models import load_reference
+from tests.test_parity import (
+    Reference,
+    assert_parity,
+    assert_pool_full,
+    make_prompts,
+    reference_generate,
+    run_hawker,
+)
 
 FLOAT8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 needs_kernels = pytest.mark.skipif(
@@ -88,24 +94,7 @@ class _RoundingCache(transformers.DynamicCache):
 
 
 def rounding_reference(directory: Path, prompts: list[list[int]], dtype: torch.dtype, new_tokens: int) -> Reference:
-    model = load_reference(directory)
-    tokens, logits = [], []
-    with torch.no_grad():
-        for prompt in prompts:
-            out = model.generate(
-                torch.tensor([prompt]),
-                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                cache=_RoundingCache(dtype, config=model.config),
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                output_logits=True,
-                return_dict_in_generate=True,
-                pad_token_id=0,
-            )
-            tokens.append(out.sequences[0, len(prompt) :].tolist())
-            logits.append(torch.cat(out.logits, dim=0).float())
-    return Reference(prompts, tokens, logits)
+    return reference_generate(directory, prompts, new_tokens, lambda config: _RoundingCache(dtype, config=config))
 
 
 NEW_TOKENS = 16

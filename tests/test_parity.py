@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from hawker import LLM, SamplingParams
 from hawker.engine import model_runner
@@ -36,14 +38,23 @@ def make_prompts(seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(3, VOCAB_SIZE) for _ in range(n)] for n in PROMPT_LENGTHS]
 
 
-def reference_generate(directory: Path, prompts: list[list[int]], new_tokens: int = NUM_NEW_TOKENS) -> Reference:
+def reference_generate(
+    directory: Path,
+    prompts: list[list[int]],
+    new_tokens: int = NUM_NEW_TOKENS,
+    make_cache: Callable[[transformers.PreTrainedConfig], transformers.Cache] | None = None,
+) -> Reference:
+    """transformers' greedy continuation of each prompt, with its logits; ``make_cache`` builds a KV cache
+    of another kind for each prompt (default: transformers' own)."""
     model = load_reference(directory)
     tokens, logits = [], []
     with torch.no_grad():
         for prompt in prompts:
+            cache = {} if make_cache is None else {"cache": make_cache(model.config)}
             out = model.generate(
                 torch.tensor([prompt]),
                 attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                **cache,
                 max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens,
                 do_sample=False,

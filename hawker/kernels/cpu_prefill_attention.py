@@ -49,9 +49,9 @@ def paged_prefill_attention(
     scale: float,
 ) -> torch.Tensor:
     """q: [T, H, D] (tokens may be strided); caches: [blocks, block_size, Hkv, D] of q's dtype or an 8-bit
-    float; chunk c's queries are rows
-    ``chunk_rows[c]`` .. + ``chunk_lens[c]`` of q at positions ``chunk_starts[c]`` onwards, attending causally
-    to their sequence's keys through ``block_tables[c]`` (the chunk's own keys already in the cache).
+    float; chunk c's queries are rows ``chunk_rows[c]`` .. + ``chunk_lens[c]`` of q at positions
+    ``chunk_starts[c]`` onwards, attending causally to their sequence's keys through ``block_tables[c]``
+    (the chunk's own keys already in the cache).
     Returns [T, H, D]; rows of q in no chunk are zero. Compiled graphs call it through the op
     ``hawker::paged_prefill_attention``."""
     args = (q, k_cache, v_cache, block_tables, chunk_rows, chunk_lens, chunk_starts, scale)
