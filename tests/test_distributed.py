@@ -27,12 +27,15 @@ from hawker.layers.parallel import PPInfo, TPInfo
 from tests.server_process import ServerProcess, launch, wait_ready
 from tests.test_parity import assert_parity, make_prompts, reference_generate, run_hawker
 
+NEW_TOKENS = 16
+
 
 @pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2), (2, 2)])
 def test_parallel_layouts_keep_parity(tiny_checkpoints: dict[str, Path], tp: int, pp: int) -> None:
     arch = "qwen3" if tp * pp == 4 else "llama"  # qwen3: q/k norms and an explicit head_dim
     prompts = make_prompts(seed=3)[2:5]
-    reference = reference_generate(tiny_checkpoints[arch], prompts)
+    # 16 new tokens, not the parity tests' 32: each step crosses processes (the suite's slowest tests).
+    reference = reference_generate(tiny_checkpoints[arch], prompts, NEW_TOKENS)
     with LLM(
         str(tiny_checkpoints[arch]),
         dtype="float32",
@@ -41,10 +44,10 @@ def test_parallel_layouts_keep_parity(tiny_checkpoints: dict[str, Path], tp: int
         max_num_batched_tokens=16,
         block_size=4,
     ) as llm:
-        tokens, logits = run_hawker(llm, prompts)
+        tokens, logits = run_hawker(llm, prompts, NEW_TOKENS)
         assert_parity(reference, tokens, logits)
         hits_before = llm.engine.stats().prefix_cache_hits
-        tokens, logits = run_hawker(llm, prompts)  # the prompts' blocks are cached now
+        tokens, logits = run_hawker(llm, prompts, NEW_TOKENS)  # the prompts' blocks are cached now
         assert_parity(reference, tokens, logits)
         assert llm.engine.stats().prefix_cache_hits > hits_before
         llm.engine.kv.check_invariants()
