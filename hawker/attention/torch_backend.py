@@ -28,18 +28,13 @@ def write_kv(
 ) -> None:
     """Write the step's keys and values; rows past ``slots`` are padding (consistent numerics) and are not kept.
 
-    An 8-bit cache takes them rounded (``round_to_cache``: exact when they already are)."""
+    An 8-bit cache takes them rounded (exact when they already are)."""
     real = slots.shape[0]
     for new, cache in ((k[:real], k_cache), (v[:real], v_cache)):
         new = _saturated(new, cache.dtype)
         if cache.element_size() == 1:  # torch's CPU index_copy_ has no 8-bit floats: copy their bytes
             new, cache = new.view(torch.uint8), cache.view(torch.uint8)
         cache.view(-1, *cache.shape[-2:]).index_copy_(0, slots, new)
-
-
-def round_to_cache(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
-    """``x`` as a cache of ``cache_dtype`` keeps it, in x's dtype: itself unless the cache is narrower."""
-    return x if cache_dtype == x.dtype else _saturated(x, cache_dtype).to(x.dtype)
 
 
 def _saturated(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -60,8 +55,10 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, Hkv, D]; caches: [blocks, block_size, Hkv, D] of q's dtype or an 8-bit float."""
-    k, v = round_to_cache(k, k_cache.dtype), round_to_cache(v, v_cache.dtype)
-    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    # Rounded once: the cache takes these as they are, and attention reads them widened back.
+    kept_k, kept_v = _saturated(k, k_cache.dtype), _saturated(v, v_cache.dtype)
+    write_kv(kept_k, kept_v, k_cache, v_cache, meta.slot_mapping)
+    k, v = kept_k.to(k.dtype), kept_v.to(v.dtype)
     if meta.query_contexts is not None:
         return _each_query_alone(q, k_cache, v_cache, meta.query_contexts, scale)
     if not meta.prefills:
