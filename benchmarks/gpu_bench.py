@@ -36,7 +36,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 from hawker import LLM, SamplingParams
 from hawker.bench.throughput import ThroughputResult, run_hawker
 from hawker.bench.workload import WorkItem, WorkloadSpec, make_workload
-from hawker.engine.engine import resolve_device
+from hawker.engine.configure import resolve_device
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

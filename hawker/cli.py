@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -10,245 +11,34 @@ from collections.abc import Sequence
 from typing import Any
 
 from hawker.bench.serve_cli import add_bench_serve_parser
-from hawker.config import KV_CACHE_DTYPES, PLAN_CACHE_MODES
-from hawker.engine.compiled_decode import WARM_UP_MODES
-from hawker.engine.engine import EngineOptions
+from hawker.options import EngineOptions, option_types
 from hawker.server.protocol import DEFAULT_MAX_TOKENS
 
 
 def _add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = False) -> None:
-    defaults = EngineOptions()
-    model_help = "HF directory (config.json + safetensors) or .gguf file; default: SmolLM2-135M-Instruct"
-    if model_positional:
-        parser.add_argument("model", nargs="?", default=None, help=model_help)
-    else:
-        parser.add_argument("--model", default=None, help=model_help)
-    parser.add_argument(
-        "--dtype",
-        default=defaults.dtype,
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights and activations dtype; auto = bfloat16 (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-model-len", type=int, default=None, help="longest prompt + output in tokens (default: the model's)"
-    )
-    parser.add_argument(
-        "--block-size", type=int, default=defaults.block_size, help="tokens per KV block (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--kv-cache-memory-gb",
-        type=float,
-        default=defaults.kv_cache_memory_gb,
-        help="memory budget of the KV cache pool in GiB (default: 2 on CPU; on a GPU what "
-        "--gpu-memory-utilization leaves after the weights and a worst-case step)",
-    )
-    parser.add_argument(
-        "--kv-cache-dtype",
-        default=defaults.kv_cache_dtype,
-        choices=list(KV_CACHE_DTYPES),
-        help="what the KV cache holds: auto = the model's dtype; fp8 (= fp8_e4m3) or fp8_e5m2 halve its bytes, "
-        "rounding keys and values to 8 bits (torch attention backend; default: %(default)s)",
-    )
-    parser.add_argument(
-        "--gpu-memory-utilization",
-        type=float,
-        default=defaults.gpu_memory_utilization,
-        help="fraction of GPU memory for weights, activations and KV cache together (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=defaults.max_num_batched_tokens,
-        help="token budget of one engine step, prefill chunks + decodes (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-num-seqs",
-        type=int,
-        default=defaults.max_num_seqs,
-        help="most sequences running concurrently (default: %(default)s)",
-    )
-    parser.add_argument("--no-prefix-caching", action="store_true", help="turn automatic prefix caching off")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of unseeded sampling (default: 0)")
-    parser.add_argument(
-        "--int4-decode-max-rows",
-        type=int,
-        default=defaults.int4_decode_max_rows,
-        help="steps with at most this many tokens use int4 copies of the layers that are 4-bit in the "
-        "checkpoint (GGUF Q4_1/Q4_0); 0 = off (default: on CPU, wherever the matmul plan measured at "
-        "start-up finds them faster)",
-    )
-    parser.add_argument(
-        "--fp32-matmul-min-rows",
-        type=int,
-        default=defaults.fp32_matmul_min_rows,
-        help="steps with at least this many tokens multiply bfloat16/float16 weights through float32 copies "
-        "(more memory); 0 = off (default: on CPU, wherever the measured plan finds them faster: CPUs "
-        "with neither AVX512-BF16 nor AMX)",
-    )
-    parser.add_argument(
-        "--packed-matmul",
-        action=argparse.BooleanOptionalAction,
-        default=defaults.packed_matmul,
-        help="multiply through oneDNN-prepacked weights (no weight reorder per call; several times faster "
-        "for few rows) (default: on CPU, wherever the measured plan finds them faster)",
-    )
-    parser.add_argument(
-        "--panel-matmul",
-        action=argparse.BooleanOptionalAction,
-        default=defaults.panel_matmul,
-        help="multiply bfloat16 weights by Hawker's C kernel over weights packed in panels (float32 sums, "
-        "half the bytes of a float32 copy) (default: on CPUs with AVX512-BF16, wherever the measured "
-        "plan finds it faster)",
-    )
-    parser.add_argument(
-        "--int8-dot-matmul",
-        action=argparse.BooleanOptionalAction,
-        default=defaults.int8_dot_matmul,
-        help="multiply weights that are 4/8-bit in the checkpoint (GGUF Q4_1, Q8_0) by 8-bit integer dot "
-        "products, activations quantised to 8 bits per group of 32 as llama.cpp does (default: for "
-        "half-precision models on CPUs with AVX512-VNNI, wherever the measured plan finds it faster)",
-    )
-    parser.add_argument(
-        "--matmul-plan-cache",
-        choices=PLAN_CACHE_MODES,
-        default=defaults.matmul_plan_cache,
-        help="reuse: the matmul plan measured before on this machine and software, if any (kept beside the "
-        "native kernels; `hawker prepare` measures it at install time); refresh: measure and keep; off: "
-        "measure at every start, keep nothing (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--device",
-        default=defaults.device,
-        help="torch device to run on, e.g. cpu, cuda, cuda:1 (default: auto = cuda when a GPU is visible, else cpu)",
-    )
-    parser.add_argument(
-        "--attention-backend",
-        choices=("auto", "torch", "triton"),
-        default=defaults.attention_backend,
-        help="paged attention implementation (default: auto = triton on CUDA when installed, else torch)",
-    )
-    parser.add_argument(
-        "--compile-decode-max-rows",
-        type=int,
-        default=defaults.compile_decode_max_rows,
-        help="decode-only steps of at most this many sequences run a torch.compile'd forward, compiled at "
-        "start-up (needs a C++ compiler); 0 = off (default: 16 on CPU, else off)",
-    )
-    parser.add_argument(
-        "--compile-warmup",
-        choices=WARM_UP_MODES,
-        default=defaults.compile_warmup,
-        help="how that forward is compiled (~100 s the first time on a small CPU, ~15 s with inductor's cache "
-        "warm): background = serve at once with eager steps and switch when it is built (/health says "
-        "warming_up until then); blocking = before the first step, as benchmarks want (default: background "
-        "for serve, else blocking)",
-    )
-    parser.add_argument(
-        "--compile-cpp-wrapper",
-        action=argparse.BooleanOptionalAction,
-        default=defaults.compile_cpp_wrapper,
-        help="that forward's calls of its kernels are C++ (inductor's cpp_wrapper), not Python: one stream "
-        "~20%% faster on a small CPU, a longer compile (default: on)",
-    )
-    parser.add_argument(
-        "--tensor-parallel-size",
-        "-tp",
-        type=int,
-        default=defaults.tensor_parallel_size,
-        help="shard each layer over this many processes (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--pipeline-parallel-size",
-        "-pp",
-        type=int,
-        default=defaults.pipeline_parallel_size,
-        help="split the layers into this many pipeline stages, one process group each (default: %(default)s); "
-        "the tensor x pipeline processes start on this node, or under torchrun across nodes",
-    )
-    parser.add_argument(
-        "--tp-overlap-chunks",
-        type=int,
-        default=defaults.tp_overlap_chunks,
-        help="row-parallel layers all-reduce in this many chunks, each while the next is multiplied; "
-        "1 = off (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--deterministic",
-        action="store_true",
-        help="batch-invariant numerics: a request's tokens and logprobs are bitwise the same whatever else "
-        "runs with it (much slower for large batches; turns the CPU fast paths off)",
-    )
-    parser.add_argument(
-        "--consistent-numerics",
-        action=argparse.BooleanOptionalAction,
-        default=defaults.consistent_numerics,
-        help="a token's numbers do not depend on the step's size: the same greedy text cold, after a "
-        "prefix-cache hit, for every one of n choices and beside up to 16 decoding requests (row-invariant "
-        "or tiled matmuls; default: on for the torch attention backend, i.e. on a CPU)",
-    )
-    parser.add_argument(
-        "--native-decode-attention",
-        action=argparse.BooleanOptionalAction,
-        default=defaults.native_decode_attention,
-        help="decodes read the paged KV cache in place through a small C kernel built on first use "
-        "(default: on for the torch attention backend on a CPU wherever a C compiler builds it)",
-    )
-    parser.add_argument(
-        "--native-prefill-attention",
-        action=argparse.BooleanOptionalAction,
-        default=defaults.native_prefill_attention,
-        help="prompt chunks attend over the paged KV cache in place through a small C kernel built on first "
-        "use, row-invariant (default: on for the torch attention backend on a CPU wherever it builds)",
-    )
-    parser.add_argument(
-        "--cuda-graph-max-batch-size",
-        type=int,
-        default=defaults.cuda_graph_max_batch_size,
-        help="decode-only steps of at most this many sequences replay CUDA graphs captured at start-up; "
-        "0 = off (default: min(max-num-seqs, 256) on CUDA with the triton backend, else off)",
-    )
-    parser.add_argument(
-        "--overlap-scheduling",
-        action=argparse.BooleanOptionalAction,
-        default=defaults.overlap_scheduling,
-        help="schedule and launch step N+1 while step N runs on the device, reading N's tokens back "
-        "afterwards (default: on for one process on a GPU, else off)",
-    )
+    """One flag per field of ``EngineOptions`` (hawker/options.py), with its help text and choices."""
+    types = option_types()
+    for spec in dataclasses.fields(EngineOptions):
+        help_text, choices, aliases = (spec.metadata[key] for key in ("help", "choices", "aliases"))
+        if spec.default is not None and "default" not in help_text:
+            help_text += " (default: %(default)s)"
+        flag = "--" + spec.name.replace("_", "-")
+        if spec.name == "model" and model_positional:
+            parser.add_argument("model", nargs="?", default=None, help=help_text)
+        elif types[spec.name] is bool:
+            negations = [alias for alias in aliases if alias.startswith("--no-")]
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=spec.default, help=help_text)
+            for negation in negations:
+                parser.add_argument(negation, dest=spec.name, action="store_false", help=f"same as --no-{flag[2:]}")
+        else:
+            spellings = [flag, *aliases]
+            kind = types[spec.name]
+            parser.add_argument(*spellings, type=kind, default=spec.default, choices=choices or None, help=help_text)
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "dtype": args.dtype,
-        "max_model_len": args.max_model_len,
-        "block_size": args.block_size,
-        "kv_cache_memory_gb": args.kv_cache_memory_gb,
-        "kv_cache_dtype": args.kv_cache_dtype,
-        "gpu_memory_utilization": args.gpu_memory_utilization,
-        "max_num_batched_tokens": args.max_num_batched_tokens,
-        "max_num_seqs": args.max_num_seqs,
-        "enable_prefix_caching": not args.no_prefix_caching,
-        "seed": args.seed,
-        "int4_decode_max_rows": args.int4_decode_max_rows,
-        "fp32_matmul_min_rows": args.fp32_matmul_min_rows,
-        "packed_matmul": args.packed_matmul,
-        "panel_matmul": args.panel_matmul,
-        "int8_dot_matmul": args.int8_dot_matmul,
-        "matmul_plan_cache": args.matmul_plan_cache,
-        "compile_decode_max_rows": args.compile_decode_max_rows,
-        "compile_warmup": args.compile_warmup,
-        "compile_cpp_wrapper": args.compile_cpp_wrapper,
-        "attention_backend": args.attention_backend,
-        "cuda_graph_max_batch_size": args.cuda_graph_max_batch_size,
-        "tensor_parallel_size": args.tensor_parallel_size,
-        "pipeline_parallel_size": args.pipeline_parallel_size,
-        "tp_overlap_chunks": args.tp_overlap_chunks,
-        "deterministic": args.deterministic,
-        "consistent_numerics": args.consistent_numerics,
-        "native_decode_attention": args.native_decode_attention,
-        "native_prefill_attention": args.native_prefill_attention,
-        "overlap_scheduling": args.overlap_scheduling,
-        "device": args.device,
-    }
+    """The ``EngineOptions`` fields set by ``_add_engine_args``' flags (``model`` aside)."""
+    return {spec.name: getattr(args, spec.name) for spec in dataclasses.fields(EngineOptions) if spec.name != "model"}
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -321,7 +111,6 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from hawker.engine.engine import EngineOptions
     from hawker.server.serve import ServeOptions, exit_process, run
     from hawker.server.tracing import tracing_enabled_by_env
 
@@ -513,8 +302,9 @@ def _is_torchrun_worker(args: argparse.Namespace) -> bool:
     options = EngineOptions(model=getattr(args, "model", None), **_engine_kwargs(args))
     if options.world_size == 1:
         return False
-    from hawker.distributed import launch, worker
-    from hawker.engine.engine import world_shape
+    from hawker.distributed import launch
+    from hawker.engine import worker
+    from hawker.engine.configure import world_shape
 
     found = launch.torchrun_rank(world_shape(options))
     if found is None or found[1] == 0:

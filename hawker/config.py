@@ -8,15 +8,19 @@ which checkpoint format or transformers version produced it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from hawker.options import EngineOptions
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+DTYPE_NAMES = ("auto", *DTYPES)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -305,3 +309,5 @@ class EngineConfig:
     native_decode_attention: bool = False
     # Prompt chunks attend through the in-place C kernel (hawker/kernels/cpu_prefill_attention.py).
     native_prefill_attention: bool = False
+    # The options as the user gave them (hawker/options.py), before resolution.
+    options: EngineOptions | None = None

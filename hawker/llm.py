@@ -10,8 +10,9 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from hawker.engine.engine import Engine, EngineOptions
+from hawker.engine.engine import Engine
 from hawker.loader.tokenizer import render_chat
+from hawker.options import EngineOptions
 from hawker.outputs import RequestOutput
 from hawker.sampling_params import SamplingParams
 

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from hawker import LLM, SamplingParams
-from hawker.engine.engine import EngineOptions
+from hawker.options import EngineOptions
 from hawker.server.app import ServerSettings, build_app
 from hawker.server.serve import ServeOptions, build_router
 from tests.server_process import serve_in_process

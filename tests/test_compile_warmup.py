@@ -18,7 +18,7 @@ from hawker.cli import build_parser
 from hawker.engine import compiled_decode
 from hawker.engine.async_engine import AsyncEngine
 from hawker.engine.compiled_decode import CompiledDecode, _dummy_meta, can_compile_on_cpu, scratch_blocks
-from hawker.engine.engine import EngineOptions
+from hawker.options import EngineOptions
 from hawker.server.app import ServerSettings, build_app
 from hawker.server.router import ReplicaRouter
 from tests.server_process import serve_in_process

@@ -121,7 +121,7 @@ def test_a_plan_that_branches_often_compiles_fewer_rows() -> None:
 
 def test_the_cpp_wrapper_switch_reaches_the_engine() -> None:
     from hawker.cli import _engine_kwargs, build_parser
-    from hawker.engine.engine import EngineOptions
+    from hawker.options import EngineOptions
 
     parser = build_parser()
     assert EngineOptions().compile_cpp_wrapper

@@ -32,7 +32,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client.parser import text_string_to_metric_families
 
 from hawker.cli import build_parser
-from hawker.engine.engine import EngineOptions, EngineStats
+from hawker.engine.engine import EngineStats
+from hawker.options import EngineOptions
 from hawker.server.app import ServerSettings, build_app
 from hawker.server.dashboard import PANELS
 from hawker.server.metrics import ServerMetrics

@@ -17,9 +17,10 @@ import pytest
 from hawker import LLM, SamplingParams
 from hawker.cli import build_parser
 from hawker.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream, Submission
-from hawker.engine.engine import Engine, EngineOptions
+from hawker.engine.engine import Engine
 from hawker.engine.kv_cache import KVCacheManager, prefix_block_keys
 from hawker.engine.request import Request
+from hawker.options import EngineOptions
 from hawker.server.app import ServerSettings, build_app
 from hawker.server.router import (
     BALANCE,

@@ -16,7 +16,7 @@ import torch
 
 from hawker import LLM
 from hawker.engine.decode_graphs import graph_batch_sizes
-from hawker.engine.scheduler import ScheduledSeq
+from hawker.step import ScheduledSeq
 from tests.test_parity import assert_parity, make_prompts, reference_generate, run_hawker
 
 

@@ -21,9 +21,9 @@ import torch
 
 from hawker import LLM, SamplingParams
 from hawker.distributed.pipeline import split_micro_batches
-from hawker.engine.scheduler import ScheduledSeq
 from hawker.layers.linear import ColumnParallelLinear
 from hawker.layers.parallel import PPInfo, TPInfo
+from hawker.step import ScheduledSeq
 from tests.server_process import ServerProcess, launch, wait_ready
 from tests.test_parity import assert_parity, make_prompts, reference_generate, run_hawker
 

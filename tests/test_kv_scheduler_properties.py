@@ -1,8 +1,8 @@
 """Property tests of the paged KV cache manager and the scheduler, without a model.
 
 ``Sim`` drives a ``Scheduler`` the way ``Engine`` does (schedule -> commit,
-which leaves each sampled token pending -> read it back -> finish at
-max_tokens or at a random stop) and keeps a shadow of what
+which leaves each sampled token pending -> update with the read-back tokens,
+which finishes at max_tokens -> a random stop) and keeps a shadow of what
 every KV slot holds. A slot written while computing position p of a sequence
 records the whole prefix ``token_ids[: p + 1]``, because that is what the key
 and value at p depend on. Attention over a block table is correct only if every
@@ -37,8 +37,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from hawker.config import SchedulerConfig
 from hawker.engine.kv_cache import KVCacheManager
 from hawker.engine.request import PENDING_TOKEN, Request, RequestStatus
-from hawker.engine.scheduler import Scheduler, SchedulerOutput
+from hawker.engine.scheduler import CommittedStep, Scheduler
 from hawker.sampling_params import SamplingParams
+from hawker.step import ModelOutput, SchedulerOutput, SeqResult
 
 # A tiny vocabulary makes equal blocks (and so prefix-cache hits) common.
 VOCAB = 8
@@ -86,7 +87,7 @@ class Sim:
         self.stop_chance = stop_chance  # of a read-back token being a stop token
         # Sampled values not read back yet, per request, oldest first (the device's view).
         self.future: dict[str, list[int]] = {}
-        self.in_flight: list[Request] = []  # the requests sampled by the step not read back
+        self.in_flight: CommittedStep | None = None  # the step launched but not read back
         self.bs = config.block_size
         self.kv = KVCacheManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.sched = Scheduler(
@@ -200,10 +201,11 @@ class Sim:
         assert len(sched.running) <= self.config.max_num_seqs, "max_num_seqs exceeded"
         if had_work and out.empty:
             # Only allowed when every running request stops on its pending token.
-            assert any(sched.requests.get(r.request_id) is r for r in self.in_flight), "the step scheduled nothing"
+            sampled = [] if self.in_flight is None else self.in_flight.sampled
+            assert any(sched.requests.get(r.request_id) is r for r in sampled), "the step scheduled nothing"
             assert all(r.num_pending_tokens for r in sched.running)
             self.resolve(self.in_flight, rng)
-            self.in_flight = []
+            self.in_flight = None
             return out
         ids = [s.request_id for s in out.seqs]
         assert len(ids) == len(set(ids)), "a request was scheduled twice in one step"
@@ -242,33 +244,38 @@ class Sim:
             request = sched.requests[seq.request_id]
             self.assert_kv_valid(request, seq.start_pos + seq.num_tokens, seq.block_table)
 
-        sampled = sched.commit_step(out)
-        assert [r.request_id for r in sampled] == [s.request_id for s in out.seqs if s.sample]
-        for request in sampled:
+        committed = sched.commit(out)
+        assert [r.request_id for r in committed.sampled] == [s.request_id for s in out.seqs if s.sample]
+        for request in committed.sampled:
             assert request.token_ids[-1] == PENDING_TOKEN
             # Not sampled past its limits (a pending token may already reach them).
             assert request.num_output_tokens <= request.max_tokens
             assert request.num_tokens <= self.config.max_model_len
             self.future.setdefault(request.request_id, []).append(rng.randrange(VOCAB))
-        previous, self.in_flight = self.in_flight, sampled
+        previous, self.in_flight = self.in_flight, committed
         if self.overlap:
             self.resolve(previous, rng)
         else:
-            assert not previous
-            self.resolve(sampled, rng)
-            self.in_flight = []
+            assert previous is None
+            self.resolve(committed, rng)
+            self.in_flight = None
         return out
 
-    def resolve(self, sampled: list[Request], rng: random.Random) -> None:
-        """Read back a step's tokens, as Engine._update does; a request may stop on one."""
-        for request in sampled:
-            if self.sched.requests.get(request.request_id) is not request:
-                continue  # it finished while the step ran: its token is ignored
-            request.resolve_token(self.future[request.request_id].pop(0))
-            self.kv.cache_full_blocks(request)
-            num_output = request.num_known_tokens - request.num_prompt_tokens
-            if num_output >= request.max_tokens or request.num_known_tokens >= self.config.max_model_len:
-                self.finish(request.request_id, RequestStatus.FINISHED_LENGTH)
+    def resolve(self, committed: CommittedStep | None, rng: random.Random) -> None:
+        """Read back a step's tokens through ``Scheduler.update``, as Engine does; a request may stop on one."""
+        if committed is None:
+            return
+        live = [r for r in committed.sampled if self.sched.requests.get(r.request_id) is r]
+        # A request that finished while the step ran has its token ignored.
+        results = {r.request_id: SeqResult(self.future[r.request_id].pop(0), None, None) for r in live}
+        advanced = self.sched.update(committed, ModelOutput(results))
+        assert [r for r, _ in advanced] == live
+        for request, token in advanced:
+            assert request.token_ids[request.num_known_tokens - 1] == token
+            if request.finished:  # at max_tokens or max_model_len
+                assert request.status == RequestStatus.FINISHED_LENGTH
+                assert request.num_pending_tokens == 0 and request.request_id not in self.kv.block_tables
+                self.future.pop(request.request_id, None)  # its tokens in flight are never read back
             elif rng.random() < self.stop_chance:
                 self.finish(request.request_id, RequestStatus.FINISHED_STOPPED)
 

@@ -19,8 +19,9 @@ import httpx
 import pytest
 
 from hawker import LLM, SamplingParams
-from hawker.engine.engine import Engine, EngineOptions
+from hawker.engine.engine import Engine
 from hawker.engine.faults import TokenFault
+from hawker.options import EngineOptions
 from hawker.outputs import RequestOutput
 from hawker.server.app import ServerSettings, build_app
 from hawker.server.serve import ServeOptions, build_router
@@ -205,7 +206,7 @@ def test_abort_while_its_step_is_in_flight(tiny_checkpoints: dict[str, Path]) ->
         engine.add_request(name, prompt, params)
     drive(engine, lambda: engine.counters.num_steps >= 4)
     in_flight = engine._in_flight
-    assert in_flight is not None and "b" in [r.request_id for r in in_flight.sampled]
+    assert in_flight is not None and "b" in [r.request_id for r in in_flight.committed.sampled]
     final = engine.abort("b")
     assert final is not None and final.outputs[0].finish_reason == "abort"
     assert -1 not in final.outputs[0].token_ids  # no pending placeholder leaks out

@@ -18,7 +18,7 @@ import torch
 import transformers
 
 from hawker import LLM, SamplingParams
-from hawker.engine import model_runner
+from hawker.attention import torch_metadata
 from tests.tiny_models import ARCHITECTURES, VOCAB_SIZE, load_reference
 
 NUM_NEW_TOKENS = 32
@@ -139,16 +139,16 @@ def test_parity_with_decode_groups(
 ) -> None:
     # With groups of any size allowed, the 8 prompts (3..64 tokens) decode in
     # several length groups per step; the result must not change.
-    monkeypatch.setattr(model_runner, "DECODE_GROUP_MIN_ROWS", 1)
+    monkeypatch.setattr(torch_metadata, "DECODE_GROUP_MIN_ROWS", 1)
     group_counts: list[int] = []
-    original = model_runner.ModelRunner._decode_groups
+    original = torch_metadata.TorchAttentionBackend._decode_groups
 
     def spy(self, decodes):  # type: ignore[no-untyped-def]
         groups = original(self, decodes)
         group_counts.append(len(groups))
         return groups
 
-    monkeypatch.setattr(model_runner.ModelRunner, "_decode_groups", spy)
+    monkeypatch.setattr(torch_metadata.TorchAttentionBackend, "_decode_groups", spy)
     # The padded-SDPA path, which the in-place C kernel replaces where it builds.
     llm = LLM(str(tiny_checkpoints["llama"]), dtype="float32", native_decode_attention=False)
     tokens, logits = run_hawker(llm, references["llama"].prompts)
@@ -159,12 +159,12 @@ def test_parity_with_decode_groups(
 
 def test_split_by_length_bounds_padding(monkeypatch: pytest.MonkeyPatch) -> None:
     lens = [800, 700, 500, 480, 300, 100, 90, 10, 9]
-    monkeypatch.setattr(model_runner, "DECODE_GROUP_MIN_ROWS", 2)
+    monkeypatch.setattr(torch_metadata, "DECODE_GROUP_MIN_ROWS", 2)
     # A new group starts below 60% of the group's longest, once the group has 2 rows.
-    assert model_runner.split_by_length(lens) == [(0, 4), (4, 2), (6, 2), (8, 1)]
-    monkeypatch.setattr(model_runner, "DECODE_GROUP_MIN_ROWS", 100)
-    assert model_runner.split_by_length(lens) == [(0, len(lens))]
-    assert model_runner.split_by_length([]) == []
+    assert torch_metadata.split_by_length(lens) == [(0, 4), (4, 2), (6, 2), (8, 1)]
+    monkeypatch.setattr(torch_metadata, "DECODE_GROUP_MIN_ROWS", 100)
+    assert torch_metadata.split_by_length(lens) == [(0, len(lens))]
+    assert torch_metadata.split_by_length([]) == []
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from hawker import LLM, SamplingParams
-from hawker.engine.engine import EngineOptions
+from hawker.options import EngineOptions
 from hawker.server.app import ServerSettings, build_app
 from hawker.server.responders import CompletionResponder
 from hawker.server.serve import ServeOptions, build_router

@@ -1,4 +1,4 @@
-"""Per-step attention inputs, built by the model runner and passed explicitly."""
+"""The torch backend's per-step attention inputs (built by hawker/attention/torch_metadata.py), passed explicitly."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hawker.engine.host_transfer import upload
+from hawker.attention.torch_backend import paged_attention
+from hawker.host_transfer import upload
 
 
 def padded_block_tables(
@@ -89,3 +90,14 @@ class AttentionMetadata:
     paged_decode: PagedDecode | None = None
     # Set when prefill chunks run the in-place CPU kernel (their context_slots are then not made).
     paged_prefill: PagedPrefill | None = None
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        return paged_attention(q, k, v, k_cache, v_cache, self, scale)

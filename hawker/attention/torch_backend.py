@@ -15,12 +15,16 @@ computed or read back from the cache (a prefix-cache hit).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
-from hawker.attention.metadata import AttentionMetadata, DecodeGroup, PagedPrefill, PrefillChunk
 from hawker.kernels.cpu_decode_attention import paged_decode_attention
 from hawker.kernels.cpu_prefill_attention import paged_prefill_attention
+
+if TYPE_CHECKING:
+    from hawker.attention.metadata import AttentionMetadata, DecodeGroup, PagedPrefill, PrefillChunk
 
 
 def write_kv(

@@ -14,23 +14,15 @@ from dataclasses import dataclass
 
 import torch
 
+from hawker.attention.backend import SeqRun
 from hawker.attention.metadata import padded_block_tables
-from hawker.engine.host_transfer import upload
+from hawker.host_transfer import upload
 from hawker.kernels.decode_attention import num_splits_for, paged_decode_attention
 from hawker.kernels.kv_cache import write_kv
 from hawker.kernels.prefill_attention import paged_prefill_attention
 
 # Programs the decode kernel aims for: a few waves on a 132-SM H100.
 DECODE_TARGET_PROGRAMS = 4 * 132
-
-
-@dataclass(frozen=True)
-class SeqRun:
-    """One sequence's part of a step: ``num_tokens`` queries after ``start_pos`` cached tokens."""
-
-    start_pos: int
-    num_tokens: int
-    block_table: Sequence[int]
 
 
 @dataclass(frozen=True)
@@ -93,3 +85,17 @@ def build_metadata(
         max_prefill_len=max(prefill_lens, default=0),
         decode_splits=num_splits_for(num_decodes, kv_heads, decode_blocks, DECODE_TARGET_PROGRAMS),
     )
+
+
+@dataclass(frozen=True)
+class TritonAttentionBackend:
+    """Builds ``TritonAttentionMetadata`` for a step (hawker/attention/backend.py's interface)."""
+
+    kv_heads: int  # this rank's
+    device: torch.device
+
+    def build(
+        self, runs: Sequence[SeqRun], num_decodes: int, row_ends: Sequence[int], slot_mapping: torch.Tensor
+    ) -> TritonAttentionMetadata:
+        del row_ends  # the kernels find each run's rows from its length
+        return build_metadata(runs, num_decodes, slot_mapping, self.kv_heads, self.device)

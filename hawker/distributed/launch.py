@@ -59,7 +59,7 @@ class WorkerProcesses:
             }
             # Not torchrun: the worker must not take these for a torchrun launch.
             env.pop("TORCHELASTIC_RUN_ID", None)
-            command = [sys.executable, "-m", "hawker.distributed.worker"]
+            command = [sys.executable, "-m", "hawker.engine.worker"]
             self.processes[rank] = subprocess.Popen(command, env=env)
         logger.info("started %d worker rank(s): pids %s", len(self.processes), [p.pid for p in self.processes.values()])
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from hawker.engine.scheduler import ScheduledSeq
+from hawker.step import ScheduledSeq
 
 if TYPE_CHECKING:
     from hawker.distributed.world import World

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from hawker.config import ParallelConfig
-from hawker.engine.scheduler import SchedulerOutput
+from hawker.step import SchedulerOutput
 
 # Collectives inside a step (all-reduce, hidden-state transfers) finish in
 # milliseconds; a rank that waits this long is stuck, and failing beats hanging.

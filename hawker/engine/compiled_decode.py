@@ -42,9 +42,9 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
-from torch import nn
 
 from hawker.attention.metadata import AttentionMetadata, DecodeGroup, PagedDecode
+from hawker.models.base import CausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +57,6 @@ Forward = Callable[[torch.Tensor, torch.Tensor, list[KVCache], AttentionMetadata
 DEFAULT_COMPILE_DECODE_MAX_ROWS = 256
 # Graphs compiled at most (each ~10-30 s cold on 2 cores; dynamo's recompile limit is 8).
 MAX_GRAPHS = 6
-# How the compiled step is built: on a thread while serving eagerly, or before the engine is ready.
-WARM_UP_MODES = ("background", "blocking")
 # The warm-up thread's nice value: steps (and the HTTP loop) get the cores first.
 _WARM_UP_NICENESS = 10
 # Python's GIL switch interval while it compiles. Every torch op of an eager step
@@ -95,7 +93,7 @@ def decode_only_single_group(meta: AttentionMetadata) -> bool:
 class CompiledDecode:
     """Runs eligible decode steps through the compiled forward once ``warm_up`` has compiled it."""
 
-    def __init__(self, model: nn.Module, max_rows: int, paged_decode: bool = False, cpp_wrapper: bool = True) -> None:
+    def __init__(self, model: CausalLM, max_rows: int, paged_decode: bool = False, cpp_wrapper: bool = True) -> None:
         self.max_rows = max_rows
         self.paged_decode = paged_decode  # steps' decodes use the in-place kernel (PagedDecode metadata)
         self.cpp_wrapper = cpp_wrapper  # inductor's wrapper around the kernel calls in C++, not Python
@@ -244,7 +242,7 @@ def _in_this_thread(replacement: Callable[..., Any], original: Callable[..., Any
     return dispatch
 
 
-def _compile(model: nn.Module, cpp_wrapper: bool) -> Forward:
+def _compile(model: CausalLM, cpp_wrapper: bool) -> Forward:
     """``model``'s forward through ``torch.compile`` (compiled on its first calls).
 
     With ``cpp_wrapper`` inductor writes the code around the kernel calls in C++: a one-row step of the
@@ -263,7 +261,7 @@ def _compile(model: nn.Module, cpp_wrapper: bool) -> Forward:
     )
 
 
-def _private_forward(model: nn.Module) -> Forward:
+def _private_forward(model: CausalLM) -> Forward:
     """``model``'s forward as a function whose code object belongs to this model alone.
 
     Dynamo keeps compiled graphs on the code object of the function it

@@ -27,11 +27,11 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import nn
 
 from hawker.attention.triton_backend import DECODE_TARGET_PROGRAMS, TritonAttentionMetadata
-from hawker.engine.scheduler import ScheduledSeq
 from hawker.kernels.decode_attention import num_splits_for
+from hawker.models.base import CausalLM
+from hawker.step import ScheduledSeq
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class DecodeGraphs:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: CausalLM,
         kv_caches: KVCaches,
         *,
         max_rows: int,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hawker.engine.engine import EngineFatalError
-from hawker.engine.scheduler import ScheduledSeq
+from hawker.engine.errors import EngineFatalError
+from hawker.step import ScheduledSeq
 
 
 class InjectedFault(RuntimeError):

@@ -15,12 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from hawker.config import EngineConfig, bytes_per_kv_block
 from hawker.engine.model_runner import ModelRunner
-from hawker.engine.scheduler import ScheduledSeq, SchedulerOutput
+from hawker.models.base import CausalLM
 from hawker.sampling_params import SamplingParams
+from hawker.step import ScheduledSeq, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def read_cuda_memory(device: torch.device) -> DeviceMemory:
 
 def profile_num_blocks(
     config: EngineConfig,
-    model: nn.Module,
+    model: CausalLM,
     utilization: float,
     read_memory: Callable[[torch.device], DeviceMemory] = read_cuda_memory,
 ) -> int:

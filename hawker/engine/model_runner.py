@@ -7,27 +7,20 @@ scheduling decisions.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from hawker.attention.metadata import (
-    AttentionMetadata,
-    DecodeGroup,
-    PagedDecode,
-    PagedPrefill,
-    PrefillChunk,
-    padded_block_tables,
-)
+from hawker.attention.backend import AttentionBackend, StepAttention
+from hawker.attention.torch_metadata import TorchAttentionBackend
 from hawker.config import EngineConfig
 from hawker.distributed.pipeline import StageLinks, split_micro_batches
 from hawker.engine.compiled_decode import CompiledDecode, rows_within_graph_budget, warm_up_row_counts
-from hawker.engine.host_transfer import HostCopy, upload
 from hawker.engine.request import PENDING_TOKEN
+from hawker.engine.runner import LogitsObserver, WeightSource
 from hawker.engine.sampler import (
     JoinedSample,
     PendingSample,
@@ -37,31 +30,16 @@ from hawker.engine.sampler import (
     logprob_tensors,
     trim_top,
 )
-from hawker.engine.scheduler import ScheduledSeq, SchedulerOutput
-from hawker.engine.step_kinds import CONSISTENT_PREFILL_TILE, DECODE_KEY_MULTIPLE, forward_groups, is_decode
-from hawker.layers.batch_invariant import DEFAULT_TILE_ROWS, RowTiler
-from hawker.layers.parallel import PPInfo, TPInfo
-from hawker.layers.projection import ProjectionCopies, consistent_prefill_rows, plan_projections
-from hawker.loader.checkpoint import Checkpoint
-from hawker.models.registry import model_class
+from hawker.engine.step_kinds import forward_groups, is_decode
+from hawker.engine.weight_updates import check_updatable, write_weights
+from hawker.host_transfer import HostCopy, upload
+from hawker.layers.projection import ProjectionCopies, consistent_prefill_rows
+from hawker.loader.checkpoint import open_checkpoint
+from hawker.models.base import CausalLM
 from hawker.outputs import PositionLogprobs
+from hawker.step import ModelOutput, ScheduledSeq, SchedulerOutput, SeqResult, StepHandle
 
 logger = logging.getLogger(__name__)
-
-# Called with the ids of the sampled sequences and their float32 logits.
-LogitsObserver = Callable[[list[str], torch.Tensor], None]
-
-
-@dataclass(frozen=True)
-class SeqResult:
-    token_id: int | None  # None when this step did not sample (mid-prefill)
-    logprobs: PositionLogprobs | None
-    prompt_logprobs: list[PositionLogprobs] | None
-
-
-@dataclass(frozen=True)
-class ModelOutput:
-    results: dict[str, SeqResult]
 
 
 @dataclass(frozen=True)
@@ -115,51 +93,15 @@ class _Batch:
     order: list[ScheduledSeq]  # decodes first, then prefill chunks
     input_ids: torch.Tensor
     positions: torch.Tensor
-    meta: Any  # AttentionMetadata (torch backend) or the triton backend's metadata
+    meta: StepAttention  # the attention backend's, shared by every layer
     row_ends: list[int]  # exclusive end row of each seq in `order`
-
-
-# A decode joins the current group while its context is at least this fraction
-# of the group's longest; padded work per group is then at most 1/0.6 of real.
-DECODE_GROUP_MIN_FILL = 0.6
-# Smaller groups are merged into the one before: per-call overhead beats padding there.
-DECODE_GROUP_MIN_ROWS = 8
-
-
-def split_by_length(context_lens: Sequence[int]) -> list[tuple[int, int]]:
-    """(first, count) runs of ``context_lens`` (sorted longest first) of similar length."""
-    runs: list[tuple[int, int]] = []
-    first = 0
-    for index, length in enumerate(context_lens):
-        if length < DECODE_GROUP_MIN_FILL * context_lens[first] and index - first >= DECODE_GROUP_MIN_ROWS:
-            runs.append((first, index - first))
-            first = index
-    if context_lens:
-        runs.append((first, len(context_lens) - first))
-    return runs
-
-
-def build_model(config: EngineConfig, checkpoint: Checkpoint, tp_group: Any = None) -> nn.Module:
-    """This rank's shard of the model: its tensor-parallel slice of its pipeline stage's layers."""
-    cls = model_class(config.model.architecture)
-    parallel = config.parallel
-    tp = TPInfo(parallel.tensor_parallel_rank, parallel.tensor_parallel_size, tp_group, parallel.tp_overlap_chunks)
-    pp = PPInfo(parallel.pipeline_parallel_rank, parallel.pipeline_parallel_size)
-    max_positions = max(config.scheduler.max_model_len, config.model.max_position_embeddings)
-    tiler = RowTiler(DEFAULT_TILE_ROWS if config.batch_invariant else 0)
-    with torch.device(config.device):
-        model = cls(config.model, tp, max_positions, pp, tiler)
-    model.load_weights(checkpoint.weights())
-    if config.matmul is not None:
-        plan_projections(model, config.matmul)
-    return model.eval()
 
 
 class ModelRunner:
     def __init__(
         self,
         config: EngineConfig,
-        model: nn.Module,
+        model: CausalLM,
         num_blocks: int,
         eos_token_id: int | None,
         stage: StageLinks | None = None,
@@ -171,6 +113,7 @@ class ModelRunner:
         # This rank's KV heads: replicated ones count once per rank.
         self.kv_heads = max(1, config.model.num_kv_heads // config.parallel.tensor_parallel_size)
         self.stage = stage  # None without pipeline parallelism
+        self.attention = attention_backend(config, self.kv_heads)
         self.kv_caches = self._allocate_kv_cache(num_blocks)
         self.sampler = Sampler(eos_token_id, seed=config.seed, device=self.device, row_by_row=config.batch_invariant)
         self.logits_observer: LogitsObserver | None = None
@@ -217,12 +160,28 @@ class ModelRunner:
             capture=capture,
         )
 
+    @property
+    def warming_up(self) -> bool:
+        return self.compiled_decode is not None and self.compiled_decode.warming_up
+
+    def check_health(self) -> None:
+        """Nothing outside this process to check."""
+
+    def shutdown(self) -> None:
+        """Nothing started outside this process."""
+
+    def update_weights(self, weights: WeightSource) -> int:
+        return write_weights(self.model, weights)
+
     def release_memory(self, weights: bool) -> None:
         """Free the KV cache's memory (and the weights' with ``weights``), keeping every tensor object.
 
         Compiled graphs hold these tensors, so they are emptied in place
-        (their storage resized to nothing) rather than replaced.
+        (their storage resized to nothing) rather than replaced. Weights that
+        could not be rebuilt from the checkpoint (quantised copies) refuse.
         """
+        if weights:
+            check_updatable(self.model, list(self.model.parameters()))
         for tensor in self._sleeping_tensors(weights):
             tensor.untyped_storage().resize_(0)
         if weights:
@@ -230,16 +189,16 @@ class ModelRunner:
                 module.release_copies()
         self.decode_graphs = None  # they read the old device addresses
 
-    def restore_memory(self, checkpoint_weights: Any) -> None:
-        """Undo ``release_memory``: zeroed KV cache; weights reloaded from ``checkpoint_weights`` if released."""
-        weights = checkpoint_weights is not None
+    def restore_memory(self, checkpoint_path: str | None) -> None:
+        """Undo ``release_memory``: zeroed KV cache; weights reloaded from ``checkpoint_path`` if released."""
+        weights = checkpoint_path is not None
         for tensor in self._sleeping_tensors(weights):
             tensor.untyped_storage().resize_(tensor.numel() * tensor.element_size())
         for k_cache, v_cache in self.kv_caches:
             k_cache.zero_()
             v_cache.zero_()
-        if weights:
-            self.model.load_weights(checkpoint_weights)
+        if checkpoint_path is not None:
+            self.model.load_weights(open_checkpoint(checkpoint_path).weights())
             for module in self._projections():
                 module.rebuild_copies()
         self.decode_graphs = self._capture_decode_graphs(self.config.cuda_graph_max_batch_size)
@@ -275,7 +234,7 @@ class ModelRunner:
         return self.launch(step).result()
 
     @torch.inference_mode()
-    def launch(self, step: SchedulerOutput, previous: LaunchedStep | None = None) -> LaunchedStep:
+    def launch(self, step: SchedulerOutput, previous: StepHandle | None = None) -> LaunchedStep:
         """Queue one step on the device without waiting for it (on a CPU it runs here).
 
         Tokens of ``step`` that are PENDING_TOKEN were sampled by ``previous``
@@ -318,7 +277,7 @@ class ModelRunner:
         input_ids: torch.Tensor,
         order: Sequence[ScheduledSeq],
         row_ends: Sequence[int],
-        previous: LaunchedStep | None,
+        previous: StepHandle | None,
     ) -> None:
         """Copy pending tokens into ``input_ids`` on the device.
 
@@ -329,7 +288,7 @@ class ModelRunner:
         pending = [(seq, end - 1) for seq, end in rows if seq.token_ids[-1] == PENDING_TOKEN]
         if not pending:
             return
-        if previous is None or previous.token_ids is None:
+        if not isinstance(previous, LaunchedStep) or previous.token_ids is None:
             raise RuntimeError("a step reads pending tokens but the step that samples them is not given")
         sources = [previous.token_rows[seq.request_id] for seq, _ in pending]
         rows = upload([row for _, row in pending], torch.long, self.device)
@@ -381,10 +340,7 @@ class ModelRunner:
             ids.extend([0] * padding)
             positions.extend([0] * padding)
         slot_mapping = upload(slots, torch.long, self.device)
-        if self.config.attention_backend == "triton":
-            meta = self._triton_metadata(order, len(decodes), slot_mapping)
-        else:
-            meta = self._torch_metadata(decodes, prefills, row_ends, slot_mapping)
+        meta = self.attention.build(order, len(decodes), row_ends, slot_mapping)
         return _Batch(
             order=order,
             input_ids=upload(ids, torch.long, self.device),
@@ -392,96 +348,6 @@ class ModelRunner:
             meta=meta,
             row_ends=row_ends,
         )
-
-    def _torch_metadata(
-        self,
-        decodes: Sequence[ScheduledSeq],
-        prefills: Sequence[ScheduledSeq],
-        row_ends: list[int],
-        slot_mapping: torch.Tensor,
-    ) -> AttentionMetadata:
-        native_prefill = self.config.native_prefill_attention and bool(prefills)
-        chunks = []
-        for seq, end in zip(prefills, row_ends[len(decodes) :], strict=True):
-            context = self._context_slots(seq) if seq.start_pos and not native_prefill else None
-            chunks.append(PrefillChunk(end - seq.num_tokens, seq.num_tokens, seq.start_pos, context))
-        in_place = self.config.native_decode_attention and bool(decodes)
-        # The native prefill kernel is row-invariant: consistent numerics needs no query tiles with it.
-        tiles = self.config.consistent_numerics and not native_prefill
-        return AttentionMetadata(
-            slot_mapping=slot_mapping,
-            num_decodes=len(decodes),
-            decode_groups=() if in_place else self._decode_groups(decodes),
-            paged_decode=self._paged_decode(decodes) if in_place else None,
-            prefills=tuple(chunks),
-            query_contexts=self._query_contexts([*decodes, *prefills]) if self.config.batch_invariant else None,
-            prefill_tile_rows=CONSISTENT_PREFILL_TILE if tiles else 0,
-            paged_prefill=self._paged_prefill(chunks, prefills, len(decodes)) if native_prefill else None,
-        )
-
-    def _paged_prefill(
-        self, chunks: Sequence[PrefillChunk], prefills: Sequence[ScheduledSeq], first_row: int
-    ) -> PagedPrefill:
-        """Block tables, rows (from the first prefill row), lengths and start positions of the prefill chunks."""
-        columns = [(c.query_start - first_row, c.length, c.start_pos) for c in chunks]
-        rows, lens, starts = (upload(list(column), torch.long, self.device) for column in zip(*columns, strict=True))
-        return PagedPrefill(padded_block_tables([s.block_table for s in prefills], self.device), rows, lens, starts)
-
-    def _query_contexts(self, order: Sequence[ScheduledSeq]) -> tuple[torch.Tensor, ...]:
-        """Cache slots of positions 0..p for every query row (p its position), in row order."""
-        contexts: list[torch.Tensor] = []
-        for seq in order:
-            slots = self._context_slots(seq)
-            contexts.extend(slots[: position + 1] for position in range(seq.start_pos, seq.start_pos + seq.num_tokens))
-        return tuple(contexts)
-
-    def _triton_metadata(self, order: Sequence[ScheduledSeq], num_decodes: int, slot_mapping: torch.Tensor) -> Any:
-        from hawker.attention import triton_backend  # needs triton, which a CPU install may lack
-
-        runs = [triton_backend.SeqRun(s.start_pos, s.num_tokens, s.block_table) for s in order]
-        return triton_backend.build_metadata(runs, num_decodes, slot_mapping, self.kv_heads, self.device)
-
-    def _decode_groups(self, decodes: Sequence[ScheduledSeq]) -> tuple[DecodeGroup, ...]:
-        """``decodes`` (longest context first) split into groups, each padded to its own longest context.
-
-        Consistent numerics: rounded up to a multiple of ``DECODE_KEY_MULTIPLE``,
-        so a decode's attention does not depend on the group it lands in.
-        """
-        context_lens = [s.start_pos + 1 for s in decodes]
-        multiple = DECODE_KEY_MULTIPLE if self.config.consistent_numerics else 1
-        groups: list[DecodeGroup] = []
-        for first, count in split_by_length(context_lens):
-            members = decodes[first : first + count]
-            lens = upload(context_lens[first : first + count], torch.long, self.device)
-            longest = -(-context_lens[first] // multiple) * multiple
-            # Padded positions past a table's end read block 0 (masked out).
-            width = -(-longest // self.block_size)
-            table = padded_block_tables(
-                [[*s.block_table, *[0] * (width - len(s.block_table))] for s in members], self.device
-            )
-            mask = torch.arange(longest, device=self.device).unsqueeze(0) < lens.unsqueeze(1)
-            slots = self._slots(table, longest)
-            groups.append(DecodeGroup(first, count, longest, slots, mask[:, None, None, :]))
-        return tuple(groups)
-
-    def _paged_decode(self, decodes: Sequence[ScheduledSeq]) -> PagedDecode:
-        """Block tables and context lengths of ``decodes``, for the in-place kernel."""
-        lens = upload([s.start_pos + 1 for s in decodes], torch.long, self.device)
-        # At least two columns: a compiled decode step would specialise (and recompile) on a width of 1.
-        tables = [[*s.block_table, 0] if len(s.block_table) < 2 else s.block_table for s in decodes]
-        return PagedDecode(padded_block_tables(tables, self.device), lens)
-
-    def _context_slots(self, seq: ScheduledSeq) -> torch.Tensor:
-        """Cache slots of every position of ``seq`` up to the end of this step's chunk."""
-        table = upload([seq.block_table], torch.long, self.device)
-        return self._slots(table, seq.start_pos + seq.num_tokens)[0]
-
-    def _slots(self, tables: torch.Tensor, length: int) -> torch.Tensor:
-        """[B, blocks] block tables -> [B, length] cache slots of positions 0..length-1."""
-        # A fresh tensor with dense strides (not a slice of a wider one): the
-        # compiled decode graph is specialised to dense [rows, context] slots.
-        positions = torch.arange(length, device=self.device)
-        return tables[:, positions // self.block_size] * self.block_size + positions % self.block_size
 
     def _launch_sample(
         self, order: Sequence[ScheduledSeq], row_ends: Sequence[int], hidden: torch.Tensor
@@ -518,3 +384,20 @@ class ModelRunner:
             tensors = logprob_tensors(torch.log_softmax(logits, dim=-1), chosen, k)
             found.append(_PromptLogprobs(seq.request_id, targets, k, HostCopy(tensors)))
         return found
+
+
+def attention_backend(config: EngineConfig, kv_heads: int) -> AttentionBackend:
+    """The backend ``config.attention_backend`` names, set up for this rank (``kv_heads`` of them)."""
+    device = torch.device(config.device)
+    if config.attention_backend == "triton":
+        from hawker.attention.triton_backend import TritonAttentionBackend  # needs triton, which a CPU may lack
+
+        return TritonAttentionBackend(kv_heads, device)
+    return TorchAttentionBackend(
+        block_size=config.cache.block_size,
+        device=device,
+        native_decode=config.native_decode_attention,
+        native_prefill=config.native_prefill_attention,
+        consistent_numerics=config.consistent_numerics,
+        batch_invariant=config.batch_invariant,
+    )

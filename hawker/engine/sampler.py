@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hawker.engine.host_transfer import HostCopy, upload
+from hawker.host_transfer import HostCopy, upload
 from hawker.outputs import Logprob, PositionLogprobs
 from hawker.sampling_params import SamplingParams
 

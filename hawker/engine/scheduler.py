@@ -1,10 +1,17 @@
-"""Continuous batching under a token budget, chunked prefill, preemption.
+"""Continuous batching under a token budget, chunked prefill, preemption; and each step's update.
 
 Each step running requests go first (decodes and unfinished prefill chunks,
 oldest first), then waiting requests are admitted while the token budget,
 ``max_num_seqs`` and the KV pool allow. When the pool runs dry the newest
 running request is preempted by recompute: its blocks go back to the pool
 and it later re-prefills prompt + generated tokens from scratch.
+
+The update half of a step is here too: ``commit`` advances the requests past
+a launched step (each sampled one gets a pending token, so that the next
+step can be scheduled before this one's tokens are read back), ``update``
+applies the read-back tokens and logprobs, stops requests (``check_stop``)
+and frees their blocks. Stop strings need the text: the output processor
+(hawker/engine/output_processor.py) checks those.
 """
 
 from __future__ import annotations
@@ -16,44 +23,17 @@ from dataclasses import dataclass, field
 from hawker.config import SchedulerConfig
 from hawker.engine.kv_cache import KVCacheManager
 from hawker.engine.request import Request, RequestStatus
-from hawker.sampling_params import SamplingParams
+from hawker.outputs import PositionLogprobs
+from hawker.step import ModelOutput, ScheduledSeq, SchedulerOutput
 
 
 @dataclass(frozen=True)
-class ScheduledSeq:
-    """Everything the model runner needs about one sequence for one step."""
+class CommittedStep:
+    """A launched step as the scheduler advanced past it; its tokens are pending until ``update``."""
 
-    request_id: str
-    token_ids: tuple[int, ...]  # the tokens to compute this step
-    start_pos: int  # position of token_ids[0]
-    block_table: tuple[int, ...]
-    sample: bool  # this chunk ends at the last known token: sample the next
-    sampling_params: SamplingParams
-    sample_index: int
-    output_index: int  # how many tokens this sequence has generated so far
-    num_prompt_tokens: int
-    # All tokens so far; only sent when the request uses penalties.
-    history: tuple[int, ...] = ()
-    # Next-token targets of this chunk's positions, for prompt logprobs.
-    prompt_logprob_targets: tuple[int, ...] | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-
-@dataclass(frozen=True)
-class SchedulerOutput:
-    seqs: tuple[ScheduledSeq, ...]
-    preempted_ids: tuple[str, ...] = ()
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.seqs)
-
-    @property
-    def empty(self) -> bool:
-        return not self.seqs
+    scheduled: SchedulerOutput
+    requests: dict[str, Request]  # its sequences' requests when it was launched
+    sampled: list[Request]  # those it gave a pending token, in order
 
 
 @dataclass
@@ -63,13 +43,16 @@ class _StepBudget:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, eos_token_id: int | None = None) -> None:
         self.config = config
         self.kv = kv
+        self.eos_token_id = eos_token_id
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.num_prompt_tokens = 0  # computed, over every step (recomputes included)
+        self.num_generation_tokens = 0
 
     # --------------------------------------------------------------- requests
     def add(self, request: Request) -> None:
@@ -200,20 +183,88 @@ class Scheduler:
         )
 
     # ----------------------------------------------------------------- update
-    def commit_step(self, output: SchedulerOutput) -> list[Request]:
-        """Advance computed-token counts of a launched step; returns the requests it samples.
-
-        Each of them gets a pending token at once, so that the next step can
-        be scheduled before this one's tokens are read back (``resolve_token``).
-        """
+    def commit(self, scheduled: SchedulerOutput) -> CommittedStep:
+        """Advance computed-token counts past a launched step; each request it samples gets a pending token."""
+        requests: dict[str, Request] = {}
         sampled: list[Request] = []
-        for seq in output.seqs:
+        for seq in scheduled.seqs:
             request = self.requests.get(seq.request_id)
             if request is None:  # aborted while the step ran
                 continue
+            requests[seq.request_id] = request
             request.num_computed_tokens += seq.num_tokens
             self.kv.cache_full_blocks(request)
             if seq.sample:
                 request.append_pending_token()
                 sampled.append(request)
-        return sampled
+        return CommittedStep(scheduled, requests, sampled)
+
+    def update(self, step: CommittedStep, output: ModelOutput) -> list[tuple[Request, int]]:
+        """Apply a step's read-back results; returns each still-live request with its new token.
+
+        A request that finished (stopped, aborted) while the step ran is left
+        alone. One that stops on its new token (``check_stop``) is finished
+        here and its blocks go back to the pool.
+        """
+        for seq in step.scheduled.seqs:
+            result = output.results.get(seq.request_id)
+            request = step.requests.get(seq.request_id)
+            if request is not None and result is not None and result.prompt_logprobs and self._is_live(request):
+                record_prompt_logprobs(request, seq.start_pos, result.prompt_logprobs)
+        self.num_prompt_tokens += sum(
+            max(0, min(s.start_pos + s.num_tokens, s.num_prompt_tokens) - s.start_pos) for s in step.scheduled.seqs
+        )
+        advanced: list[tuple[Request, int]] = []
+        now = time.monotonic()
+        for request in step.sampled:
+            if not self._is_live(request):
+                continue
+            result = output.results[request.request_id]
+            token = result.token_id
+            assert token is not None, "a sampling sequence always gets a token"
+            request.resolve_token(token)
+            self.kv.cache_full_blocks(request)  # the block holding it may be computed already
+            self.num_generation_tokens += 1
+            if request.first_token_time is None:
+                request.first_token_time = now
+            if result.logprobs is not None:
+                request.logprobs.append(result.logprobs)
+            stop = check_stop(request, token, self.eos_token_id, self.config.max_model_len)
+            if stop is not None:
+                self.finish(request.request_id, *stop)
+            advanced.append((request, token))
+        return advanced
+
+    def _is_live(self, request: Request) -> bool:
+        return self.requests.get(request.request_id) is request
+
+
+def below_min_tokens(request: Request) -> bool:
+    """Fewer known output tokens than ``min_tokens``: no stop condition but the length applies yet."""
+    # Known tokens only: with overlap scheduling the next one may be pending already.
+    return request.num_known_tokens - request.num_prompt_tokens < request.sampling_params.min_tokens
+
+
+def check_stop(
+    request: Request, token: int, eos_token_id: int | None, max_model_len: int
+) -> tuple[RequestStatus, int | None] | None:
+    """Whether ``request`` stops on ``token``, its newest known one: (status, stop reason), or None."""
+    params = request.sampling_params
+    if not below_min_tokens(request):
+        if token == eos_token_id and not params.ignore_eos:
+            return RequestStatus.FINISHED_STOPPED, None
+        if token in params.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED, token
+    num_output = request.num_known_tokens - request.num_prompt_tokens
+    if num_output >= request.max_tokens or request.num_known_tokens >= max_model_len:
+        return RequestStatus.FINISHED_LENGTH, None
+    return None
+
+
+def record_prompt_logprobs(request: Request, start_pos: int, entries: list[PositionLogprobs]) -> None:
+    """Store logprobs of prompt tokens start_pos+1 ...; a recompute after preemption adds nothing twice."""
+    if not request.prompt_logprobs:
+        request.prompt_logprobs.append(None)  # the first prompt token has no context
+    for offset, entry in enumerate(entries):
+        if start_pos + 1 + offset == len(request.prompt_logprobs):
+            request.prompt_logprobs.append(entry)

@@ -10,16 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hawker.engine.scheduler import ScheduledSeq
-
-# Decode keys are padded to a multiple of this many positions. SDPA's CPU
-# kernel gives a query the same result for any such padding of its (masked)
-# keys, but not for padding to an arbitrary length.
-DECODE_KEY_MULTIPLE = 16
-# Prefill queries attend on tiles of this many positions, aligned to its
-# multiples: SDPA's CPU kernel blocks its work by the number of queries, so a
-# query's result would otherwise depend on the length of its chunk.
-CONSISTENT_PREFILL_TILE = 128
+from hawker.step import ScheduledSeq
 
 
 def is_decode(seq: ScheduledSeq) -> bool:

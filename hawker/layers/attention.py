@@ -1,28 +1,11 @@
-"""Attention layer: dispatches to the backend chosen for the device."""
+"""Attention layer: attends through whichever backend built the step's metadata (hawker/attention/backend.py)."""
 
 from __future__ import annotations
-
-from typing import Protocol
 
 import torch
 from torch import nn
 
-from hawker.attention.metadata import AttentionMetadata
-from hawker.attention.torch_backend import paged_attention
-
-
-class BackendMetadata(Protocol):
-    """A non-torch backend's per-step metadata, which knows how to attend."""
-
-    def attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        scale: float,
-    ) -> torch.Tensor: ...
+from hawker.attention.backend import StepAttention
 
 
 class PagedAttention(nn.Module):
@@ -39,8 +22,6 @@ class PagedAttention(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
-        meta: AttentionMetadata | BackendMetadata,
+        meta: StepAttention,
     ) -> torch.Tensor:
-        if isinstance(meta, AttentionMetadata):  # the torch backend
-            return paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return meta.attend(q, k, v, kv_cache[0], kv_cache[1], self.scale)

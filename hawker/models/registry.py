@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from torch import nn
+from hawker.models.base import CausalLM
 
 # Adding a family: write models/<family>.py and add its architectures here.
 _MODELS: dict[str, tuple[str, str]] = {
@@ -19,10 +19,11 @@ def supported_architectures() -> list[str]:
     return sorted(_MODELS)
 
 
-def model_class(architecture: str) -> type[nn.Module]:
+def model_class(architecture: str) -> type[CausalLM]:
     if architecture not in _MODELS:
         raise ValueError(
             f"unsupported architecture {architecture!r}; supported: {', '.join(supported_architectures())}"
         )
     module_name, class_name = _MODELS[architecture]
-    return getattr(importlib.import_module(module_name), class_name)
+    found: type[CausalLM] = getattr(importlib.import_module(module_name), class_name)
+    return found

@@ -21,8 +21,10 @@ import torch
 import uvicorn
 
 from hawker.engine.async_engine import AsyncEngine, build_off_main_thread
-from hawker.engine.engine import Engine, EngineOptions, resolve_device
+from hawker.engine.configure import resolve_device
+from hawker.engine.engine import Engine
 from hawker.engine.faults import TokenFault
+from hawker.options import EngineOptions
 from hawker.server.app import ServerSettings, ServerState, build_app
 from hawker.server.protocol import DEFAULT_MAX_TOKENS
 from hawker.server.router import ReplicaRouter

@@ -1,4 +1,4 @@
-"""Rank 0's runner and the other ranks' step loop."""
+"""Rank 0's runner over a tensor / pipeline parallel world, and the other ranks' step loop."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import torch.distributed as dist
 from hawker.distributed.launch import WorkerProcesses
 from hawker.distributed.world import RunStep, Shutdown, World, leave_world
 from hawker.engine.errors import EngineFatalError
-from hawker.engine.model_runner import LogitsObserver, ModelOutput, ModelRunner
-from hawker.engine.scheduler import SchedulerOutput
+from hawker.engine.model_runner import ModelRunner
+from hawker.engine.runner import LogitsObserver, WeightSource
+from hawker.step import CompletedStep, ModelOutput, SchedulerOutput, StepHandle
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,9 @@ class DriverRunner:
     """Broadcasts each step to every rank, runs rank 0's shard, and returns the sampled tokens.
 
     Any failure inside a step is fatal: the ranks would no longer agree on
-    which step they are in.
+    which step they are in. Each step runs to completion when launched
+    (overlap scheduling is for one process), and weight updates and sleep
+    are not supported across ranks yet.
     """
 
     def __init__(self, local: ModelRunner, world: World, workers: WorkerProcesses | None) -> None:
@@ -46,6 +49,23 @@ class DriverRunner:
         reason = None if self.workers is None else self.workers.dead()
         if reason is not None:
             raise EngineFatalError(f"a worker rank died: {reason}")
+
+    @property
+    def warming_up(self) -> bool:
+        return False  # no compiled step: collectives are not traced
+
+    def launch(self, step: SchedulerOutput, previous: StepHandle | None = None) -> StepHandle:
+        assert previous is None, "overlap scheduling runs in one process"
+        return CompletedStep(self.execute(step))
+
+    def update_weights(self, weights: WeightSource) -> int:
+        raise ValueError("update_weights is not supported with tensor or pipeline parallelism yet")
+
+    def release_memory(self, weights: bool) -> None:
+        raise ValueError("sleep is not supported with tensor or pipeline parallelism yet")
+
+    def restore_memory(self, checkpoint_path: str | None) -> None:
+        raise ValueError("sleep is not supported with tensor or pipeline parallelism yet")
 
     def execute(self, step: SchedulerOutput) -> ModelOutput:
         self.check_health()

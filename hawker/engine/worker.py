@@ -1,4 +1,4 @@
-"""A worker rank: ``python -m hawker.distributed.worker``.
+"""A worker rank: ``python -m hawker.engine.worker``.
 
 Started by the driver (one process per rank on its node, told where to
 meet through environment variables) or by torchrun on every node, where the
@@ -13,12 +13,13 @@ import logging
 import os
 import sys
 
-from hawker.distributed.executor import serve_steps
 from hawker.distributed.launch import die_with_parent
 from hawker.distributed.pipeline import stage_links
 from hawker.distributed.world import WorldSpec, leave_world
-from hawker.engine.engine import EngineOptions, eos_id, load_rank_shard, num_kv_blocks
+from hawker.engine.driver_runner import serve_steps
+from hawker.engine.loading import eos_id, load_rank_shard, num_kv_blocks
 from hawker.engine.model_runner import ModelRunner
+from hawker.options import EngineOptions
 
 logger = logging.getLogger(__name__)
 
