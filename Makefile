@@ -5,9 +5,10 @@ run:
 	bash scripts/setup.sh
 	.venv/bin/hawker serve
 
-# Install everything (with test tools) and run the whole test suite.
+# Install everything (with test tools), type-check hawker/ and run the whole test suite.
 test:
 	bash scripts/setup.sh test
+	.venv/bin/mypy
 	.venv/bin/python -m pytest tests
 
 bench:

@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Engines run eagerly in tests (compiling each one would take most of the
-# time budget); tests/test_compiled_decode.py turns compilation back on.
+# time budget); tests/engine/test_compiled_decode.py turns compilation back on.
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 
 import torch
@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hawker.layers.quant import INT4_GROUP_SIZE
-from tests.tiny_models import ARCHITECTURES, build_tiny_checkpoint, rewritten_copy, snap_to_grid
+from tests.support.tiny_models import ARCHITECTURES, build_tiny_checkpoint, rewritten_copy, snap_to_grid
 
 
 @pytest.fixture(scope="session")

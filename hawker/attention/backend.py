@@ -16,6 +16,8 @@ from typing import Protocol
 
 import torch
 
+from hawker.config import EngineConfig
+
 
 class SeqRun(Protocol):
     """One sequence's part of a step: ``num_tokens`` queries after ``start_pos`` cached tokens."""
@@ -33,8 +35,15 @@ class SeqRun(Protocol):
 class StepAttention(Protocol):
     """A step's attention metadata, shared by every layer."""
 
-    slot_mapping: torch.Tensor  # [T] cache slot of each token row
-    num_decodes: int  # the first rows, one token each
+    @property
+    def slot_mapping(self) -> torch.Tensor:
+        """[T] cache slot of each token row."""
+        ...
+
+    @property
+    def num_decodes(self) -> int:
+        """The first rows, one token each."""
+        ...
 
     def attend(
         self,
@@ -55,3 +64,22 @@ class AttentionBackend(Protocol):
     ) -> StepAttention:
         """The metadata of a step whose rows hold ``runs`` in order (``row_ends``: each one's exclusive end)."""
         ...
+
+
+def build_backend(config: EngineConfig, kv_heads: int) -> AttentionBackend:
+    """The backend ``config.attention_backend`` names, set up for this rank (``kv_heads`` of them)."""
+    device = torch.device(config.device)
+    if config.attention_backend == "triton":
+        from hawker.attention.triton_backend import TritonAttentionBackend  # needs triton, which a CPU may lack
+
+        return TritonAttentionBackend(kv_heads, device)
+    from hawker.attention.torch_metadata import TorchAttentionBackend  # it imports SeqRun from here
+
+    return TorchAttentionBackend(
+        block_size=config.cache.block_size,
+        device=device,
+        native_decode=config.native_decode_attention,
+        native_prefill=config.native_prefill_attention,
+        consistent_numerics=config.consistent_numerics,
+        batch_invariant=config.batch_invariant,
+    )

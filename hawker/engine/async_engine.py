@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import logging
 import queue
 import threading
@@ -129,7 +130,7 @@ class _Call:
     """Run ``fn`` on the engine thread (between steps); its result or error settles ``future``."""
 
     fn: Callable[[Engine], Any]
-    future: asyncio.Future
+    future: asyncio.Future[Any]
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ class AsyncEngine:
         self.tokenizer: PreTrainedTokenizerBase = copy.deepcopy(engine.tokenizer)
         self.max_waiting_requests = max_waiting_requests
         self.observer = RequestObserver()  # the router replaces it (and forwards to the metrics)
-        self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _Abort | _Call | None] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._progress: dict[str, StreamProgress] = {}
         # Sequences (a request's n samples each) handed to the loop thread and not yet in its scheduler.
@@ -271,7 +272,7 @@ class AsyncEngine:
         they never run while a step does.
         """
         self.raise_if_dead()
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._commands.put(_Call(fn, future))
         return await future
 
@@ -306,7 +307,7 @@ class AsyncEngine:
                 outputs = self.engine.step()
                 seconds = time.perf_counter() - start
                 self._publish_stats()
-                self._post(lambda outs=outputs, s=seconds: self._deliver(outs, s))
+                self._post(functools.partial(self._deliver, outputs, seconds))
         except BaseException as error:
             self.dead_reason = f"{type(error).__name__}: {error}"
             logger.exception("the engine loop died")
@@ -339,7 +340,7 @@ class AsyncEngine:
                 logger.info("aborted request %s", command.request_id)
                 self._post(lambda: self._deliver([final], None))
         elif isinstance(command, _Add):
-            self._post(lambda n=command.params.n: self._added(n))
+            self._post(functools.partial(self._added, command.params.n))
             try:
                 self.engine.add_request(
                     command.request_id,
@@ -349,19 +350,19 @@ class AsyncEngine:
                     arrival_time=command.arrival_time,
                 )
             except ValueError as error:  # checked before queueing; only a race lands here
-                self._post(lambda rid=command.request_id, e=error: self._deliver_error(rid, e))
+                self._post(functools.partial(self._deliver_error, command.request_id, error))
 
     def _run_call(self, call: _Call) -> None:
         try:
             result = call.fn(self.engine)
         except Exception as error:  # the caller's to handle (a bad path, a wrong state)
-            self._post(lambda e=error: call.future.done() or call.future.set_exception(e))
+            self._post(functools.partial(_settle, call.future, None, error))
             return
         # Requests that the call finished (pause with mode="abort") reach their streams.
         finished = [r for r in result if isinstance(r, RequestOutput)] if isinstance(result, list) else []
         if finished:
             self._post(lambda: self._deliver(finished, None))
-        self._post(lambda: call.future.done() or call.future.set_result(result))
+        self._post(functools.partial(_settle, call.future, result, None))
 
     def _publish_stats(self) -> None:
         stats = self.engine.stats()
@@ -450,3 +451,13 @@ class RequestStream:
         if last is None or not last.finished:
             raise asyncio.CancelledError(f"request {self.request_id} was closed before it finished")
         return last
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    """Give ``future`` its result or error, unless its caller gave up on it already."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

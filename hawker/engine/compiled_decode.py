@@ -43,13 +43,14 @@ from typing import Any
 
 import torch
 
+from hawker.attention.backend import StepAttention
 from hawker.attention.metadata import AttentionMetadata, DecodeGroup, PagedDecode
 from hawker.models.base import CausalLM
 
 logger = logging.getLogger(__name__)
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
-Forward = Callable[[torch.Tensor, torch.Tensor, list[KVCache], AttentionMetadata], torch.Tensor]
+Forward = Callable[[torch.Tensor, torch.Tensor, list[KVCache], StepAttention], torch.Tensor]
 
 # Decode-only steps of up to min(max_num_seqs, this) rows take the compiled path by
 # default. Eager dispatch costs 10-30 ms a step at 17-64 rows on a 2-core CPU
@@ -124,12 +125,15 @@ class CompiledDecode:
             self._forward = _compile(self._model, self.cpp_wrapper)
         return self._forward
 
-    def handles(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> bool:
-        return self._ready.is_set() and input_ids.shape[0] <= self.max_rows and decode_only_single_group(meta)
+    def handles(self, input_ids: torch.Tensor, meta: StepAttention) -> bool:
+        # The torch backend's decode-only steps: what the graphs were traced on.
+        torch_decode = isinstance(meta, AttentionMetadata) and decode_only_single_group(meta)
+        return self._ready.is_set() and input_ids.shape[0] <= self.max_rows and torch_decode
 
     def __call__(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta: StepAttention
     ) -> torch.Tensor:
+        assert isinstance(meta, AttentionMetadata), "compiled steps are the torch backend's"
         _mark_step_dims_dynamic(input_ids, positions, meta)
         return self._compiled()(input_ids, positions, kv_caches, meta)
 
@@ -274,7 +278,8 @@ def _private_forward(model: CausalLM) -> Forward:
     def forward(
         input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata
     ) -> torch.Tensor:
-        return model(input_ids, positions, kv_caches, meta)
+        hidden: torch.Tensor = model(input_ids, positions, kv_caches, meta)
+        return hidden
 
     code = forward.__code__.replace(co_name=f"forward_of_model_{id(model):x}")
     return types.FunctionType(code, forward.__globals__, code.co_name, None, forward.__closure__)

@@ -8,6 +8,7 @@ refused with a message naming the option.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 
@@ -220,7 +221,8 @@ def _batch_invariant_options(options: EngineOptions) -> EngineOptions:
             raise ValueError(f"deterministic=True needs {name} off (0); it chooses kernels by batch size")
     if options.attention_backend == "triton":
         raise ValueError("deterministic=True runs the torch attention backend (the triton one is not batch-invariant)")
-    return dataclasses.replace(options, attention_backend="torch", **dict.fromkeys(_SHAPE_DEPENDENT_OPTIONS, 0))
+    off: dict[str, Any] = dict.fromkeys(_SHAPE_DEPENDENT_OPTIONS, 0)
+    return dataclasses.replace(options, attention_backend="torch", **off)
 
 
 def engine_config(options: EngineOptions, parallel: ParallelConfig) -> tuple[EngineConfig, Checkpoint]:

@@ -25,6 +25,7 @@ import bisect
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -103,7 +104,7 @@ class _StaticInputs:
         for device_buffer, host_buffer in pairs:
             device_buffer[:padded].copy_(host_buffer[:padded], non_blocking=True)
         if self.input_ids.is_cuda:
-            self.uploaded = torch.cuda.Event()
+            self.uploaded = torch.cuda.Event()  # type: ignore[no-untyped-call]
             self.uploaded.record()
 
     def metadata(self, rows: int, kv_heads: int) -> TritonAttentionMetadata:
@@ -172,9 +173,12 @@ class DecodeGraphs:
 
     def _forward(self, rows: int) -> torch.Tensor:
         meta = self.inputs.metadata(rows, self.kv_heads)
-        return self.model(self.inputs.input_ids[:rows], self.inputs.positions[:rows], self.kv_caches, meta)
+        hidden: torch.Tensor = self.model(
+            self.inputs.input_ids[:rows], self.inputs.positions[:rows], self.kv_caches, meta
+        )
+        return hidden
 
-    def _capture(self, rows: int, pool: object) -> None:
+    def _capture(self, rows: int, pool: Any) -> None:
         # One eager run first: Triton compiles its kernels outside the capture.
         self._forward(rows)
         torch.cuda.synchronize()

@@ -46,16 +46,18 @@ class IncrementalDetokenizer:
     def add_token(self, token_id: int) -> str | None:
         """Append one token; returns the stop string if the text now contains one."""
         self.tokens.append(token_id)
-        decode = self.tokenizer.decode
-        prefix = decode(
-            self.tokens[self.prefix_offset : self.read_offset], skip_special_tokens=self.skip_special_tokens
-        )
-        full = decode(self.tokens[self.prefix_offset :], skip_special_tokens=self.skip_special_tokens)
+        prefix = self._decode(self.tokens[self.prefix_offset : self.read_offset])
+        full = self._decode(self.tokens[self.prefix_offset :])
         if len(full) <= len(prefix) or full.endswith(_REPLACEMENT_CHAR):
             return None  # an incomplete UTF-8 sequence: wait for more bytes
         new_text = full[len(prefix) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
         return self._append_text(new_text)
+
+    def _decode(self, tokens: list[int]) -> str:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=self.skip_special_tokens)
+        assert isinstance(text, str), "one sequence decodes to one string"
+        return text
 
     def streamable_text(self) -> str:
         """The text minus a tail that could still become the start of a stop string.

@@ -14,11 +14,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hawker.attention.backend import AttentionBackend, StepAttention
-from hawker.attention.torch_metadata import TorchAttentionBackend
+from hawker.attention.backend import StepAttention, build_backend
 from hawker.config import EngineConfig
 from hawker.distributed.pipeline import StageLinks, split_micro_batches
-from hawker.engine.compiled_decode import CompiledDecode, rows_within_graph_budget, warm_up_row_counts
+from hawker.engine.compiled_decode import CompiledDecode, Forward, rows_within_graph_budget, warm_up_row_counts
 from hawker.engine.request import PENDING_TOKEN
 from hawker.engine.runner import LogitsObserver, WeightSource
 from hawker.engine.sampler import (
@@ -113,7 +112,7 @@ class ModelRunner:
         # This rank's KV heads: replicated ones count once per rank.
         self.kv_heads = max(1, config.model.num_kv_heads // config.parallel.tensor_parallel_size)
         self.stage = stage  # None without pipeline parallelism
-        self.attention = attention_backend(config, self.kv_heads)
+        self.attention = build_backend(config, self.kv_heads)
         self.kv_caches = self._allocate_kv_cache(num_blocks)
         self.sampler = Sampler(eos_token_id, seed=config.seed, device=self.device, row_by_row=config.batch_invariant)
         self.logits_observer: LogitsObserver | None = None
@@ -243,16 +242,16 @@ class ModelRunner:
         assert self.stage is None, "pipeline stages run through execute()"
         graphs = self.decode_graphs
         if graphs is not None and graphs.handles(len(step.seqs)) and all(map(is_decode, step.seqs)):
-            row_ends = list(range(1, len(step.seqs) + 1))
-            hidden = graphs.run(step.seqs, lambda ids: self._fill_pending(ids, step.seqs, row_ends, previous))
-            return self._launch_sample(step.seqs, row_ends, hidden)
+            rows = list(range(1, len(step.seqs) + 1))
+            hidden = graphs.run(step.seqs, lambda ids: self._fill_pending(ids, step.seqs, rows, previous))
+            return self._launch_sample(step.seqs, rows, hidden)
         order: list[ScheduledSeq] = []
         row_ends: list[int] = []
         hiddens: list[torch.Tensor] = []
         for seqs in forward_groups(step.seqs, apart=self.config.consistent_numerics):
             batch = self._prepare(self._twice_if_alone(seqs))
             self._fill_pending(batch.input_ids, batch.order, batch.row_ends, previous)
-            forward = self.model
+            forward: Forward = self.model
             if self.compiled_decode is not None and self.compiled_decode.handles(batch.input_ids, batch.meta):
                 forward = self.compiled_decode
             hidden = forward(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
@@ -284,8 +283,8 @@ class ModelRunner:
         Only a sequence's last token can be pending (sampled by ``previous``):
         the scheduler never re-admits a request whose tokens are not all known.
         """
-        rows = zip(order, row_ends, strict=True)
-        pending = [(seq, end - 1) for seq, end in rows if seq.token_ids[-1] == PENDING_TOKEN]
+        ends = zip(order, row_ends, strict=True)
+        pending = [(seq, end - 1) for seq, end in ends if seq.token_ids[-1] == PENDING_TOKEN]
         if not pending:
             return
         if not isinstance(previous, LaunchedStep) or previous.token_ids is None:
@@ -308,7 +307,9 @@ class ModelRunner:
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta, received)
             if stage.next_rank is not None:
                 hidden = hidden.contiguous()
-                in_flight.append((dist.isend(hidden, dst=stage.next_rank), hidden))
+                send = dist.isend(hidden, dst=stage.next_rank)
+                assert send is not None, "this rank is in the group"
+                in_flight.append((send, hidden))
             else:
                 results.update(self._launch_sample(batch.order, batch.row_ends, hidden).result().results)
         for work, _ in in_flight:
@@ -384,20 +385,3 @@ class ModelRunner:
             tensors = logprob_tensors(torch.log_softmax(logits, dim=-1), chosen, k)
             found.append(_PromptLogprobs(seq.request_id, targets, k, HostCopy(tensors)))
         return found
-
-
-def attention_backend(config: EngineConfig, kv_heads: int) -> AttentionBackend:
-    """The backend ``config.attention_backend`` names, set up for this rank (``kv_heads`` of them)."""
-    device = torch.device(config.device)
-    if config.attention_backend == "triton":
-        from hawker.attention.triton_backend import TritonAttentionBackend  # needs triton, which a CPU may lack
-
-        return TritonAttentionBackend(kv_heads, device)
-    return TorchAttentionBackend(
-        block_size=config.cache.block_size,
-        device=device,
-        native_decode=config.native_decode_attention,
-        native_prefill=config.native_prefill_attention,
-        consistent_numerics=config.consistent_numerics,
-        batch_invariant=config.batch_invariant,
-    )

@@ -20,6 +20,7 @@ import torch
 
 from hawker.kernels.native import (
     DTYPE_CODES,
+    CFunction,
     attention_inputs,
     define_op,
     int64_arrays,
@@ -31,7 +32,7 @@ _LIBRARY = "paged_decode_attention"
 
 
 @functools.cache
-def _kernel(group: int, head_dim: int) -> ctypes._CFuncPtr | None:
+def _kernel(group: int, head_dim: int) -> CFunction | None:
     """The kernel built for ``group`` query heads per KV head of ``head_dim`` dims (its vector loops' shape)."""
     library = load_kernel_library(_LIBRARY, (("HAWKER_GROUP", group), ("HAWKER_HEAD_DIM", head_dim)))
     if library is None:

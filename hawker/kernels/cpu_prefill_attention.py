@@ -18,11 +18,18 @@ import functools
 
 import torch
 
-from hawker.kernels.native import DTYPE_CODES, attention_inputs, define_cpu_op, int64_arrays, load_kernel_library
+from hawker.kernels.native import (
+    DTYPE_CODES,
+    CFunction,
+    attention_inputs,
+    define_cpu_op,
+    int64_arrays,
+    load_kernel_library,
+)
 
 
 @functools.cache
-def _kernel() -> ctypes._CFuncPtr | None:
+def _kernel() -> CFunction | None:
     library = load_kernel_library("paged_prefill_attention")
     if library is None:
         return None

@@ -26,7 +26,7 @@ import functools
 
 import torch
 
-from hawker.kernels.native import built_kernel, define_op, load_kernel_library, load_op_library
+from hawker.kernels.native import CFunction, built_kernel, define_op, load_kernel_library, load_op_library
 
 _LIBRARY = "int8_dot_linear"
 OP = "hawker::int8_dot_linear"
@@ -36,7 +36,7 @@ _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 @functools.cache
-def _kernel() -> ctypes._CFuncPtr | None:
+def _kernel() -> CFunction | None:
     pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     return built_kernel(_LIBRARY, [pointer, i64, pointer, i32, pointer, i64, i64, i64, i64, i32, i32])
 

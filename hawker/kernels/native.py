@@ -113,7 +113,11 @@ def load_kernel_library(name: str, defines: tuple[tuple[str, int], ...] = ()) ->
         return None
 
 
-def built_kernel(name: str, argtypes: list[Any]) -> ctypes._CFuncPtr | None:
+# A C function loaded from a shared library (ctypes' function pointer type is private).
+CFunction = Any
+
+
+def built_kernel(name: str, argtypes: list[Any]) -> CFunction | None:
     """``hawker_<name>`` from ``csrc/<name>.c`` (returning int, taking ``argtypes``), or None where it cannot be
     built here or was built without the instructions it needs (its ``hawker_<name>_built()`` returns 0)."""
     library = load_kernel_library(name)

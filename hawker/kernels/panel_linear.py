@@ -19,14 +19,14 @@ import functools
 
 import torch
 
-from hawker.kernels.native import built_kernel, define_cpu_op
+from hawker.kernels.native import CFunction, built_kernel, define_cpu_op
 
 _LIBRARY = "panel_linear"
 PANEL = 32  # outputs a packed panel holds (csrc/panel_linear.c)
 
 
 @functools.cache
-def _kernel() -> ctypes._CFuncPtr | None:
+def _kernel() -> CFunction | None:
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     return built_kernel(_LIBRARY, [pointer, i64, pointer, pointer, i64, i64, i64, i64, ctypes.c_int])
 

@@ -36,7 +36,7 @@ class VocabParallelEmbedding(nn.Module):
         return self.tp.all_reduce(out)
 
 
-class ParallelLMHead(ProjectionCopies, VocabParallelEmbedding):
+class ParallelLMHead(ProjectionCopies, VocabParallelEmbedding):  # type: ignore[misc]  # both hold the weight
     """Projects hidden states onto this rank's vocabulary slice, then gathers."""
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

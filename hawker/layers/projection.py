@@ -197,8 +197,8 @@ def plan_projections(model: nn.Module, options: MatmulOptions) -> dict[str, str]
         float32_won = float32_won or FP32 in plan.kernels
         name = "lm_head" if group.is_head else "x".join(map(str, weight.shape))
         described[f"{name} ({len(group.layers)} layers)"] = plan.describe()
-    for name, plan in described.items():
-        logger.info("matmul plan %s: %s", name, plan)
+    for name, text in described.items():
+        logger.info("matmul plan %s: %s", name, text)
     return described
 
 

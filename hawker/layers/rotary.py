@@ -65,6 +65,5 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryAngles:
         """The angles of ``positions`` [T], cast to ``dtype`` as HF does before rotating."""
-        return RotaryAngles(
-            self.cos[positions].unsqueeze(1).to(dtype), self.signed_sin[positions].unsqueeze(1).to(dtype)
-        )
+        cos, signed_sin = self.get_buffer("cos"), self.get_buffer("signed_sin")
+        return RotaryAngles(cos[positions].unsqueeze(1).to(dtype), signed_sin[positions].unsqueeze(1).to(dtype))

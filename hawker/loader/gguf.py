@@ -86,7 +86,7 @@ class GGUFFile:
 
 class _Cursor:
     def __init__(self, data: np.ndarray, path: Path) -> None:
-        self.buffer = memoryview(data)
+        self.buffer = memoryview(data)  # type: ignore[arg-type]  # numpy arrays are buffers
         self.pos = 0
         self.path = path
 

@@ -15,7 +15,7 @@ def load_tokenizer(model_path: Path) -> PreTrainedTokenizerBase:
     ``AutoTokenizer`` transformers first reads the file's whole config with
     ``gguf.GGUFReader`` to pick a class (4 s for the default model, against
     0.3 s for the tokenizer); for a GGUF it picks this one anyway
-    (tests/test_default_gguf.py compares the two).
+    (tests/loader/test_default_gguf.py compares the two).
     """
     if model_path.suffix == ".gguf":
         return PreTrainedTokenizerFast.from_pretrained(
@@ -32,6 +32,8 @@ def render_chat(
 ) -> str:
     if chat_template is None and tokenizer.chat_template is None:
         raise ValueError("this model has no chat template; pass chat_template=... or use generate()")
-    return tokenizer.apply_chat_template(
+    text = tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template
     )
+    assert isinstance(text, str), "tokenize=False renders text"
+    return text

@@ -109,7 +109,8 @@ class CausalLM(CheckpointWeights):
         meta: StepAttention,
         hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, meta, hidden)
+        out: torch.Tensor = self.model(input_ids, positions, kv_caches, meta, hidden)
+        return out
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         assert self.lm_head is not None, "only the last pipeline stage computes logits"

@@ -291,7 +291,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             echo=body.echo,
             logprobs=body.logprobs,
             # Only echo shows the prompt's text; token-id prompts are decoded just for it.
-            prompt_texts=[text or router.tokenizer.decode(ids) for text, ids in prompts] if body.echo else [],
+            prompt_texts=[text or str(router.tokenizer.decode(ids)) for text, ids in prompts] if body.echo else [],
         )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream:
@@ -382,7 +382,8 @@ async def _whole(request: Request, streams: list[RequestStream], responder: Resp
     work = asyncio.ensure_future(asyncio.gather(*(stream.final() for stream in streams)))
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
-        done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        racing: set[asyncio.Future[Any]] = {work, watcher}
+        done, _ = await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
         if work not in done:
             logger.info("client left; aborting %s", ", ".join(s.request_id for s in streams))
             work.cancel()

@@ -63,7 +63,7 @@ class StreamState:
         return Delta(text, token_ids, logprobs, completion.finish_reason)
 
 
-def usage(outputs: list[RequestOutput]) -> dict[str, int]:
+def usage(outputs: list[RequestOutput]) -> dict[str, Any]:
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     cached = sum(o.num_cached_tokens for o in outputs)
@@ -105,7 +105,7 @@ class TokenText:
         return raw
 
     def _text(self, token_id: int) -> str:
-        text = self._tokenizer.decode([token_id])
+        text = str(self._tokenizer.decode([token_id]))  # one sequence: one string
         if "\ufffd" not in text:
             return text
         raw = self.token_bytes(token_id)
@@ -115,13 +115,13 @@ class TokenText:
             return "bytes:" + "".join(f"\\x{byte:02x}" for byte in raw)
 
     def _raw_bytes(self, token_id: int) -> bytes:
-        piece = self._tokenizer.convert_ids_to_tokens(token_id)
+        piece = str(self._tokenizer.convert_ids_to_tokens(token_id))  # one id: one token
         byte_fallback = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
         if byte_fallback:
             return bytes([int(byte_fallback.group(1), 16)])
         if piece and all(char in self._byte_decoder for char in piece):
             return bytes(self._byte_decoder[char] for char in piece)
-        return self._tokenizer.decode([token_id]).encode("utf-8")
+        return str(self._tokenizer.decode([token_id])).encode("utf-8")
 
 
 def completion_logprobs(

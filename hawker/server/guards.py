@@ -18,7 +18,8 @@ import hmac
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import Any
 
 from starlette.requests import Request
 
@@ -64,7 +65,7 @@ class RequestGuard:
         header = (REQUEST_ID_HEADER.lower().encode(), request_id.encode())
         started = False
 
-        async def send_with_id(message: dict) -> None:
+        async def send_with_id(message: MutableMapping[str, Any]) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True

@@ -164,7 +164,7 @@ class _SamplingFields(BaseModel):
             "prompt_logprobs": prompt_logprobs,
         }
         # None means "the default" (JSON null is how clients leave a field unset).
-        kwargs = {name: value for name, value in given.items() if value is not None}
+        kwargs: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
         kwargs["max_tokens"] = max_tokens
         return kwargs
 

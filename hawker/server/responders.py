@@ -10,7 +10,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from hawker.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from hawker.server.formatting import Delta, StreamState, TokenText, chat_logprobs, completion_logprobs, usage
@@ -112,7 +112,7 @@ class CompletionResponder(_Base):
                         "stop_reason": completion.stop_reason,
                     }
                 )
-        choices.sort(key=lambda choice: choice["index"])
+        choices.sort(key=lambda choice: cast(int, choice["index"]))
         return self._envelope(self.kind, choices) | {"usage": usage(finals)}
 
 
@@ -187,5 +187,5 @@ class ChatResponder(_Base):
                         "stop_reason": completion.stop_reason,
                     }
                 )
-        choices.sort(key=lambda choice: choice["index"])
+        choices.sort(key=lambda choice: cast(int, choice["index"]))
         return self._envelope(self.kind, choices) | {"usage": usage(finals)}

@@ -1,0 +1,145 @@
+"""Tensor and pipeline parallelism over torch.distributed (gloo, CPU processes).
+
+Parity: each layout must give transformers' logits within test_parity's
+tolerance (float32; max |diff| <= 1e-4 x the logit scale at every position)
+and the same greedy tokens, with chunked prefill (16-token steps) and, on
+a second pass over the same prompts, prefix-cache hits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from hawker import LLM, SamplingParams
+from hawker.distributed.pipeline import split_micro_batches
+from hawker.layers.linear import ColumnParallelLinear
+from hawker.layers.parallel import PPInfo, TPInfo
+from hawker.step import ScheduledSeq
+from tests.support.parity import assert_parity, make_prompts, reference_generate, run_hawker
+from tests.support.server_process import ServerProcess, launch, wait_ready
+
+NEW_TOKENS = 16
+
+
+@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2), (2, 2)])
+def test_parallel_layouts_keep_parity(tiny_checkpoints: dict[str, Path], tp: int, pp: int) -> None:
+    arch = "qwen3" if tp * pp == 4 else "llama"  # qwen3: q/k norms and an explicit head_dim
+    prompts = make_prompts(seed=3)[2:5]
+    # 16 new tokens, not the parity tests' 32: each step crosses processes (the suite's slowest tests).
+    reference = reference_generate(tiny_checkpoints[arch], prompts, NEW_TOKENS)
+    with LLM(
+        str(tiny_checkpoints[arch]),
+        dtype="float32",
+        tensor_parallel_size=tp,
+        pipeline_parallel_size=pp,
+        max_num_batched_tokens=16,
+        block_size=4,
+    ) as llm:
+        tokens, logits = run_hawker(llm, prompts, NEW_TOKENS)
+        assert_parity(reference, tokens, logits)
+        hits_before = llm.engine.stats().prefix_cache_hits
+        tokens, logits = run_hawker(llm, prompts, NEW_TOKENS)  # the prompts' blocks are cached now
+        assert_parity(reference, tokens, logits)
+        assert llm.engine.stats().prefix_cache_hits > hits_before
+        llm.engine.kv.check_invariants()
+
+
+def test_kv_heads_are_replicated_over_more_ranks() -> None:
+    # 2 KV heads of 3 dims over 4 ranks: ranks 0-1 hold head 0, ranks 2-3 head 1.
+    q_size, kv_size = 4 * 3, 2 * 3
+    full = torch.arange((q_size + 2 * kv_size) * 5, dtype=torch.float32).reshape(-1, 5)
+    q, k, v = full.split([q_size, kv_size, kv_size])
+    for rank in range(4):
+        tp = TPInfo(rank, 4)
+        heads = tp.heads(2)
+        layer = ColumnParallelLinear(5, (q_size, kv_size, kv_size), False, tp, torch.float32, (4, 2, 2))
+        for shard, tensor in enumerate((q, k, v)):
+            layer.load("weight", tensor, shard)
+        head = rank // 2
+        assert heads.local == 1 and heads.part == head
+        expected = torch.cat((q[rank * 3 : rank * 3 + 3], k[head * 3 : head * 3 + 3], v[head * 3 : head * 3 + 3]))
+        assert torch.equal(layer.weight.data, expected)
+    with pytest.raises(ValueError, match="replicated"):
+        TPInfo(0, 4).heads(3)
+
+
+def test_pipeline_stages_cover_the_layers_once() -> None:
+    for layers, stages in [(2, 2), (7, 3), (32, 4)]:
+        ranges = [PPInfo(rank, stages).layer_range(layers) for rank in range(stages)]
+        assert [i for r in ranges for i in r] == list(range(layers))
+        assert max(map(len, ranges)) - min(map(len, ranges)) <= 1
+
+
+def test_micro_batches_keep_order_and_balance_tokens() -> None:
+    params = SamplingParams()
+    seqs = [ScheduledSeq(str(i), (1,) * n, 0, (0,), True, params, 0, 0, n) for i, n in enumerate([8, 1, 1, 6, 2, 1])]
+    runs = split_micro_batches(seqs, 2)
+    assert [s for run in runs for s in run] == seqs
+    assert [sum(s.num_tokens for s in run) for run in runs] == [10, 9]
+    assert len(split_micro_batches(seqs[:1], 4)) == 1
+    assert split_micro_batches([], 2) == []
+
+
+def _children(pid: int) -> list[int]:
+    found = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(child) for child in found]
+
+
+def _wait_exit(process: subprocess.Popen, seconds: float) -> int | None:
+    try:
+        return process.wait(seconds)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped) counts as gone.
+    return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_a_dead_rank_stops_the_server_and_a_dead_server_stops_its_ranks(
+    tiny_checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    server = launch(tiny_checkpoints["llama"], tmp_path / "tp.log", "--tensor-parallel-size", "2")
+    try:
+        wait_ready(server)
+        (worker,) = _children(server.process.pid)
+        os.kill(worker, signal.SIGKILL)
+        started = time.monotonic()
+        saw_unhealthy = False
+        while server.process.poll() is None and time.monotonic() - started < 20:
+            with contextlib.suppress(httpx.TransportError):  # the server may be gone already
+                saw_unhealthy |= httpx.get(f"{server.base_url}/health", timeout=2).status_code == 503
+            time.sleep(0.2)
+        code = _wait_exit(server.process, 1)
+        assert code is not None and code != 0, f"the server did not exit non-zero:\n{server.log()}"
+        assert time.monotonic() - started < 20
+        assert saw_unhealthy, "/health never reported the dead rank"
+    finally:
+        server.stop()
+    # The other way round: the driver dies without a word; its worker must not outlive it.
+    orphan_check: ServerProcess = launch(tiny_checkpoints["llama"], tmp_path / "tp2.log", "--tensor-parallel-size", "2")
+    try:
+        wait_ready(orphan_check)
+        (worker,) = _children(orphan_check.process.pid)
+        orphan_check.process.kill()
+        orphan_check.process.wait(5)
+        deadline = time.monotonic() + 10
+        while _pid_alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _pid_alive(worker), "the worker rank outlived its driver"
+    finally:
+        orphan_check.stop()

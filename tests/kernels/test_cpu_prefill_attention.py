@@ -1,0 +1,127 @@
+"""The in-place CPU prefill attention kernel: causal attention of prompt chunks over the paged cache.
+
+Against SDPA over the gathered context (float32 reference) for each dtype,
+head size, grouped-query shape and block size, chunks with and without a
+cached prefix; every query's bits independent of its chunk (a whole prompt
+and its cached tail agree), which is what consistent numerics relies on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hawker import LLM, SamplingParams
+from hawker.kernels import cpu_prefill_attention
+from hawker.kernels.cpu_prefill_attention import paged_prefill_attention
+from tests.support.paged_caches import scattered_caches
+
+pytestmark = pytest.mark.skipif(
+    not cpu_prefill_attention.available(torch.float32), reason="no C compiler: the kernel cannot be built"
+)
+
+# Against a float32 reference; bfloat16 rounds the probabilities too (as flash attention does).
+TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+Case = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _paged_case(
+    chunks: list[tuple[int, int]], heads: int, kv_heads: int, dim: int, block_size: int, dtype: torch.dtype, seed: int
+) -> Case:
+    """Queries of (length, start) chunks, one sequence each, over caches scattered across shuffled blocks."""
+    generator = torch.Generator().manual_seed(seed)
+    contexts = [start + length for length, start in chunks]
+    k_cache, v_cache, tables = scattered_caches(contexts, kv_heads, dim, block_size, dtype, generator)
+    lengths = [length for length, _ in chunks]
+    # Queries as a strided view of a fused [tokens, heads + kv heads, dim] tensor, as the model passes them.
+    q = torch.randn(sum(lengths), heads + 2 * kv_heads, dim, generator=generator).to(dtype)[:, :heads]
+    rows = torch.tensor([sum(lengths[:index]) for index in range(len(chunks))])
+    starts = torch.tensor([start for _, start in chunks])
+    return q, k_cache, v_cache, tables, rows, torch.tensor(lengths), starts
+
+
+def _reference(case: Case, scale: float) -> torch.Tensor:
+    q, k_cache, v_cache, tables, rows, lens, starts = case
+    block_size, kv_heads, dim = k_cache.shape[1:]
+    out = torch.zeros(q.shape)
+    for chunk, (row, length, start) in enumerate(zip(rows.tolist(), lens.tolist(), starts.tolist(), strict=True)):
+        positions = torch.arange(start + length)
+        slots = tables[chunk, positions // block_size] * block_size + positions % block_size
+        keys = k_cache.reshape(-1, kv_heads, dim)[slots].transpose(0, 1).float()
+        values = v_cache.reshape(-1, kv_heads, dim)[slots].transpose(0, 1).float()
+        queries = q[row : row + length].transpose(0, 1).float()
+        mask = positions.unsqueeze(0) <= torch.arange(start, start + length).unsqueeze(1)
+        attended = F.scaled_dot_product_attention(
+            queries[None], keys[None], values[None], attn_mask=mask[None, None], scale=scale, enable_gqa=True
+        )
+        out[row : row + length] = attended[0].transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "block_size"), [(9, 3, 64, 16), (4, 4, 32, 5), (8, 2, 128, 16), (6, 2, 48, 4)]
+)
+def test_matches_sdpa(dtype: torch.dtype, heads: int, kv_heads: int, dim: int, block_size: int) -> None:
+    # Whole prompts, a cached prefix's tail, one-token tails, lengths across the 16-query tiles and 16-key blocks.
+    chunks = [(37, 0), (5, 20), (1, 100), (70, 0), (16, 16), (33, 7)]
+    case = _paged_case(chunks, heads, kv_heads, dim, block_size, dtype, seed=heads + dim)
+    out = paged_prefill_attention(*case, dim**-0.5)
+    assert out.dtype == dtype and out.shape == case[0].shape
+    tolerance = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), _reference(case, dim**-0.5), atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_query_gets_the_same_bits_in_any_chunk(dtype: torch.dtype) -> None:
+    q, k_cache, v_cache, tables, *_ = _paged_case([(300, 0)], 9, 3, 64, 16, dtype, seed=3)
+    whole = paged_prefill_attention(q, k_cache, v_cache, tables, *map(torch.tensor, ([0], [300], [0])), 0.125)
+    for start in (1, 15, 16, 17, 100, 299):
+        tail = paged_prefill_attention(
+            q[start:], k_cache, v_cache, tables, *map(torch.tensor, ([0], [300 - start], [start])), 0.125
+        )
+        assert torch.equal(tail, whole[start:]), start
+        # The same tail beside another sequence's chunk, in a later row.
+        both = torch.cat([q[:7], q[start:]])
+        two_tables = torch.cat([tables, tables])
+        together = paged_prefill_attention(
+            both, k_cache, v_cache, two_tables, *map(torch.tensor, ([0, 7], [7, 300 - start], [0, start])), 0.125
+        )
+        assert torch.equal(together[7:], whole[start:]), start
+
+
+def test_rows_in_no_chunk_are_zero_and_it_runs_inside_a_compiled_graph() -> None:
+    q, k_cache, v_cache, tables, rows, lens, starts = _paged_case([(5, 0), (9, 4)], 4, 2, 32, 16, torch.float32, 1)
+    padded = torch.cat([q, torch.randn(3, 4, 32)])  # padding rows after the last chunk
+    out = paged_prefill_attention(padded, k_cache, v_cache, tables, rows, lens, starts, 0.25)
+    assert torch.equal(out[-3:], torch.zeros(3, 4, 32))
+
+    def step(q: torch.Tensor) -> torch.Tensor:
+        return paged_prefill_attention(q * 2.0, k_cache, v_cache, tables, rows, lens, starts, 0.25) + 1.0
+
+    with torch._dynamo.config.patch(disable=False):
+        compiled = torch.compile(step, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(q), step(q))
+
+
+def test_engine_prefills_through_the_kernel_by_default_and_its_off_switch_agrees(
+    tiny_checkpoints: dict[str, Path],
+) -> None:
+    checkpoint = str(tiny_checkpoints["llama"])
+    on = LLM(checkpoint, dtype="float32", block_size=4)
+    off = LLM(checkpoint, dtype="float32", block_size=4, native_prefill_attention=False)
+    assert on.engine.config.native_prefill_attention and not off.engine.config.native_prefill_attention
+    prompts = [list(range(3, 40)), list(range(50, 55))]
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+    outputs = zip(
+        on.generate(prompts, params, use_tqdm=False), off.generate(prompts, params, use_tqdm=False), strict=True
+    )
+    for a, b in outputs:
+        assert a.prompt_logprobs is not None and b.prompt_logprobs is not None
+        for token, x, y in zip(a.prompt_token_ids[1:], a.prompt_logprobs[1:], b.prompt_logprobs[1:], strict=True):
+            assert x is not None and y is not None
+            assert abs(x[token].logprob - y[token].logprob) < 1e-4

@@ -1,0 +1,134 @@
+"""The measured matmul plan: fastest copy per row count, forced ranges, and consistent numerics' rules.
+
+Timings are given (not measured) so that every choice is known; the
+invariance probe runs on real or deliberately row-dependent copies.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hawker.config import MatmulOptions
+from hawker.layers import matmul_plan
+from hawker.layers.matmul_plan import (
+    ANY_ROWS,
+    CONSISTENT_DECODE_ROWS,
+    ROW_COUNTS,
+    LayerPlan,
+    PlanStep,
+    Timings,
+    consistent_plan,
+    plan_from_choices,
+    rows_invariant,
+    speed_plan,
+)
+from hawker.layers.projection import plan_projections
+from hawker.layers.weight_copies import DENSE, FP32, INT4, PACKED
+from tests.support.matmul import TwoProjections
+
+
+class _RowCountDependent:
+    """A copy whose rows change with the number of rows it is given (as oneDNN's can)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight) + 1e-3 * x.shape[0]
+
+
+class _RowWise:
+    """A copy that multiplies row by row: invariant by construction."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([F.linear(row, self.weight) for row in x]) if len(x) else x.new_empty(0, len(self.weight))
+
+
+def _timings(per_kernel: dict[str, dict[int, float]]) -> Timings:
+    return Timings(per_kernel)
+
+
+def _flat(seconds_per_row: float, fixed: float = 0.0) -> dict[int, float]:
+    return {rows: fixed + seconds_per_row * rows for rows in ROW_COUNTS}
+
+
+def test_plan_steps_choose_by_rows_and_say_where_they_change() -> None:
+    plan = plan_from_choices(lambda rows: (INT4, 0) if rows <= 4 else (PACKED, 0), 300)
+    assert plan.steps == (PlanStep(4, INT4), PlanStep(ANY_ROWS, PACKED))
+    assert [plan.choose(rows).kernel for rows in (1, 4, 5, 10_000)] == [INT4, INT4, PACKED, PACKED]
+    assert plan.change_rows == [5] and plan.kernels == {INT4, PACKED}
+    assert plan.describe() == "int4 [1-4], packed [5-]"
+
+
+def test_speed_plan_takes_the_fastest_per_row_count_unless_the_preferred_is_close() -> None:
+    timings = _timings(
+        {
+            PACKED: _flat(1.0, fixed=10.0),  # preferred; slow for few rows
+            DENSE: _flat(1.02, fixed=10.0),  # within MIN_GAIN of packed everywhere: never chosen
+            INT4: {rows: 2.0 * rows + 1.0 for rows in ROW_COUNTS if rows <= 32},  # fast for few rows
+        }
+    )
+    plan = speed_plan(timings, [PACKED, DENSE, INT4], MatmulOptions(), limit=2048)
+    # int4: 3 s at 1 row against 11; 17 at 8 against 18 (5.6 % faster); 33 at 16 against 26.
+    assert plan.steps == (PlanStep(8, INT4), PlanStep(ANY_ROWS, PACKED))
+
+
+def test_forced_ranges_override_the_measurements() -> None:
+    timings = _timings({PACKED: _flat(1.0), INT4: _flat(0.5), FP32: _flat(0.1)})
+    options = MatmulOptions(int4_max_rows=3, fp32_min_rows=100)
+    plan = speed_plan(timings, [PACKED, INT4, FP32], options, limit=2048)
+    assert [plan.choose(rows).kernel for rows in (1, 3, 4, 99, 100, 5000)] == [INT4, INT4, PACKED, PACKED, FP32, FP32]
+
+
+def test_row_invariance_probe_tells_row_dependent_kernels_apart() -> None:
+    generator = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(24, 16, generator=generator), torch.randn(300, 16, generator=generator)
+    counts = matmul_plan.probe_counts(1, 300)
+    assert counts[:3] == [1, 2, 3] and counts[-1] == 300
+    assert rows_invariant(_RowWise(weight), x, counts)
+    assert not rows_invariant(_RowCountDependent(weight), x, counts)
+
+
+def test_consistent_plan_tiles_a_row_dependent_kernel_and_keeps_an_invariant_one_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(matmul_plan.BUILDERS, PACKED, _RowCountDependent)
+    monkeypatch.setitem(matmul_plan.BUILDERS, DENSE, _RowWise)
+    weight = torch.randn(24, 16, generator=torch.Generator().manual_seed(1))
+    # The row-dependent kernel is 3x the faster: it wins for large steps, but only on fixed tiles (of more
+    # than the decode-sized range, which ends at 16 rows); for few rows its tiles would waste more than 3x.
+    fast_packed = _timings({PACKED: _flat(1.0), DENSE: _flat(3.0)})
+    plan = consistent_plan(weight, [PACKED, DENSE], fast_packed, MatmulOptions(consistent=True), 512)
+    assert plan.steps == (PlanStep(CONSISTENT_DECODE_ROWS, DENSE), PlanStep(ANY_ROWS, PACKED, 32))
+    # Nearly as fast untiled and invariant: no tiles, one copy for every row count.
+    close = _timings({PACKED: _flat(1.0), DENSE: _flat(1.01)})
+    plan = consistent_plan(weight, [PACKED, DENSE], close, MatmulOptions(consistent=True), 512)
+    assert plan.steps == (PlanStep(ANY_ROWS, DENSE),)
+
+
+def test_consistent_plan_takes_a_few_row_copy_up_to_the_decode_range_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The LM head's plan too: int4 (timed up to 32 rows) for decode-sized steps, dense beyond.
+    monkeypatch.setitem(matmul_plan.BUILDERS, DENSE, _RowWise)
+    monkeypatch.setitem(matmul_plan.BUILDERS, INT4, _RowWise)
+    weight = torch.randn(24, 16, generator=torch.Generator().manual_seed(2))
+    timings = _timings({DENSE: _flat(1.0, fixed=50.0), INT4: {r: 5.0 * r for r in ROW_COUNTS if r <= 32}})
+    plan = consistent_plan(weight, [DENSE, INT4], timings, MatmulOptions(consistent=True), 128)
+    assert plan.steps == (PlanStep(CONSISTENT_DECODE_ROWS, INT4), PlanStep(ANY_ROWS, DENSE))
+
+
+@pytest.mark.parametrize("consistent", [False, True])
+def test_measured_plans_compute_the_same_products(consistent: bool) -> None:
+    model = TwoProjections()
+    described = plan_projections(model, MatmulOptions(consistent=consistent, max_rows=256, repeats=1))
+    assert len(described) == 2
+    for layer in (model.up, model.down):
+        assert isinstance(layer.plan, LayerPlan)
+        for rows in (1, 7, 40, 300):
+            x = torch.randn(rows, layer.weight.shape[1]).bfloat16()
+            expected = F.linear(x.float(), layer.weight.float())
+            torch.testing.assert_close(layer.project(x).float(), expected, atol=0.1, rtol=0.02)
