@@ -1,8 +1,9 @@
-"""Attention backends over the paged KV cache.
+"""Attention backends over the paged KV cache, behind one interface (``backend.py``).
 
-``torch`` (``torch_backend.py``) runs everywhere and is the reference;
-``triton`` (``triton_backend.py``) runs the kernels of ``hawker/kernels``
-and is the default on CUDA devices.
+``torch`` (``torch_metadata.py`` builds a step's metadata, ``torch_backend.py``
+attends) runs everywhere and is the reference; ``triton``
+(``triton_backend.py``) runs the kernels of ``hawker/kernels`` and is the
+default on CUDA devices.
 """
 
 from __future__ import annotations
