@@ -3,6 +3,7 @@
 from hawker.llm import LLM
 from hawker.outputs import CompletionOutput, Logprob, RequestOutput
 from hawker.sampling_params import SamplingParams
+from hawker.structured.params import StructuredOutputsParams
 
-__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams", "StructuredOutputsParams"]
 __version__ = "0.1.0"

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from hawker.structured.params import StructuredOutputsParams, as_structured_outputs
+
 _GREEDY_EPS = 1e-5
 LOGPROBS_MODES = ("processed", "raw")
 
@@ -64,6 +66,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     # (token id, bias) pairs added to the logits before sampling (OpenAI's logit_bias).
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # What the output must match: a JSON schema, any JSON object, a regex, a choice
+    # of strings or a grammar (hawker/structured/); a dict of its fields is taken too.
+    structured_outputs: StructuredOutputsParams | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __init__(self, **kwargs: Any) -> None:
@@ -79,6 +84,8 @@ class SamplingParams:
                 value = tuple(int(t) for t in (value or ()))
             elif name == "logit_bias":
                 value = _as_bias_pairs(value)
+            elif name == "structured_outputs":
+                value = as_structured_outputs(value)
             object.__setattr__(self, name, value)
         object.__setattr__(self, "extra", {})
         self._validate()

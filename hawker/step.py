@@ -13,10 +13,13 @@ both values cross processes as they are.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from hawker.outputs import PositionLogprobs
 from hawker.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from hawker.structured.masks import StepMasks
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class SchedulerOutput:
 
     seqs: tuple[ScheduledSeq, ...]
     preempted_ids: tuple[str, ...] = ()
+    # Token masks of the constrained sequences that sample (filled while the forward runs).
+    token_masks: StepMasks | None = None
 
     @property
     def num_tokens(self) -> int:

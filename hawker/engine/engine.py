@@ -16,6 +16,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +32,7 @@ from hawker.engine.loading import build_model, eos_id, num_kv_blocks, start_driv
 from hawker.engine.model_runner import ModelRunner
 from hawker.engine.output_processor import OutputProcessor
 from hawker.engine.request import Request, RequestStatus
+from hawker.engine.request_checks import RequestLimits, check_request
 from hawker.engine.runner import Runner, WeightSource
 from hawker.engine.scheduler import CommittedStep, Scheduler
 from hawker.loader.tokenizer import load_tokenizer
@@ -39,6 +41,8 @@ from hawker.options import EngineOptions
 from hawker.outputs import RequestOutput
 from hawker.sampling_params import SamplingParams
 from hawker.step import ModelOutput, ScheduledSeq, SchedulerOutput, SeqResult, StepHandle
+from hawker.structured.grammars import GrammarCompiler, SequenceGrammar
+from hawker.structured.masks import StepMasks
 
 if TYPE_CHECKING:
     from hawker.distributed.launch import WorkerProcesses
@@ -106,6 +110,8 @@ class Engine:
         self.eos_token_id = eos_id(config.model, tokenizer)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.eos_token_id)
         self.outputs = OutputProcessor(tokenizer, self.scheduler)
+        self.grammars = GrammarCompiler(tokenizer, config.model.vocab_size, self.eos_token_id)
+        self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="hawker-masks")  # fills masks during forwards
         self.runner = _runner(config, model, num_blocks, self.eos_token_id, world, workers)
         self.weight_version = 0  # bumped by every update_weights; reported on every output
         self.paused = False  # pause_generation: steps do nothing until resume_generation
@@ -116,8 +122,10 @@ class Engine:
         self.pre_execute_hooks: list[StepHook] = []
         self._in_flight: _InFlight | None = None  # overlap scheduling: the step launched last
         self._undelivered: list[RequestOutput] = []  # outputs of a step completed outside step()
-        # The loop, chosen once: the overlapped one launches step N+1 before reading N back.
-        self._step_once = self._step_overlapped if config.overlap_scheduling else self._step_sequential
+        # The loop, chosen once: the overlapped one launches step N+1 before reading N back. (The plain
+        # function, not a bound method: that would be a reference cycle, and the engine with its KV cache
+        # would wait for the garbage collector instead of going when its last user lets go of it.)
+        self._step_once = Engine._step_overlapped if config.overlap_scheduling else Engine._step_sequential
         logger.info(
             "engine ready: %s, %d KV blocks of %d tokens",
             config.model.architecture,
@@ -270,44 +278,27 @@ class Engine:
                     sample_index=index,
                     prefix_donor_id=seqs[0].request_id if index else None,
                     arrival_time=arrived,
+                    grammar=self._grammar(params),
                 )
             )
         self.outputs.add(request_id, prompt, seqs)
         for seq in seqs:
             self.scheduler.add(seq)
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
-        """Check a request against the model and pool; returns its max_tokens.
+    def _grammar(self, params: SamplingParams) -> SequenceGrammar | None:
+        constraint = params.structured_outputs
+        return None if constraint is None else self.grammars.matcher(constraint)
 
-        Reads only configuration, so another thread may call it while a step runs.
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Check a request against the model, the pool and its constraint; returns its max_tokens.
+
+        Reads only configuration (and the thread-safe grammar cache), so another
+        thread may call it while a step runs.
         """
-        num_prompt = len(prompt_token_ids)
-        if num_prompt == 0:
-            raise ValueError("the prompt is empty: at least one token is needed")
-        vocab = self.config.model.vocab_size
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        params.check_vocab(vocab)
-        limit = self.max_model_len
-        if num_prompt >= limit:
-            raise ValueError(
-                f"the prompt has {num_prompt} tokens; max_model_len is {limit}, so at most {limit - 1} fit"
-            )
-        max_tokens = params.max_tokens if params.max_tokens is not None else limit - num_prompt
-        if num_prompt + max_tokens > limit:
-            raise ValueError(
-                f"max_tokens is {max_tokens} and the prompt has {num_prompt} tokens: "
-                f"{num_prompt + max_tokens} exceeds max_model_len {limit}"
-            )
-        if params.min_tokens > max_tokens:
-            raise ValueError(f"min_tokens must be <= max_tokens ({max_tokens}), got {params.min_tokens}")
-        needed = self.kv.blocks_needed(num_prompt + max_tokens)
-        if needed > self.kv.num_blocks:
-            raise ValueError(
-                f"the request needs {needed} KV blocks ({num_prompt} prompt + {max_tokens} new tokens) "
-                f"but the pool has only {self.kv.num_blocks}"
-            )
+        limits = RequestLimits(self.config.model.vocab_size, self.max_model_len, self.kv.block_size, self.kv.num_blocks)
+        max_tokens = check_request(prompt_token_ids, params, limits)
+        if params.structured_outputs is not None:
+            self.grammars.check(params.structured_outputs)
         return max_tokens
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -370,7 +361,7 @@ class Engine:
         outputs, self._undelivered = self._undelivered, []
         if self.paused:
             return outputs
-        return outputs + self._step_once()
+        return outputs + self._step_once(self)
 
     def _step_sequential(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
@@ -414,7 +405,13 @@ class Engine:
     def _launch(self, seqs: tuple[ScheduledSeq, ...], previous: StepHandle | None = None) -> StepHandle:
         for hook in self.pre_execute_hooks:
             hook(seqs)
-        return self.runner.launch(SchedulerOutput(seqs=seqs), previous)
+        return self.runner.launch(SchedulerOutput(seqs=seqs, token_masks=self._token_masks(seqs)), previous)
+
+    def _token_masks(self, seqs: tuple[ScheduledSeq, ...]) -> StepMasks | None:
+        """The masks of the constrained sequences that sample, filled on a thread while the step runs."""
+        requests = self.scheduler.requests
+        grammars = [(s.request_id, g) for s in seqs if s.sample and (g := requests[s.request_id].grammar) is not None]
+        return StepMasks(grammars, self.config.model.vocab_size, self._mask_pool) if grammars else None
 
     def _update(self, committed: CommittedStep, model_output: ModelOutput) -> list[RequestOutput]:
         """Apply a step's results to the requests it ran, and build the outputs of those that changed."""
@@ -489,5 +486,7 @@ def _read_back(handle: StepHandle) -> ModelOutput:
 
 
 def _can_overlap(flight: _InFlight) -> bool:
-    # Penalties read every earlier token on the host, pending ones included.
-    return not any(request.sampling_params.uses_penalties for request in flight.committed.sampled)
+    # Penalties read every earlier token on the host, pending ones included; a
+    # constraint's next mask needs the token before it.
+    sampled = flight.committed.sampled
+    return not any(request.sampling_params.uses_penalties or request.grammar is not None for request in sampled)

@@ -37,6 +37,7 @@ from hawker.loader.checkpoint import open_checkpoint
 from hawker.models.base import CausalLM
 from hawker.outputs import PositionLogprobs
 from hawker.step import ModelOutput, ScheduledSeq, SchedulerOutput, SeqResult, StepHandle
+from hawker.structured.masks import StepMasks
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +245,7 @@ class ModelRunner:
         if graphs is not None and graphs.handles(len(step.seqs)) and all(map(is_decode, step.seqs)):
             rows = list(range(1, len(step.seqs) + 1))
             hidden = graphs.run(step.seqs, lambda ids: self._fill_pending(ids, step.seqs, rows, previous))
-            return self._launch_sample(step.seqs, rows, hidden)
+            return self._launch_sample(step.seqs, rows, hidden, step.token_masks)
         order: list[ScheduledSeq] = []
         row_ends: list[int] = []
         hiddens: list[torch.Tensor] = []
@@ -260,7 +261,7 @@ class ModelRunner:
             row_ends += [offset + end for end in batch.row_ends[: len(seqs)]]
             hiddens.append(hidden[: row_ends[-1] - offset])  # without padding rows
         hidden = hiddens[0] if len(hiddens) == 1 else torch.cat(hiddens)
-        return self._launch_sample(order, row_ends, hidden)
+        return self._launch_sample(order, row_ends, hidden, step.token_masks)
 
     def _twice_if_alone(self, seqs: Sequence[ScheduledSeq]) -> Sequence[ScheduledSeq]:
         """Consistent numerics: a lone decode runs as two identical rows (the copy writes the same cache
@@ -311,7 +312,8 @@ class ModelRunner:
                 assert send is not None, "this rank is in the group"
                 in_flight.append((send, hidden))
             else:
-                results.update(self._launch_sample(batch.order, batch.row_ends, hidden).result().results)
+                sample = self._launch_sample(batch.order, batch.row_ends, hidden, step.token_masks)
+                results.update(sample.result().results)
         for work, _ in in_flight:
             work.wait()
         return ModelOutput(results=results) if stage.next_rank is None else None
@@ -351,7 +353,11 @@ class ModelRunner:
         )
 
     def _launch_sample(
-        self, order: Sequence[ScheduledSeq], row_ends: Sequence[int], hidden: torch.Tensor
+        self,
+        order: Sequence[ScheduledSeq],
+        row_ends: Sequence[int],
+        hidden: torch.Tensor,
+        masks: StepMasks | None,
     ) -> LaunchedStep:
         """Queue sampling of the sequences of ``order`` whose last row (exclusive ``row_ends``) is in ``hidden``."""
         sampled = [(seq, end - 1) for seq, end in zip(order, row_ends, strict=True) if seq.sample]
@@ -362,6 +368,8 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[rows]).float()
             if self.logits_observer is not None:
                 self.logits_observer([seq.request_id for seq, _ in sampled], logits)
+            if masks is not None:  # structured outputs: only the tokens their constraints allow
+                masks.apply(logits, [seq.request_id for seq, _ in sampled])
             sample_rows = [
                 SampleRow(s.sampling_params, s.sample_index, s.output_index, s.history, s.num_prompt_tokens)
                 for s, _ in sampled

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from hawker.outputs import PositionLogprobs
 from hawker.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from hawker.structured.grammars import SequenceGrammar
 
 # Stands in token_ids for a token sampled by a step still running on the
 # device (overlap scheduling): the next step reads it there, not from here.
@@ -63,6 +67,8 @@ class Request:
     arrival_time: float = 0.0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    # Its place in its structured-output constraint (None when unconstrained).
+    grammar: SequenceGrammar | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

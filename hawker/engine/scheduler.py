@@ -229,6 +229,8 @@ class Scheduler:
                 request.first_token_time = now
             if result.logprobs is not None:
                 request.logprobs.append(result.logprobs)
+            if request.grammar is not None:
+                request.grammar.accept(token)
             stop = check_stop(request, token, self.eos_token_id, self.config.max_model_len)
             if stop is not None:
                 self.finish(request.request_id, *stop)
@@ -258,6 +260,8 @@ def check_stop(
     num_output = request.num_known_tokens - request.num_prompt_tokens
     if num_output >= request.max_tokens or request.num_known_tokens >= max_model_len:
         return RequestStatus.FINISHED_LENGTH, None
+    if request.grammar is not None and request.grammar.complete:
+        return RequestStatus.FINISHED_STOPPED, None  # the constraint is satisfied and allows nothing more
     return None
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -14,27 +13,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from hawker.engine.async_engine import (
-    EngineBusyError,
     EngineDeadError,
-    RequestFailedError,
-    RequestStream,
     Submission,
 )
 from hawker.loader.tokenizer import render_chat
-from hawker.outputs import RequestOutput
 from hawker.sampling_params import SamplingParams
 from hawker.server.admin import add_admin_routes
 from hawker.server.dashboard import INDEX, STATIC_DIR
+from hawker.server.delivery import ENGINE_ERRORS, streamed_response, whole_response
 from hawker.server.errors import (
     RETRY_AFTER_S,
     APIError,
-    error_body,
     error_response,
     error_responses,
     from_engine_error,
@@ -47,8 +42,6 @@ from hawker.server.guards import (
     BodySizeLimit,
     ErrorCounter,
     RequestGuard,
-    guarded_sse,
-    request_id_of,
 )
 from hawker.server.metrics import ServerMetrics
 from hawker.server.protocol import (
@@ -75,9 +68,6 @@ logger = logging.getLogger(__name__)
 # which shows counts and request ids, never prompts or outputs).
 OPEN_PATHS = frozenset({"/health", "/metrics", "/v1/stats", "/dashboard"})
 OPEN_PREFIXES = ("/dashboard/static/",)
-_ENGINE_ERRORS = (EngineBusyError, EngineDeadError, RequestFailedError)
-
-Responder = CompletionResponder | ChatResponder
 
 
 @dataclass(frozen=True)
@@ -146,11 +136,21 @@ class ServerState:
             streams = self.router.submit_many(submissions)
         except ValueError as error:
             raise from_value_error(error) from None
-        except _ENGINE_ERRORS as error:
+        except ENGINE_ERRORS as error:
             raise from_engine_error(error) from None
         if headers:
             self.tracker.attach_trace_context([s.request_id for s in submissions], headers)
         return streams
+
+    async def compile_constraint(self, params: SamplingParams) -> None:
+        """Compile the request's output constraint (if any) on a worker thread, so that the event loop never
+        waits for it; the engine then finds it compiled. A bad one is a 400."""
+        if params.structured_outputs is None:
+            return
+        try:
+            await asyncio.to_thread(self.router.check_constraint, params.structured_outputs)
+        except ValueError as error:
+            raise from_value_error(error) from None
 
     def fill_max_tokens(self, params: SamplingParams, prompt_ids: list[int]) -> SamplingParams:
         """``params`` with ``max_tokens`` set when the request left it out: ``max_tokens_default``
@@ -281,6 +281,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         params = _sampling_params(body.sampling_params)
         prompts = _completion_prompts(router, body)
         response_id = f"cmpl-{uuid.uuid4().hex}"
+        await state.compile_constraint(params)
         streams = state.submit_all(response_id, prompts, params, dict(request.headers))
         responder = CompletionResponder(
             response_id=response_id,
@@ -295,8 +296,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream:
-            return await _streamed(request, streams, responder, include_usage)
-        return await _whole(request, streams, responder)
+            return await streamed_response(request, streams, responder, include_usage)
+        return await whole_response(request, streams, responder)
 
     @app.post("/v1/chat/completions", responses=_GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -305,6 +306,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         params = _sampling_params(body.sampling_params)
         prompt = _chat_prompt(router, body.messages, body.add_generation_prompt)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
+        await state.compile_constraint(params)
         streams = state.submit_all(response_id, [prompt], params, dict(request.headers))
         responder = ChatResponder(
             response_id=response_id,
@@ -315,8 +317,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream:
-            return await _streamed(request, streams, responder, include_usage)
-        return await _whole(request, streams, responder)
+            return await streamed_response(request, streams, responder, include_usage)
+        return await whole_response(request, streams, responder)
 
 
 def _add_dashboard(app: FastAPI, state: ServerState) -> None:
@@ -374,126 +376,3 @@ def _check_text_fits(router: ReplicaRouter, text: str, param: str) -> None:
 def _log_ignored(fields: list[str]) -> None:
     if fields:
         logger.warning("ignoring unsupported request field(s): %s", ", ".join(fields))
-
-
-# ------------------------------------------------------------- responses
-async def _whole(request: Request, streams: list[RequestStream], responder: Responder) -> Response:
-    """Wait for every stream's last output; a client that leaves aborts them all."""
-    work = asyncio.ensure_future(asyncio.gather(*(stream.final() for stream in streams)))
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        racing: set[asyncio.Future[Any]] = {work, watcher}
-        done, _ = await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
-        if work not in done:
-            logger.info("client left; aborting %s", ", ".join(s.request_id for s in streams))
-            work.cancel()
-            return Response(status_code=499)
-        finals: list[RequestOutput] = work.result()
-    except _ENGINE_ERRORS as error:
-        raise from_engine_error(error) from None
-    finally:
-        watcher.cancel()
-        _close(streams)
-    return JSONResponse(responder.full(finals))
-
-
-async def _streamed(
-    request: Request, streams: list[RequestStream], responder: Responder, include_usage: bool
-) -> Response:
-    """Server-sent events. The first output is awaited before the 200 goes out,
-    so a request that fails at once still gets its HTTP error status."""
-    merged = _merge(streams)
-    try:
-        first = await anext(merged)
-    except _ENGINE_ERRORS as error:
-        _close(streams)
-        raise from_engine_error(error) from None
-    except StopAsyncIteration:
-        _close(streams)
-        raise APIError(503, "the request ended before producing output", retry_after=RETRY_AFTER_S) from None
-
-    async def events() -> AsyncIterator[str]:
-        watcher = asyncio.ensure_future(_close_on_disconnect(request, streams))
-        finals: dict[int, RequestOutput] = {}
-        try:
-            for body in responder.begin():
-                yield _sse(body)
-            item: tuple[int, RequestOutput] | None = first
-            while item is not None:
-                prompt_index, output = item
-                for body in responder.chunks(prompt_index, output):
-                    yield _sse(body)
-                if output.finished:
-                    finals[prompt_index] = output
-                item = await anext(merged, None)
-            if include_usage and len(finals) == len(streams):
-                yield _sse(responder.usage_chunk([finals[i] for i in sorted(finals)]))
-        except _ENGINE_ERRORS as error:
-            api_error = from_engine_error(error)
-            yield _sse(error_body(api_error.status, api_error.message, code=api_error.code))
-        finally:
-            watcher.cancel()
-            _close(streams)
-        yield "data: [DONE]\n\n"
-
-    # Guarded: whatever fails while streaming, the client gets an error event and [DONE].
-    return StreamingResponse(guarded_sse(events(), request_id_of(request)), media_type="text/event-stream")
-
-
-async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave the outputs of several streams as they come, tagged with the stream's index."""
-    if len(streams) == 1:
-        async for output in streams[0]:
-            yield 0, output
-        return
-    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
-
-    async def pump(index: int, stream: RequestStream) -> None:
-        try:
-            async for output in stream:
-                queue.put_nowait((index, output))
-        except Exception as error:
-            queue.put_nowait((index, error))
-        finally:
-            queue.put_nowait((index, None))
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(streams)
-        while remaining:
-            index, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield index, item
-    finally:
-        for task in tasks:
-            task.cancel()
-        _close(streams)
-
-
-async def _disconnected(request: Request) -> None:
-    """Return once the client has gone (after the body was read, receive() only reports that)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def _close_on_disconnect(request: Request, streams: list[RequestStream]) -> None:
-    await _disconnected(request)
-    logger.info("client left; aborting %s", ", ".join(s.request_id for s in streams))
-    _close(streams)
-
-
-def _close(streams: list[RequestStream]) -> None:
-    for stream in streams:
-        stream.close()
-
-
-def _sse(body: dict[str, Any]) -> str:
-    # allow_nan=False: a stray infinity fails here (guarded_sse turns it into an error event)
-    # instead of going out as "Infinity", which is not JSON.
-    return f"data: {json.dumps(body, ensure_ascii=False, allow_nan=False)}\n\n"

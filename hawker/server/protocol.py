@@ -24,6 +24,7 @@ from hawker.sampling_params import (
     MAX_STOP_TOKEN_IDS,
     SamplingParams,
 )
+from hawker.structured.params import MAX_CHOICES
 
 # Sizes only the HTTP API has (SamplingParams holds the rest, shared with the offline API).
 MAX_PROMPTS = 2048  # prompts in one completions request: OpenAI's limit on input arrays
@@ -112,6 +113,24 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's ``response_format.json_schema``: a named schema (``strict`` is how Hawker always works)."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, populate_by_name=True)
+
+    name: Name | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = _CONFIG
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _SamplingFields(BaseModel):
     """Fields shared by completions and chat completions."""
 
@@ -138,9 +157,32 @@ class _SamplingFields(BaseModel):
     stop_token_ids: Annotated[list[int], Field(max_length=MAX_STOP_TOKEN_IDS, fail_fast=True)] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields.
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(max_length=MAX_CHOICES, fail_fast=True)] | None = None
+    guided_grammar: str | None = None
 
     def ignored_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
+
+    def _structured_outputs(self) -> dict[str, Any] | None:
+        """The one constraint the request asks for, in ``StructuredOutputsParams``' fields (None: none)."""
+        found: dict[str, dict[str, Any]] = {}
+        if self.response_format is not None and self.response_format.type != "text":
+            found["response_format"] = _response_format_constraint(self.response_format)
+        if self.structured_outputs is not None:
+            found["structured_outputs"] = self.structured_outputs
+        guided = {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice}
+        guided["grammar"] = self.guided_grammar
+        for kind, value in guided.items():
+            if value is not None:
+                found[f"guided_{kind}"] = {kind: value}
+        if len(found) > 1:
+            raise ValueError(f"give one output constraint, not {' and '.join(sorted(found))}")
+        return next(iter(found.values()), None)
 
     def _sampling_kwargs(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None) -> dict:
         given = {
@@ -162,11 +204,21 @@ class _SamplingFields(BaseModel):
             "logit_bias": _bias(self.logit_bias),
             "logprobs": logprobs,
             "prompt_logprobs": prompt_logprobs,
+            "structured_outputs": self._structured_outputs(),
         }
         # None means "the default" (JSON null is how clients leave a field unset).
         kwargs: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
         kwargs["max_tokens"] = max_tokens
         return kwargs
+
+
+def _response_format_constraint(response_format: ResponseFormat) -> dict[str, Any]:
+    if response_format.type == "json_object":
+        return {"json_object": True}
+    spec = response_format.json_schema
+    if spec is None or spec.json_schema is None:
+        raise ValueError("response_format of type json_schema needs json_schema.schema")
+    return {"json": spec.json_schema}
 
 
 class CompletionRequest(_SamplingFields):

@@ -189,3 +189,7 @@ class ChatResponder(_Base):
                 )
         choices.sort(key=lambda choice: cast(int, choice["index"]))
         return self._envelope(self.kind, choices) | {"usage": usage(finals)}
+
+
+# What turns a generation's outputs into response bodies.
+Responder = CompletionResponder | ChatResponder

@@ -40,6 +40,7 @@ from hawker.engine.engine import EngineStats
 from hawker.engine.kv_cache import BlockKey, prefix_block_keys
 from hawker.engine.request import Request, RequestStatus
 from hawker.outputs import RequestOutput
+from hawker.structured.params import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +208,11 @@ class ReplicaRouter:
     @property
     def is_healthy(self) -> bool:
         return all(replica.is_healthy for replica in self.replicas)
+
+    def check_constraint(self, constraint: StructuredOutputsParams) -> None:
+        """Compile a request's output constraint on every replica (cached there); ``ValueError`` if it is bad."""
+        for replica in self.replicas:
+            replica.engine.grammars.check(constraint)
 
     def raise_if_dead(self) -> None:
         """Raise ``EngineDeadError`` if any replica's loop has stopped: the server is then unhealthy."""
