@@ -56,16 +56,11 @@ def test_a_new_field_is_a_new_flag(monkeypatch: pytest.MonkeyPatch) -> None:
         draft_tokens: int = option(0, "tokens a draft model proposes per step; 0 = off")
         draft_mode: str = option("off", "how drafts are made", choices=("off", "ngram"))
 
+    types = cli.option_types()
     monkeypatch.setattr(cli, "EngineOptions", Extended)
-    monkeypatch.setattr(cli, "option_types", lambda: {**_types(), "draft_tokens": int, "draft_mode": str})
+    monkeypatch.setattr(cli, "option_types", lambda: {**types, "draft_tokens": int, "draft_mode": str})
     text = " ".join(help_text(["serve"]).split())
     assert "--draft-tokens" in text and "tokens a draft model proposes per step" in text
     args = cli.build_parser().parse_args(["generate", "hi", "--draft-tokens", "4", "--draft-mode", "ngram"])
     extended = Extended(**cli._engine_kwargs(args))
     assert extended.draft_tokens == 4 and extended.draft_mode == "ngram"
-
-
-def _types() -> dict[str, type]:
-    from hawker.options import option_types
-
-    return option_types()

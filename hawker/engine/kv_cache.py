@@ -55,6 +55,11 @@ class PrefixCacheStats:
         return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
 
 
+def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
+    """KV blocks that hold ``num_tokens`` tokens."""
+    return -(-num_tokens // block_size)
+
+
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
         self.num_blocks = num_blocks
@@ -84,7 +89,7 @@ class KVCacheManager:
         return self.block_tables.get(request_id, [])
 
     def blocks_needed(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return blocks_for_tokens(num_tokens, self.block_size)
 
     # ------------------------------------------------------------ prefix cache
     def update_block_hashes(self, request: Request) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hawker.engine.kv_cache import blocks_for_tokens
 from hawker.sampling_params import SamplingParams
 
 
@@ -38,7 +39,7 @@ def check_request(prompt_token_ids: list[int], params: SamplingParams, limits: R
         )
     if params.min_tokens > max_tokens:
         raise ValueError(f"min_tokens must be <= max_tokens ({max_tokens}), got {params.min_tokens}")
-    needed = -(-(num_prompt + max_tokens) // limits.block_size)
+    needed = blocks_for_tokens(num_prompt + max_tokens, limits.block_size)
     if needed > limits.num_blocks:
         raise ValueError(
             f"the request needs {needed} KV blocks ({num_prompt} prompt + {max_tokens} new tokens) "

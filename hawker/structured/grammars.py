@@ -74,7 +74,8 @@ class GrammarCompiler:
         self._eos_token_id = eos_token_id
         self._lock = threading.Lock()
         self._tokenizer: llguidance.LLTokenizer | None = None
-        self._templates: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
+        # Keyed by the params themselves (frozen, hashable): a lookup parses nothing.
+        self._templates: OrderedDict[StructuredOutputsParams, llguidance.LLMatcher] = OrderedDict()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="hawker-grammar")
         self.stats = GrammarStats()
 
@@ -87,14 +88,13 @@ class GrammarCompiler:
         return SequenceGrammar(self._template(params).deep_copy())
 
     def _template(self, params: StructuredOutputsParams) -> llguidance.LLMatcher:
-        key = params.grammar_source()
         with self._lock:
-            template = self._templates.get(key)
+            template = self._templates.get(params)
             if template is not None:
-                self._templates.move_to_end(key)
+                self._templates.move_to_end(params)
                 self.stats.cache_hits += 1
                 return template
-            future = self._pool.submit(self._build, params.kind, *key)
+            future = self._pool.submit(self._build, params)
             try:
                 template, seconds = future.result(timeout=COMPILE_TIMEOUT_S)
             except FutureTimeout:
@@ -103,13 +103,15 @@ class GrammarCompiler:
                 ) from None
             self.stats.compiled += 1
             self.stats.compile_seconds += seconds
-            self._templates[key] = template
+            self._templates[params] = template
             if len(self._templates) > CACHED_GRAMMARS:
                 self._templates.popitem(last=False)
             return template
 
-    def _build(self, kind: str, grammar_format: str, text: str) -> tuple[llguidance.LLMatcher, float]:
+    def _build(self, params: StructuredOutputsParams) -> tuple[llguidance.LLMatcher, float]:
         start = time.perf_counter()
+        kind = params.kind
+        grammar_format, text = params.grammar_source()
         tokenizer = self._llg_tokenizer()
         try:
             grammar = llguidance.grammar_from(grammar_format, text)  # type: ignore[arg-type]

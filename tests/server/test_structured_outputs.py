@@ -107,6 +107,8 @@ def test_a_streamed_constrained_reply_is_the_whole_one(client: openai.OpenAI) ->
         ({"guided_regex": "a", "guided_choice": ["a"]}, "one output constraint"),
         ({"response_format": {"type": "json_schema"}}, "json_schema"),
         ({"structured_outputs": {"choice": []}}, "choice"),
+        ({"guided_choice": ["a"] * 1025}, "guided_choice"),
+        ({"structured_outputs": {"regex": "a" * (1 << 20 | 1)}}, "at most"),
     ],
 )
 def test_a_bad_constraint_is_a_400_that_changes_nothing(server: ServerProcess, extra: dict, words: str) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hawker import LLM, SamplingParams
-from hawker.structured.params import StructuredOutputsParams
+from hawker.structured.params import MAX_CHOICES, MAX_CONSTRAINT_CHARS, StructuredOutputsParams
 from tests.support.parity import assert_pool_full, make_prompts
 
 # Bounded schemas: whatever a random-weight model prefers, the constraint closes them within the budget.
@@ -127,6 +127,8 @@ def test_overlap_scheduling_gives_the_same_constrained_text(tiny_checkpoints: di
         ({"choice": []}, "non-empty list"),
         ({"regex": "a", "choice": ["a"]}, "exactly one of"),
         ({"jsn": {}}, "unknown structured_outputs field"),
+        ({"regex": "a" * (MAX_CONSTRAINT_CHARS + 1)}, "at most"),
+        ({"choice": ["a"] * (MAX_CHOICES + 1)}, "at most"),
     ],
 )
 def test_a_bad_constraint_is_refused_and_changes_nothing(llm: LLM, constraint: dict, message: str) -> None:
