@@ -130,6 +130,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         data_parallel_size=args.data_parallel_size,
         otel_tracing=args.otel_tracing or tracing_enabled_by_env(),
         request_log_level=args.request_log_level,
+        chat_template=args.chat_template,
+        tool_call_parser=None if args.tool_call_parser == "none" else args.tool_call_parser,
         inject_fault_token_id=args.inject_fault_token_id,
         inject_fatal_token_id=args.inject_fatal_token_id,
     )
@@ -258,6 +260,21 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "HAWKER_OTEL_TRACING=1); the standard OTEL_* variables choose the exporter and endpoint "
         "(OTEL_TRACES_EXPORTER=otlp|console|none, OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, ...); "
         "needs pip install 'hawker[otel]'",
+    )
+    serve.add_argument(
+        "--chat-template",
+        default=None,
+        help="the chat template (a file, or the Jinja text) of every chat request, instead of the model's own; "
+        "for a model whose own template cannot show tools, requests with tools otherwise use Hawker's "
+        "ChatML tool template if the model speaks ChatML (the default model does)",
+    )
+    serve.add_argument(
+        "--tool-call-parser",
+        default="hermes",
+        choices=["hermes", "none"],
+        help="how tool_choice 'auto' answers are read for calls: 'hermes' reads the Hermes/Qwen "
+        "<tool_call>{...}</tool_call> blocks into tool_calls; 'none' leaves them in the content "
+        "(default: %(default)s)",
     )
     # Test hooks, not for users: a prompt containing the token fails / kills the engine loop.
     serve.add_argument("--inject-fault-token-id", type=int, default=None, help=argparse.SUPPRESS)

@@ -309,5 +309,9 @@ class EngineConfig:
     native_decode_attention: bool = False
     # Prompt chunks attend through the in-place C kernel (hawker/kernels/cpu_prefill_attention.py).
     native_prefill_attention: bool = False
+    # Building a structured-output constraint that takes longer than this is refused (hawker/structured/).
+    grammar_compile_timeout_s: float = 10.0
+    # The model reasons in <think>...</think> first (deepseek_r1, qwen3): constraints apply after it.
+    reasoning_parser: str | None = None
     # The options as the user gave them (hawker/options.py), before resolution.
     options: EngineOptions | None = None

@@ -19,6 +19,8 @@ from hawker.attention import BACKENDS
 from hawker.config import DTYPE_NAMES, KV_CACHE_DTYPES, PLAN_CACHE_MODES
 
 WARM_UP_MODES = ("background", "blocking")
+# Both read <think>...</think>; deepseek_r1's chat template opens the block in the prompt.
+REASONING_PARSERS = ("deepseek_r1", "qwen3")
 
 
 def option(default: Any, help: str, choices: Sequence[str] = (), aliases: Sequence[str] = ()) -> Any:
@@ -167,12 +169,24 @@ class EngineOptions:
         "kernel (hawker/kernels/cpu_prefill_attention.py): several times torch's CPU flash attention, and "
         "row-invariant (default: on for the torch attention backend on a CPU wherever it builds)",
     )
+    reasoning_parser: str | None = option(
+        None,
+        "the model thinks in <think>...</think> first: the chat API answers that part as reasoning_content, "
+        "and an output constraint (JSON schema, regex, grammar, required tool call) applies only once the "
+        "thinking has ended; deepseek_r1 (its template opens the block in the prompt) or qwen3",
+        REASONING_PARSERS,
+    )
+    grammar_compile_timeout: float = option(
+        10.0,
+        "seconds a structured-output constraint (JSON schema, regex, grammar, tool call) may take to compile; "
+        "one that takes longer is refused with a 400",
+    )
 
     def __post_init__(self) -> None:
         for spec in dataclasses.fields(self):
             choices = spec.metadata["choices"]
             value = getattr(self, spec.name)
-            if choices and value not in choices:
+            if choices and value is not None and value not in choices:
                 raise ValueError(f"{spec.name} must be one of {', '.join(choices)}, got {value!r}")
         if self.overlap_scheduling and self.world_size > 1:
             raise ValueError("overlap_scheduling needs one process (no tensor or pipeline parallelism); set it off")

@@ -260,6 +260,8 @@ def engine_config(options: EngineOptions, parallel: ParallelConfig) -> tuple[Eng
         batch_invariant=options.deterministic,
         overlap_scheduling=_overlap_scheduling(options),
         consistent_numerics=consistent,
+        grammar_compile_timeout_s=options.grammar_compile_timeout,
+        reasoning_parser=options.reasoning_parser,
         compile_warmup=options.compile_warmup,
         compile_cpp_wrapper=options.compile_cpp_wrapper,
         native_decode_attention=_native_attention(

@@ -42,13 +42,15 @@ from hawker.outputs import RequestOutput
 from hawker.sampling_params import SamplingParams
 from hawker.step import ModelOutput, ScheduledSeq, SchedulerOutput, SeqResult, StepHandle
 from hawker.structured.grammars import GrammarCompiler, SequenceGrammar
-from hawker.structured.masks import StepMasks
+from hawker.structured.masks import MaskStats, StepMasks
 
 if TYPE_CHECKING:
     from hawker.distributed.launch import WorkerProcesses
     from hawker.distributed.world import World
 
 logger = logging.getLogger(__name__)
+REASONING_END = "</think>"
+REASONING_TAIL_TOKENS = 16  # prompt tokens looked at for a closed think block
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,15 @@ class EngineStats:
     generation_tokens: int
     num_steps: int
     num_failed_requests: int
+    # Structured outputs (hawker/structured/).
+    constrained_requests: int = 0
+    grammar_compiles: int = 0
+    grammar_cache_hits: int = 0
+    grammar_compile_failures: int = 0
+    grammar_compile_seconds: float = 0.0
+    masked_steps: int = 0
+    mask_fill_seconds: float = 0.0
+    mask_wait_seconds: float = 0.0
 
 
 # A hook run before each forward pass with the sequences it is about to run;
@@ -110,8 +121,15 @@ class Engine:
         self.eos_token_id = eos_id(config.model, tokenizer)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.eos_token_id)
         self.outputs = OutputProcessor(tokenizer, self.scheduler)
-        self.grammars = GrammarCompiler(tokenizer, config.model.vocab_size, self.eos_token_id)
+        self.grammars = GrammarCompiler(
+            tokenizer, config.model.vocab_size, self.eos_token_id, config.grammar_compile_timeout_s
+        )
         self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="hawker-masks")  # fills masks during forwards
+        self.mask_stats = MaskStats()
+        # The token ids that end a reasoning model's thinking, after which its output constraint applies.
+        self._reasoning_end: tuple[int, ...] | None = None
+        if config.reasoning_parser is not None:
+            self._reasoning_end = tuple(tokenizer.encode(REASONING_END, add_special_tokens=False))
         self.runner = _runner(config, model, num_blocks, self.eos_token_id, world, workers)
         self.weight_version = 0  # bumped by every update_weights; reported on every output
         self.paused = False  # pause_generation: steps do nothing until resume_generation
@@ -278,16 +296,26 @@ class Engine:
                     sample_index=index,
                     prefix_donor_id=seqs[0].request_id if index else None,
                     arrival_time=arrived,
-                    grammar=self._grammar(params),
+                    grammar=self._grammar(params, prompt_token_ids, new_request=index == 0),
                 )
             )
         self.outputs.add(request_id, prompt, seqs)
         for seq in seqs:
             self.scheduler.add(seq)
 
-    def _grammar(self, params: SamplingParams) -> SequenceGrammar | None:
+    def _grammar(self, params: SamplingParams, prompt_ids: list[int], new_request: bool) -> SequenceGrammar | None:
         constraint = params.structured_outputs
-        return None if constraint is None else self.grammars.matcher(constraint)
+        if constraint is None:
+            return None
+        return self.grammars.matcher(constraint, new_request, self._grammar_starts_after(prompt_ids))
+
+    def _grammar_starts_after(self, prompt_ids: list[int]) -> tuple[int, ...] | None:
+        """A reasoning model's constraint waits for the end of its thinking (``</think>``), unless the prompt
+        already closed it (a chat template that turns thinking off writes an empty block)."""
+        if self._reasoning_end is None:
+            return None
+        tail = str(self.tokenizer.decode(prompt_ids[-REASONING_TAIL_TOKENS:]))
+        return None if tail.rstrip().endswith(REASONING_END) else self._reasoning_end
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         """Check a request against the model, the pool and its constraint; returns its max_tokens.
@@ -347,6 +375,14 @@ class Engine:
             generation_tokens=self.scheduler.num_generation_tokens,
             num_steps=self.counters.num_steps,
             num_failed_requests=self.counters.num_failed_requests,
+            constrained_requests=self.grammars.stats.constrained_requests,
+            grammar_compiles=self.grammars.stats.compiled,
+            grammar_cache_hits=self.grammars.stats.cache_hits,
+            grammar_compile_failures=self.grammars.stats.compile_failures,
+            grammar_compile_seconds=self.grammars.stats.compile_seconds,
+            masked_steps=self.mask_stats.steps,
+            mask_fill_seconds=self.mask_stats.fill_seconds,
+            mask_wait_seconds=self.mask_stats.wait_seconds,
         )
 
     # ----------------------------------------------------------------- step
@@ -410,8 +446,10 @@ class Engine:
     def _token_masks(self, seqs: tuple[ScheduledSeq, ...]) -> StepMasks | None:
         """The masks of the constrained sequences that sample, filled on a thread while the step runs."""
         requests = self.scheduler.requests
-        grammars = [(s.request_id, g) for s in seqs if s.sample and (g := requests[s.request_id].grammar) is not None]
-        return StepMasks(grammars, self.config.model.vocab_size, self._mask_pool) if grammars else None
+        grammars = [(s.request_id, g) for s in seqs if s.sample and (g := requests[s.request_id].grammar) and g.active]
+        if not grammars:
+            return None
+        return StepMasks(grammars, self.config.model.vocab_size, self._mask_pool, self.mask_stats)
 
     def _update(self, committed: CommittedStep, model_output: ModelOutput) -> list[RequestOutput]:
         """Apply a step's results to the requests it ran, and build the outputs of those that changed."""

@@ -29,11 +29,16 @@ def render_chat(
     messages: list[dict[str, Any]],
     add_generation_prompt: bool = True,
     chat_template: str | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
     if chat_template is None and tokenizer.chat_template is None:
         raise ValueError("this model has no chat template; pass chat_template=... or use generate()")
     text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template
+        messages,
+        tools=tools,  # type: ignore[arg-type]  # a list of dicts is what it takes
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+        chat_template=chat_template,
     )
     assert isinstance(text, str), "tokenize=False renders text"
     return text

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -22,7 +22,9 @@ from hawker.engine.async_engine import (
     EngineDeadError,
     Submission,
 )
+from hawker.loader.chat_templates import tools_template
 from hawker.loader.tokenizer import render_chat
+from hawker.options import REASONING_PARSERS
 from hawker.sampling_params import SamplingParams
 from hawker.server.admin import add_admin_routes
 from hawker.server.dashboard import INDEX, STATIC_DIR
@@ -43,6 +45,7 @@ from hawker.server.guards import (
     ErrorCounter,
     RequestGuard,
 )
+from hawker.server.message_parsing import THINK_OPEN, MessageSyntax
 from hawker.server.metrics import ServerMetrics
 from hawker.server.protocol import (
     DEFAULT_MAX_TOKENS,
@@ -57,12 +60,14 @@ from hawker.server.responders import ChatResponder, CompletionResponder
 from hawker.server.router import ObserverGroup, ReplicaRouter
 from hawker.server.stats import StatsConfig, StatsHistory, points_json, read_snapshot
 from hawker.server.text_input import TextCheckedRoute
+from hawker.server.tools import TOOL_CALL_PARSERS, ToolPlan
 from hawker.server.tracking import FinishedSink, RequestLog, RequestTracker
 
 if TYPE_CHECKING:
     from hawker.server.tracing import RequestTracer
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Paths that stay open without an API key (probes, scrapers and the dashboard,
 # which shows counts and request ids, never prompts or outputs).
@@ -84,10 +89,20 @@ class ServerSettings:
     # The level of the one-line log of each finished request ("off": none).
     request_log_level: str = "info"
     stats: StatsConfig = field(default_factory=StatsConfig)
+    # The chat template of every chat request (--chat-template), instead of the model's own.
+    chat_template: str | None = None
+    # Reads Hermes/Qwen <tool_call> blocks of tool_choice "auto" into tool_calls (None: the text stays content).
+    tool_call_parser: str | None = "hermes"
+    # Moves <think>...</think> into reasoning_content (None: it stays in the content).
+    reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens_default < 1:
             raise ValueError(f"max_tokens_default must be >= 1, got {self.max_tokens_default}")
+        if self.tool_call_parser not in (None, *TOOL_CALL_PARSERS):
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}")
+        if self.reasoning_parser not in (None, *REASONING_PARSERS):
+            raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}")
 
 
 class ServerState:
@@ -142,15 +157,35 @@ class ServerState:
             self.tracker.attach_trace_context([s.request_id for s in submissions], headers)
         return streams
 
-    async def compile_constraint(self, params: SamplingParams) -> None:
-        """Compile the request's output constraint (if any) on a worker thread, so that the event loop never
-        waits for it; the engine then finds it compiled. A bad one is a 400."""
+    async def compile_constraint(self, params: SamplingParams, tools: ToolPlan | None = None) -> None:
+        """Compile the request's tools' parameter schemas and output constraint (if any) on a worker thread,
+        so that the event loop never waits for them; the engine then finds them compiled. A bad one is a
+        400 naming it."""
+        for where, schema in tools.parameter_constraints() if tools is not None else []:
+            try:
+                await asyncio.to_thread(self.router.check_constraint, schema)
+            except ValueError as error:
+                raise APIError(400, f"{where}: {error}", param="tools") from None
         if params.structured_outputs is None:
             return
         try:
             await asyncio.to_thread(self.router.check_constraint, params.structured_outputs)
         except ValueError as error:
             raise from_value_error(error) from None
+
+    def message_syntax(self, tools: ToolPlan, prompt_text: str, response_id: str) -> MessageSyntax | None:
+        """How a chat response's text becomes its message; None: all of it is the content."""
+        settings = self.settings
+        parse_calls = tools.parses_calls and (settings.tool_call_parser is not None or tools.mode != "auto")
+        reasoning = settings.reasoning_parser is not None
+        if not parse_calls and not reasoning:
+            return None
+        return MessageSyntax(
+            reasoning=reasoning,
+            reasoning_open=reasoning and prompt_text.rstrip().endswith(THINK_OPEN),
+            tools=parse_calls,
+            call_id_prefix=f"call_{response_id.removeprefix('chatcmpl-')[:24]}",
+        )
 
     def fill_max_tokens(self, params: SamplingParams, prompt_ids: list[int]) -> SamplingParams:
         """``params`` with ``max_tokens`` set when the request left it out: ``max_tokens_default``
@@ -259,7 +294,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         if body.messages is not None:
-            _, ids = _chat_prompt(router, body.messages, body.add_generation_prompt)
+            _, ids = _chat_prompt(router, body.messages, body.add_generation_prompt, state.settings.chat_template)
         else:
             _check_text_fits(router, body.prompt or "", "prompt")
             ids = router.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens).input_ids
@@ -303,10 +338,11 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         state.check_serving(body.model)
         _log_ignored(body.ignored_fields())
+        tools = _sampling_params(body.tool_plan)
         params = _sampling_params(body.sampling_params)
-        prompt = _chat_prompt(router, body.messages, body.add_generation_prompt)
+        prompt = _chat_prompt(router, body.messages, body.add_generation_prompt, state.settings.chat_template, tools)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
-        await state.compile_constraint(params)
+        await state.compile_constraint(params, tools)
         streams = state.submit_all(response_id, [prompt], params, dict(request.headers))
         responder = ChatResponder(
             response_id=response_id,
@@ -314,6 +350,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             n=params.n,
             token_text=state.token_text,
             top_logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+            syntax=state.message_syntax(tools, prompt[0], response_id),
         )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream:
@@ -336,7 +373,7 @@ def _add_dashboard(app: FastAPI, state: ServerState) -> None:
 
 
 # --------------------------------------------------------------- prompts
-def _sampling_params(build: Callable[[], SamplingParams]) -> SamplingParams:
+def _sampling_params(build: Callable[[], T]) -> T:
     try:
         return build()
     except ValueError as error:
@@ -355,11 +392,22 @@ def _completion_prompts(router: ReplicaRouter, body: CompletionRequest) -> list[
 
 
 def _chat_prompt(
-    router: ReplicaRouter, messages: list[ChatMessage], add_generation_prompt: bool
+    router: ReplicaRouter,
+    messages: list[ChatMessage],
+    add_generation_prompt: bool,
+    chat_template: str | None,
+    tools: ToolPlan | None = None,
 ) -> tuple[str, list[int]]:
+    listed = tools.template_tools() if tools is not None else None
+    if listed:
+        chat_template = tools_template(router.tokenizer, chat_template)
+        if chat_template is None:
+            message = "this model's chat template cannot show tools; start the server with --chat-template"
+            raise APIError(400, message, param="tools")
+    conversation = [m.as_template_message() for m in messages]
     try:
-        text = render_chat(router.tokenizer, [m.as_template_message() for m in messages], add_generation_prompt)
-    except (TemplateError, ValueError) as error:
+        text = render_chat(router.tokenizer, conversation, add_generation_prompt, chat_template, listed)
+    except (TemplateError, ValueError, RecursionError) as error:
         raise APIError(400, f"the messages do not fit the chat template: {error}", param="messages") from None
     _check_text_fits(router, text, "messages")
     # As LLM.chat: the template already holds the special tokens.

@@ -45,6 +45,27 @@ _COUNTERS: tuple[tuple[str, str, Callable[[EngineStats], float]], ...] = (
     ("hawker:generation_tokens", "Tokens generated.", lambda s: s.generation_tokens),
     ("hawker:engine_steps", "Engine steps run.", lambda s: s.num_steps),
     ("hawker:request_failures", "Requests failed by an engine error.", lambda s: s.num_failed_requests),
+    # Structured outputs: mask seconds / masked steps is the mask time per step.
+    ("hawker:structured_requests", "Requests under a structured-output constraint.", lambda s: s.constrained_requests),
+    ("hawker:grammar_compiles", "Constraints compiled (cache misses).", lambda s: s.grammar_compiles),
+    ("hawker:grammar_cache_hits", "Constrained requests whose constraint was cached.", lambda s: s.grammar_cache_hits),
+    (
+        "hawker:grammar_compile_failures",
+        "Constraints refused: invalid, or over the time limit.",
+        lambda s: s.grammar_compile_failures,
+    ),
+    ("hawker:grammar_compile_seconds", "Seconds spent compiling constraints.", lambda s: s.grammar_compile_seconds),
+    ("hawker:grammar_masked_steps", "Engine steps that computed token masks.", lambda s: s.masked_steps),
+    (
+        "hawker:grammar_mask_seconds",
+        "Seconds filling token masks (overlapping the forward pass).",
+        lambda s: s.mask_fill_seconds,
+    ),
+    (
+        "hawker:grammar_mask_wait_seconds",
+        "Seconds sampling waited for token masks (not overlapped).",
+        lambda s: s.mask_wait_seconds,
+    ),
 )
 _HEALTHY_DOC = "1 while the engine loop runs, 0 once it died."
 _WARMING_UP_DOC = "1 while the compiled decode step is built in the background (steps run eager), else 0."

@@ -11,6 +11,8 @@ clients sending newer OpenAI fields keep working; the server logs them.
 
 from __future__ import annotations
 
+import contextlib
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
@@ -24,6 +26,7 @@ from hawker.sampling_params import (
     MAX_STOP_TOKEN_IDS,
     SamplingParams,
 )
+from hawker.server.tools import MAX_TOOLS, ToolPlan, plan_tools
 from hawker.structured.params import MAX_CHOICES
 
 # Sizes only the HTTP API has (SamplingParams holds the rest, shared with the offline API).
@@ -32,6 +35,7 @@ MAX_MESSAGES = 2048  # OpenAI: messages holds at most 2048 entries
 MAX_CONTENT_PARTS = 2048  # parts of one message's content (as many as messages)
 MAX_NAME_CHARS = 256  # model, user and message name: identifiers, never text
 MAX_BEST_OF = 20  # OpenAI: best_of at most 20; each candidate is a sequence that runs to the end
+MAX_TOOL_CALLS = 128  # calls in one assistant message of the history
 # A prompt text longer than max_model_len times this many characters cannot fit
 # the context (common BPE vocabularies' longest tokens are runs of up to ~128 of
 # one character), so it is refused before the tokenizer spends seconds on it.
@@ -277,12 +281,41 @@ Content = Annotated[
 ]
 
 
+class HistoryFunction(BaseModel):
+    model_config = _CONFIG
+
+    name: Name
+    arguments: str | dict[str, Any] = "{}"
+
+
+class HistoryToolCall(BaseModel):
+    """A call an assistant made earlier in the conversation."""
+
+    model_config = _CONFIG
+
+    id: Name | None = None
+    type: Literal["function"] = "function"
+    function: HistoryFunction
+
+    def as_template_call(self) -> dict[str, Any]:
+        # Templates write arguments as JSON themselves (tojson): give them the object, not its text.
+        arguments: Any = self.function.arguments
+        if isinstance(arguments, str):
+            with contextlib.suppress(json.JSONDecodeError):  # not JSON: the template gets the text as it came
+                arguments = json.loads(arguments)
+        call = {"type": "function", "function": {"name": self.function.name, "arguments": arguments}}
+        return call if self.id is None else {"id": self.id, **call}
+
+
 class ChatMessage(BaseModel):
     model_config = _CONFIG
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Content = None
     name: Name | None = None
+    # An assistant turn's calls (OpenAI's shape), and which call a tool message answers.
+    tool_calls: Annotated[list[HistoryToolCall], Field(max_length=MAX_TOOL_CALLS, fail_fast=True)] | None = None
+    tool_call_id: Name | None = None
 
     def as_template_message(self) -> dict[str, Any]:
         content = self.content
@@ -291,6 +324,10 @@ class ChatMessage(BaseModel):
         message: dict[str, Any] = {"role": self.role, "content": content or ""}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [call.as_template_call() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
 
 
@@ -306,6 +343,12 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    tools: Annotated[list[dict[str, Any]], Field(max_length=MAX_TOOLS, fail_fast=True)] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    def tool_plan(self) -> ToolPlan:
+        return plan_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
 
     def sampling_params(self) -> SamplingParams:
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -317,7 +360,13 @@ class ChatCompletionRequest(_SamplingFields):
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
             raise ValueError(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return SamplingParams(**self._sampling_kwargs(max_tokens, logprobs, None))
+        kwargs = self._sampling_kwargs(max_tokens, logprobs, None)
+        tool_constraint = self.tool_plan().constraint()
+        if tool_constraint is not None:
+            if "structured_outputs" in kwargs:
+                raise ValueError("tool_choice 'required' or a named function cannot be combined with an output format")
+            kwargs["structured_outputs"] = tool_constraint
+        return SamplingParams(**kwargs)
 
 
 class TokenizeRequest(BaseModel):

@@ -14,6 +14,7 @@ from typing import Any, cast
 
 from hawker.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from hawker.server.formatting import Delta, StreamState, TokenText, chat_logprobs, completion_logprobs, usage
+from hawker.server.message_parsing import MessageDelta, MessageStream, MessageSyntax, ToolCall, parse_message
 
 
 @dataclass
@@ -137,6 +138,9 @@ def _mean_logprob(completion: CompletionOutput) -> float:
 @dataclass
 class ChatResponder(_Base):
     top_logprobs: int | None = None  # None: no logprobs
+    # How the text becomes a message (reasoning, tool calls); None: all of it is the content.
+    syntax: MessageSyntax | None = None
+    _messages: dict[int, MessageStream] = field(default_factory=dict)
 
     kind = "chat.completion"
     chunk_kind = "chat.completion.chunk"
@@ -160,14 +164,30 @@ class ChatResponder(_Base):
 
     def chunks(self, prompt_index: int, output: RequestOutput) -> list[dict[str, Any]]:
         bodies = []
-        for index, delta in self.deltas(prompt_index, output):
+        for completion in output.outputs:
+            index = self.choice_index(prompt_index, completion)
+            delta = self.stream_state.delta(index, completion)
+            if delta is None:
+                continue
             logprobs = None
             if self.top_logprobs is not None and delta.logprobs is not None:
                 logprobs = chat_logprobs(delta.token_ids, delta.logprobs, self.token_text, self.top_logprobs)
-            content = {"content": delta.text} if delta.text else {}
-            choice = {"index": index, "delta": content, "logprobs": logprobs, "finish_reason": delta.finish_reason}
+            fields, called = self._delta_fields(index, completion, delta)
+            if not fields and logprobs is None and delta.finish_reason is None:
+                continue  # the parser holds this text back until it knows what it is
+            finish_reason = _finish_reason(delta.finish_reason, called)
+            choice = {"index": index, "delta": fields, "logprobs": logprobs, "finish_reason": finish_reason}
             bodies.append(self._envelope(self.chunk_kind, [choice]))
         return bodies
+
+    def _delta_fields(self, index: int, completion: CompletionOutput, delta: Delta) -> tuple[dict[str, Any], bool]:
+        """The message fields of a streamed delta, and whether the message has tool calls so far."""
+        if self.syntax is None:
+            return ({"content": delta.text} if delta.text else {}), False
+        stream = self._messages.setdefault(index, MessageStream(self.syntax))
+        parsed = stream.update(completion.text, final=delta.finish_reason is not None)
+        first_call = len(stream.message.tool_calls) - len(parsed.tool_calls)
+        return _delta_json(parsed, first_call), bool(stream.message.tool_calls)
 
     def full(self, finals: list[RequestOutput]) -> dict[str, Any]:
         choices = []
@@ -178,17 +198,51 @@ class ChatResponder(_Base):
                     logprobs = chat_logprobs(
                         completion.token_ids, completion.logprobs, self.token_text, self.top_logprobs
                     )
+                message, called = self._message(completion.text)
                 choices.append(
                     {
                         "index": self.choice_index(prompt_index, completion),
-                        "message": {"role": "assistant", "content": completion.text},
+                        "message": message,
                         "logprobs": logprobs,
-                        "finish_reason": completion.finish_reason,
+                        "finish_reason": _finish_reason(completion.finish_reason, called),
                         "stop_reason": completion.stop_reason,
                     }
                 )
         choices.sort(key=lambda choice: cast(int, choice["index"]))
         return self._envelope(self.kind, choices) | {"usage": usage(finals)}
+
+    def _message(self, text: str) -> tuple[dict[str, Any], bool]:
+        if self.syntax is None:
+            return {"role": "assistant", "content": text}, False
+        parsed = parse_message(text, self.syntax, final=True)
+        message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+        if parsed.reasoning is not None:
+            message["reasoning_content"] = parsed.reasoning
+        if parsed.tool_calls:
+            message["tool_calls"] = [_call_json(call) for call in parsed.tool_calls]
+        return message, bool(parsed.tool_calls)
+
+
+def _finish_reason(reason: str | None, called: bool) -> str | None:
+    """OpenAI's "tool_calls" when the model stopped after calling tools."""
+    return "tool_calls" if reason == "stop" and called else reason
+
+
+def _call_json(call: ToolCall, index: int | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {} if index is None else {"index": index}
+    return body | {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def _delta_json(delta: MessageDelta, first_call: int) -> dict[str, Any]:
+    """A streamed delta in OpenAI's chunk shape (a call comes whole: id, name and arguments in one piece)."""
+    fields: dict[str, Any] = {}
+    if delta.reasoning:
+        fields["reasoning_content"] = delta.reasoning
+    if delta.content:
+        fields["content"] = delta.content
+    if delta.tool_calls:
+        fields["tool_calls"] = [_call_json(call, first_call + k) for k, call in enumerate(delta.tool_calls)]
+    return fields
 
 
 # What turns a generation's outputs into response bodies.

@@ -24,6 +24,7 @@ from hawker.engine.async_engine import AsyncEngine, build_off_main_thread
 from hawker.engine.configure import resolve_device
 from hawker.engine.engine import Engine
 from hawker.engine.faults import TokenFault
+from hawker.loader.chat_templates import read_chat_template
 from hawker.options import EngineOptions
 from hawker.server.app import ServerSettings, ServerState, build_app
 from hawker.server.protocol import DEFAULT_MAX_TOKENS
@@ -55,6 +56,9 @@ class ServeOptions:
     otel_tracing: bool = False
     # The level of the one-line log of each finished request; "off" = none.
     request_log_level: str = "info"
+    # --chat-template (a file or the Jinja text) and --tool-call-parser (hermes, or None).
+    chat_template: str | None = None
+    tool_call_parser: str | None = "hermes"
     # Test hooks: a prompt holding this token fails (or kills the engine loop).
     inject_fault_token_id: int | None = None
     inject_fatal_token_id: int | None = None
@@ -264,6 +268,9 @@ def run(options: ServeOptions) -> int:
         allowed_weight_roots=tuple(Path(root).expanduser().resolve() for root in options.allowed_weight_roots),
         max_tokens_default=options.max_tokens_default,
         request_log_level=options.request_log_level,
+        chat_template=None if options.chat_template is None else read_chat_template(options.chat_template),
+        tool_call_parser=options.tool_call_parser,
+        reasoning_parser=options.engine.reasoning_parser,
     )
     app = build_app(router, settings, tracer)
     # What is alive now (the model, torch, transformers: ~500k objects) lives as long as the

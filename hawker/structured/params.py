@@ -51,7 +51,7 @@ class StructuredOutputsParams:
     def grammar_source(self) -> tuple[str, str]:
         """(llguidance format, text) of this constraint."""
         if self.json is not None:
-            return "json_schema", _with_layout(json.loads(self.json))
+            return "json_schema", _with_layout(closed_objects(json.loads(self.json)))
         if self.json_object:
             return "json_schema", _with_layout({"type": "object"})
         if self.regex is not None:
@@ -72,10 +72,60 @@ def _schema_text(schema: dict[str, Any] | str | None) -> str | None:
             raise ValueError(f"structured_outputs.json is not valid JSON: {error}") from error
     if not isinstance(schema, dict):
         raise ValueError(f"structured_outputs.json must be a JSON schema object, got {type(schema).__name__}")
-    text = json.dumps(schema)
+    try:
+        text = json.dumps(schema)
+    except RecursionError:
+        raise ValueError("structured_outputs.json is nested too deeply") from None
     if len(text) > MAX_CONSTRAINT_CHARS:
         raise ValueError(f"structured_outputs.json is {len(text)} characters; at most {MAX_CONSTRAINT_CHARS}")
     return text
+
+
+def closed_objects(schema: Any) -> Any:
+    """``schema`` with ``"additionalProperties": false`` on every object that lists its properties and says
+    nothing about others.
+
+    The JSON schema default allows any other key, and a small model given that freedom adds invented keys
+    until its token budget runs out (so its JSON never closes). xgrammar, vLLM's default backend, reads
+    schemas the same way (its strict mode), as OpenAI's strict mode requires; vLLM offers it for
+    llguidance as ``disable_additional_properties``. Members of ``allOf`` are left open: each lists only
+    part of the properties, and closing one would forbid the others'.
+    """
+    try:
+        return _closed(schema)
+    except RecursionError:
+        raise ValueError("the JSON schema is nested too deeply") from None
+
+
+def _closed(schema: Any) -> Any:
+    if isinstance(schema, list):
+        return [_closed(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {key: value if key in _LITERAL_KEYS else _close_child(key, value) for key, value in schema.items()}
+    open_keys = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+    if isinstance(schema.get("properties"), dict) and not any(key in schema for key in open_keys):
+        closed["additionalProperties"] = False
+    return closed
+
+
+# Keywords whose values are data, not schemas: never rewritten.
+_LITERAL_KEYS = frozenset({"enum", "const", "default", "examples", "required", "x-guidance"})
+
+
+def _close_child(key: str, value: Any) -> Any:
+    if key == "allOf" and isinstance(value, list):
+        return [{k: _closed(v) if k != "properties" else _close_map(v) for k, v in m.items()} for m in value]
+    if key in ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas"):
+        return _close_map(value)
+    return _closed(value)
+
+
+def _close_map(value: Any) -> Any:
+    """A map of name -> schema: each schema closed (the names themselves are data)."""
+    if not isinstance(value, dict):
+        return value
+    return {name: _closed(schema) for name, schema in value.items()}
 
 
 def _with_layout(schema: dict[str, Any]) -> str:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import jsonschema
@@ -15,7 +13,8 @@ import openai
 import pydantic
 import pytest
 
-from tests.support.server_process import ServerProcess, launch, wait_ready
+from tests.server.conftest import COMPILE_TIMEOUT_S
+from tests.support.server_process import ServerProcess
 
 
 class City(pydantic.BaseModel):
@@ -24,19 +23,23 @@ class City(pydantic.BaseModel):
     population_millions: int = pydantic.Field(ge=0, le=100)
 
 
-@pytest.fixture(scope="module")
-def server(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    logs = tmp_path_factory.mktemp("structured-server")
-    started = launch(tiny_checkpoints["llama"], logs / "server.log", "--served-model-name", "m")
-    try:
-        yield wait_ready(started)
-    finally:
-        started.stop()
+@pytest.fixture
+def server(structured_server: ServerProcess) -> ServerProcess:
+    return structured_server
 
 
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+@pytest.fixture
+def client(structured_client: openai.OpenAI) -> openai.OpenAI:
+    return structured_client
+
+
+# Integers in distinct ranges: llguidance builds a regex for each, seconds in all (far over the test
+# server's limit), where the schemas of the other tests take milliseconds.
+SLOW_SCHEMA = {
+    "type": "object",
+    "properties": {f"k{i}": {"type": "integer", "minimum": i * 13, "maximum": i * 1000 + 7} for i in range(6000)},
+    "required": [f"k{i}" for i in range(6000)],
+}
 
 
 def ask(content: str) -> list[dict[str, str]]:
@@ -66,7 +69,7 @@ def test_json_schema_regex_choice_and_grammar_requests(client: openai.OpenAI) ->
     reply = client.chat.completions.create(model="m", messages=ask("Is water wet?"), response_format=fmt, max_tokens=40)
     jsonschema.validate(json.loads(reply.choices[0].message.content or ""), schema)
 
-    pattern = r"\d{4}-\d{2}-\d{2}"
+    pattern = r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
     reply = client.completions.create(
         model="m", prompt="Today's date:", max_tokens=20, extra_body={"structured_outputs": {"regex": pattern}}
     )
@@ -109,6 +112,9 @@ def test_a_streamed_constrained_reply_is_the_whole_one(client: openai.OpenAI) ->
         ({"structured_outputs": {"choice": []}}, "choice"),
         ({"guided_choice": ["a"] * 1025}, "guided_choice"),
         ({"structured_outputs": {"regex": "a" * (1 << 20 | 1)}}, "at most"),
+        ({"guided_json": {"type": "object", "if": {"required": ["a"]}, "then": {}}}, 'keyword(s) "if", "then"'),
+        ({"guided_json": {"type": "string", "format": "iri"}}, "unsupported string format 'iri'"),
+        ({"guided_json": SLOW_SCHEMA}, f"could not be compiled within {COMPILE_TIMEOUT_S:g} s"),
     ],
 )
 def test_a_bad_constraint_is_a_400_that_changes_nothing(server: ServerProcess, extra: dict, words: str) -> None:
