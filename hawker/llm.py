@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from hawker.engine.engine import Engine
+from hawker.loader.chat_templates import tools_template
 from hawker.loader.tokenizer import render_chat
 from hawker.options import EngineOptions
 from hawker.outputs import RequestOutput
@@ -102,12 +103,22 @@ class LLM:
         use_tqdm: bool = True,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one or more conversations and generate."""
+        """Apply the model's chat template to one or more conversations and generate.
+
+        ``tools`` (OpenAI's shape) are shown by the template; a ChatML model whose own template ignores them
+        gets Hawker's tool template (hawker/loader/chat_templates.py). The calls stay in the text, in the
+        Hermes ``<tool_call>`` format; ``hawker.server.message_parsing.parse_message`` reads them out.
+        """
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        if tools:
+            chat_template = tools_template(self.engine.tokenizer, chat_template)
+            if chat_template is None:
+                raise ValueError("this model's chat template cannot show tools; pass chat_template=...")
         prompts: list[Prompt] = []
         for conversation in conversations:
-            text = render_chat(self.engine.tokenizer, conversation, add_generation_prompt, chat_template)  # type: ignore[arg-type]
+            text = render_chat(self.engine.tokenizer, conversation, add_generation_prompt, chat_template, tools)  # type: ignore[arg-type]
             ids = self.engine.tokenizer(text, add_special_tokens=False).input_ids
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm)

@@ -16,7 +16,6 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from hawker.config import EngineConfig, ParallelConfig
 from hawker.engine.configure import engine_config, resolve_device
+from hawker.engine.constraints import Constraints
 from hawker.engine.errors import EngineFatalError
 from hawker.engine.kv_cache import KVCacheManager
 from hawker.engine.loading import build_model, eos_id, num_kv_blocks, start_driver, warm_up_blocks
@@ -41,16 +41,12 @@ from hawker.options import EngineOptions
 from hawker.outputs import RequestOutput
 from hawker.sampling_params import SamplingParams
 from hawker.step import ModelOutput, ScheduledSeq, SchedulerOutput, SeqResult, StepHandle
-from hawker.structured.grammars import GrammarCompiler, SequenceGrammar
-from hawker.structured.masks import MaskStats, StepMasks
 
 if TYPE_CHECKING:
     from hawker.distributed.launch import WorkerProcesses
     from hawker.distributed.world import World
 
 logger = logging.getLogger(__name__)
-REASONING_END = "</think>"
-REASONING_TAIL_TOKENS = 16  # prompt tokens looked at for a closed think block
 
 
 @dataclass(frozen=True)
@@ -121,15 +117,14 @@ class Engine:
         self.eos_token_id = eos_id(config.model, tokenizer)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.eos_token_id)
         self.outputs = OutputProcessor(tokenizer, self.scheduler)
-        self.grammars = GrammarCompiler(
-            tokenizer, config.model.vocab_size, self.eos_token_id, config.grammar_compile_timeout_s
+        self.constraints = Constraints(
+            tokenizer,
+            config.model.vocab_size,
+            self.eos_token_id,
+            config.grammar_compile_timeout_s,
+            config.reasoning_parser,
         )
-        self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="hawker-masks")  # fills masks during forwards
-        self.mask_stats = MaskStats()
-        # The token ids that end a reasoning model's thinking, after which its output constraint applies.
-        self._reasoning_end: tuple[int, ...] | None = None
-        if config.reasoning_parser is not None:
-            self._reasoning_end = tuple(tokenizer.encode(REASONING_END, add_special_tokens=False))
+        self.grammars = self.constraints.grammars  # what the server checks requests' constraints with
         self.runner = _runner(config, model, num_blocks, self.eos_token_id, world, workers)
         self.weight_version = 0  # bumped by every update_weights; reported on every output
         self.paused = False  # pause_generation: steps do nothing until resume_generation
@@ -296,26 +291,12 @@ class Engine:
                     sample_index=index,
                     prefix_donor_id=seqs[0].request_id if index else None,
                     arrival_time=arrived,
-                    grammar=self._grammar(params, prompt_token_ids, new_request=index == 0),
+                    grammar=self.constraints.grammar(params, prompt_token_ids, new_request=index == 0),
                 )
             )
         self.outputs.add(request_id, prompt, seqs)
         for seq in seqs:
             self.scheduler.add(seq)
-
-    def _grammar(self, params: SamplingParams, prompt_ids: list[int], new_request: bool) -> SequenceGrammar | None:
-        constraint = params.structured_outputs
-        if constraint is None:
-            return None
-        return self.grammars.matcher(constraint, new_request, self._grammar_starts_after(prompt_ids))
-
-    def _grammar_starts_after(self, prompt_ids: list[int]) -> tuple[int, ...] | None:
-        """A reasoning model's constraint waits for the end of its thinking (``</think>``), unless the prompt
-        already closed it (a chat template that turns thinking off writes an empty block)."""
-        if self._reasoning_end is None:
-            return None
-        tail = str(self.tokenizer.decode(prompt_ids[-REASONING_TAIL_TOKENS:]))
-        return None if tail.rstrip().endswith(REASONING_END) else self._reasoning_end
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         """Check a request against the model, the pool and its constraint; returns its max_tokens.
@@ -375,14 +356,7 @@ class Engine:
             generation_tokens=self.scheduler.num_generation_tokens,
             num_steps=self.counters.num_steps,
             num_failed_requests=self.counters.num_failed_requests,
-            constrained_requests=self.grammars.stats.constrained_requests,
-            grammar_compiles=self.grammars.stats.compiled,
-            grammar_cache_hits=self.grammars.stats.cache_hits,
-            grammar_compile_failures=self.grammars.stats.compile_failures,
-            grammar_compile_seconds=self.grammars.stats.compile_seconds,
-            masked_steps=self.mask_stats.steps,
-            mask_fill_seconds=self.mask_stats.fill_seconds,
-            mask_wait_seconds=self.mask_stats.wait_seconds,
+            **self.constraints.stats(),
         )
 
     # ----------------------------------------------------------------- step
@@ -441,15 +415,9 @@ class Engine:
     def _launch(self, seqs: tuple[ScheduledSeq, ...], previous: StepHandle | None = None) -> StepHandle:
         for hook in self.pre_execute_hooks:
             hook(seqs)
-        return self.runner.launch(SchedulerOutput(seqs=seqs, token_masks=self._token_masks(seqs)), previous)
-
-    def _token_masks(self, seqs: tuple[ScheduledSeq, ...]) -> StepMasks | None:
-        """The masks of the constrained sequences that sample, filled on a thread while the step runs."""
-        requests = self.scheduler.requests
-        grammars = [(s.request_id, g) for s in seqs if s.sample and (g := requests[s.request_id].grammar) and g.active]
-        if not grammars:
-            return None
-        return StepMasks(grammars, self.config.model.vocab_size, self._mask_pool, self.mask_stats)
+        return self.runner.launch(
+            SchedulerOutput(seqs=seqs, token_masks=self.constraints.step_masks(seqs, self.scheduler.requests)), previous
+        )
 
     def _update(self, committed: CommittedStep, model_output: ModelOutput) -> list[RequestOutput]:
         """Apply a step's results to the requests it ran, and build the outputs of those that changed."""
