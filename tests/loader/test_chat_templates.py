@@ -70,7 +70,7 @@ def test_which_template_a_request_with_tools_gets(tokenizer, tmp_path: Path) -> 
 def test_offline_chat_shows_tools(tmp_path: Path) -> None:
     # The tiny tokenizer spends about a token per character: the tool prompt needs a longer context.
     checkpoint = build_tiny_checkpoint("llama", tmp_path / "llama", max_positions=1024)
-    llm = LLM(str(checkpoint), dtype="float32", compile_decode_max_rows=0)
+    llm = LLM(str(checkpoint), dtype="float32", compile_decode_max_rows=0, kv_cache_memory_gb=0.05)
     params = SamplingParams(max_tokens=2)
     with pytest.raises(ValueError, match="cannot show tools"):
         llm.chat(CONVERSATION[:2], params, use_tqdm=False, tools=[TOOL])

@@ -29,6 +29,9 @@ def structured_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serv
     template.write_text(CHATML_TOOLS)
     options = ["--served-model-name", "m", "--chat-template", str(template)]
     options += ["--grammar-compile-timeout", str(COMPILE_TIMEOUT_S)]
+    # No compiled decode step: it would compile in the background for minutes, beside the tests that
+    # follow (this server lives for the whole session), and these tests need only the eager one.
+    options += ["--compile-decode-max-rows", "0"]
     started = launch(checkpoint, folder / "server.log", *options)
     try:
         yield wait_ready(started)

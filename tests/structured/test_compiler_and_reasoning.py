@@ -64,7 +64,13 @@ def test_objects_that_list_properties_are_closed_to_others() -> None:
 
 
 def test_a_reasoning_model_s_constraint_waits_for_the_end_of_its_thinking(tiny_checkpoints: dict[str, Path]) -> None:
-    llm = LLM(str(tiny_checkpoints["llama"]), dtype="float32", reasoning_parser="qwen3", compile_decode_max_rows=0)
+    llm = LLM(
+        str(tiny_checkpoints["llama"]),
+        dtype="float32",
+        reasoning_parser="qwen3",
+        compile_decode_max_rows=0,
+        kv_cache_memory_gb=0.05,
+    )
     params = SamplingParams(max_tokens=12, temperature=0.0, structured_outputs={"regex": "[0-9]{12}"})
     # The prompt closed the think block (thinking turned off): the constraint applies from the first token.
     closed = llm.generate(["Q: a number?\n<think>\n\n</think>\n\n"], params, use_tqdm=False)[0].outputs[0]
