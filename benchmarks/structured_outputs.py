@@ -80,7 +80,9 @@ def main() -> None:
                     flush=True,
                 )
     stats = llm.engine.grammars.stats
-    print(f"grammars compiled {stats.compiled} in {stats.compile_seconds:.2f} s (the one-time tokenizer wrap not counted)")
+    print(
+        f"grammars compiled {stats.compiled} in {stats.compile_seconds:.2f} s (the one-time tokenizer wrap not counted)"
+    )
 
 
 if __name__ == "__main__":

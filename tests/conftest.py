@@ -12,6 +12,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Engines run eagerly in tests (compiling each one would take most of the
 # time budget); tests/engine/test_compiled_decode.py turns compilation back on.
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+# Every engine zeroes its whole KV pool when it is built (2 GB by default on a CPU): with the suite's
+# engines alive together that exhausted memory, and a build took seconds in the zeroing alone. A
+# quarter GB holds ~11k tokens of the default model and far more of the tiny ones; tests that need a
+# given pool size ask for it.
+os.environ.setdefault("HAWKER_CPU_KV_CACHE_GB", "0.25")
 
 import torch
 

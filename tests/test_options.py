@@ -64,3 +64,16 @@ def test_a_new_field_is_a_new_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     args = cli.build_parser().parse_args(["generate", "hi", "--draft-tokens", "4", "--draft-mode", "ngram"])
     extended = Extended(**cli._engine_kwargs(args))
     assert extended.draft_tokens == 4 and extended.draft_mode == "ngram"
+
+
+def test_the_cpu_kv_cache_budget_comes_from_its_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hawker.engine.configure import CPU_KV_CACHE_ENV, DEFAULT_CPU_KV_CACHE_GB, cpu_kv_cache_gb
+
+    monkeypatch.delenv(CPU_KV_CACHE_ENV, raising=False)
+    assert cpu_kv_cache_gb() == DEFAULT_CPU_KV_CACHE_GB
+    monkeypatch.setenv(CPU_KV_CACHE_ENV, "0.5")
+    assert cpu_kv_cache_gb() == 0.5
+    for bad in ("lots", "0", "-1"):
+        monkeypatch.setenv(CPU_KV_CACHE_ENV, bad)
+        with pytest.raises(ValueError, match=CPU_KV_CACHE_ENV):
+            cpu_kv_cache_gb()

@@ -8,6 +8,7 @@ refused with a message naming the option.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import torch
@@ -32,6 +33,8 @@ from hawker.kernels import (
 )
 from hawker.loader.checkpoint import Checkpoint, open_checkpoint
 from hawker.options import EngineOptions
+
+CPU_KV_CACHE_ENV = "HAWKER_CPU_KV_CACHE_GB"
 
 
 def resolve_device(name: str) -> str:
@@ -130,7 +133,23 @@ def _kv_cache_memory_bytes(options: EngineOptions) -> int | None:
         return int(options.kv_cache_memory_gb * 1024**3)
     if torch.device(options.device).type == "cuda":
         return None
-    return int(DEFAULT_CPU_KV_CACHE_GB * 1024**3)
+    return int(cpu_kv_cache_gb() * 1024**3)
+
+
+def cpu_kv_cache_gb() -> float:
+    """The CPU pool's default budget: ``HAWKER_CPU_KV_CACHE_GB`` if set (as vLLM's CPU engine takes
+    ``VLLM_CPU_KVCACHE_SPACE``: one setting for every engine a process or its children build), else 2 GB.
+    The pool is zeroed, so written, when the engine is built: this much memory is taken at once."""
+    value = os.environ.get(CPU_KV_CACHE_ENV)
+    if value is None:
+        return DEFAULT_CPU_KV_CACHE_GB
+    try:
+        gigabytes = float(value)
+    except ValueError:
+        raise ValueError(f"{CPU_KV_CACHE_ENV} must be a number of gigabytes, got {value!r}") from None
+    if not gigabytes > 0:
+        raise ValueError(f"{CPU_KV_CACHE_ENV} must be > 0, got {value!r}")
+    return gigabytes
 
 
 def _cuda_graph_max_batch_size(options: EngineOptions, attention_backend: str) -> int:

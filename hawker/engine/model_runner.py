@@ -7,12 +7,10 @@ scheduling decisions.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -185,11 +183,7 @@ class ModelRunner:
         if weights:
             check_updatable(self.model, list(self.model.parameters()))
         for tensor in self._sleeping_tensors(weights):
-            if tensor.untyped_storage().resizable():
-                tensor.untyped_storage().resize_(0)
-            else:  # a calloc'd CPU cache (_zeroed_cache) cannot shrink: the tensor lets go of it instead
-                empty = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
-                tensor.set_(empty.untyped_storage(), 0, (0,), (1,))
+            tensor.untyped_storage().resize_(0)
         if weights:
             for module in self._projections():
                 module.release_copies()
@@ -200,12 +194,9 @@ class ModelRunner:
         weights = checkpoint_path is not None
         for tensor in self._sleeping_tensors(weights):
             tensor.untyped_storage().resize_(tensor.numel() * tensor.element_size())
-        for cache in (tensor for pair in self.kv_caches for tensor in pair):
-            if cache.numel() == 0:  # let go of above: a fresh (lazily) zeroed one
-                fresh = _zeroed_cache(self._kv_shape, cache.dtype, cache.device)
-                cache.set_(fresh.untyped_storage(), fresh.storage_offset(), fresh.shape, fresh.stride())
-            else:
-                cache.zero_()
+        for k_cache, v_cache in self.kv_caches:
+            k_cache.zero_()
+            v_cache.zero_()
         if checkpoint_path is not None:
             self.model.load_weights(open_checkpoint(checkpoint_path).weights())
             for module in self._projections():
@@ -224,10 +215,13 @@ class ModelRunner:
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         cfg = self.config.model
-        shape = self._kv_shape = (num_blocks, self.block_size, self.kv_heads, cfg.head_dim)
+        shape = (num_blocks, self.block_size, self.kv_heads, cfg.head_dim)
         dtype = self.config.cache.torch_dtype(cfg)
         return [
-            (_zeroed_cache(shape, dtype, self.device), _zeroed_cache(shape, dtype, self.device))
+            (
+                torch.zeros(shape, dtype=dtype, device=self.device),
+                torch.zeros(shape, dtype=dtype, device=self.device),
+            )
             for _ in range(self.model.num_local_layers)
         ]
 
@@ -399,20 +393,3 @@ class ModelRunner:
             tensors = logprob_tensors(torch.log_softmax(logits, dim=-1), chosen, k)
             found.append(_PromptLogprobs(seq.request_id, targets, k, HostCopy(tensors)))
         return found
-
-
-# The C kernels read the cache with 64-byte vector loads: each layer's cache starts on such a boundary.
-_CACHE_ALIGNMENT = 64
-
-
-def _zeroed_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """A zeroed KV cache. On a CPU its memory comes from calloc (through numpy): the pages are the kernel's
-    shared zero page until first written, so a pool of gigabytes costs nothing until its blocks are used,
-    where ``torch.zeros`` writes every byte at start-up (seconds for the default 2 GB pool when memory is
-    being reclaimed)."""
-    if torch.device(device).type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    nbytes = math.prod(shape) * dtype.itemsize
-    raw = torch.from_numpy(np.zeros(nbytes + _CACHE_ALIGNMENT, dtype=np.uint8))
-    start = -raw.data_ptr() % _CACHE_ALIGNMENT
-    return raw[start : start + nbytes].view(dtype).view(shape)
