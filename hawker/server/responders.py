@@ -145,6 +145,10 @@ class ChatResponder(_Base):
     kind = "chat.completion"
     chunk_kind = "chat.completion.chunk"
 
+    def _choice_syntax(self, syntax: MessageSyntax, index: int) -> MessageSyntax:
+        """With several choices, each numbers its calls under its own prefix: ids stay unique in a response."""
+        return syntax if self.n == 1 else dataclasses.replace(syntax, call_id_prefix=f"{syntax.call_id_prefix}_{index}")
+
     def begin(self) -> list[dict[str, Any]]:
         """OpenAI streams open every choice with a delta holding only the role."""
         return [
@@ -184,7 +188,7 @@ class ChatResponder(_Base):
         """The message fields of a streamed delta, and whether the message has tool calls so far."""
         if self.syntax is None:
             return ({"content": delta.text} if delta.text else {}), False
-        stream = self._messages.setdefault(index, MessageStream(self.syntax))
+        stream = self._messages.setdefault(index, MessageStream(self._choice_syntax(self.syntax, index)))
         parsed = stream.update(completion.text, final=delta.finish_reason is not None)
         first_call = len(stream.message.tool_calls) - len(parsed.tool_calls)
         return _delta_json(parsed, first_call), bool(stream.message.tool_calls)
@@ -198,10 +202,11 @@ class ChatResponder(_Base):
                     logprobs = chat_logprobs(
                         completion.token_ids, completion.logprobs, self.token_text, self.top_logprobs
                     )
-                message, called = self._message(completion.text)
+                index = self.choice_index(prompt_index, completion)
+                message, called = self._message(completion.text, index)
                 choices.append(
                     {
-                        "index": self.choice_index(prompt_index, completion),
+                        "index": index,
                         "message": message,
                         "logprobs": logprobs,
                         "finish_reason": _finish_reason(completion.finish_reason, called),
@@ -211,10 +216,10 @@ class ChatResponder(_Base):
         choices.sort(key=lambda choice: cast(int, choice["index"]))
         return self._envelope(self.kind, choices) | {"usage": usage(finals)}
 
-    def _message(self, text: str) -> tuple[dict[str, Any], bool]:
+    def _message(self, text: str, index: int) -> tuple[dict[str, Any], bool]:
         if self.syntax is None:
             return {"role": "assistant", "content": text}, False
-        parsed = parse_message(text, self.syntax, final=True)
+        parsed = parse_message(text, self._choice_syntax(self.syntax, index), final=True)
         message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
         if parsed.reasoning is not None:
             message["reasoning_content"] = parsed.reasoning

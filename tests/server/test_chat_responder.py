@@ -84,3 +84,12 @@ def test_the_whole_message_has_reasoning_calls_and_finish_reason(tiny_checkpoint
     cut = responder(tiny_checkpoints).full([outputs(*TEXTS[2], [])[-1]])["choices"][0]
     assert cut["message"] == {"role": "assistant", "content": None, "reasoning_content": "still thinking about it"}
     assert cut["finish_reason"] == "length"
+
+
+def test_call_ids_are_unique_across_choices(tiny_checkpoints: dict[str, Path]) -> None:
+    two = responder(tiny_checkpoints)
+    two.n = 2
+    text = "No reasoning here. " + CALL
+    output = RequestOutput("r", None, [1], [CompletionOutput(i, text, [1], finish_reason="stop") for i in range(2)])
+    ids = [call["id"] for choice in two.full([output])["choices"] for call in choice["message"]["tool_calls"]]
+    assert len(ids) == len(set(ids)) == 2
