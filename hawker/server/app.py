@@ -339,7 +339,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         state.check_serving(body.model)
         _log_ignored(body.ignored_fields())
         tools = _sampling_params(body.tool_plan)
-        params = _sampling_params(body.sampling_params)
+        params = _sampling_params(lambda: body.sampling_params(tools))
         prompt = _chat_prompt(router, body.messages, body.add_generation_prompt, state.settings.chat_template, tools)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         await state.compile_constraint(params, tools)

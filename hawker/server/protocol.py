@@ -350,7 +350,8 @@ class ChatCompletionRequest(_SamplingFields):
     def tool_plan(self) -> ToolPlan:
         return plan_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
 
-    def sampling_params(self) -> SamplingParams:
+    def sampling_params(self, tools: ToolPlan | None = None) -> SamplingParams:
+        """``tools``: the request's checked tool plan, when the caller made it already."""
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         if self.max_completion_tokens is not None and not 1 <= self.max_completion_tokens <= MAX_SEQUENCE_TOKENS:
             message = f"must be >= 1 and <= {MAX_SEQUENCE_TOKENS}, got {self.max_completion_tokens}"
@@ -361,7 +362,7 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         kwargs = self._sampling_kwargs(max_tokens, logprobs, None)
-        tool_constraint = self.tool_plan().constraint()
+        tool_constraint = (tools or self.tool_plan()).constraint()
         if tool_constraint is not None:
             if "structured_outputs" in kwargs:
                 raise ValueError("tool_choice 'required' or a named function cannot be combined with an output format")

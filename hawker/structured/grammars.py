@@ -167,23 +167,20 @@ class GrammarCompiler:
     def _build_timed(self, params: StructuredOutputsParams) -> llguidance.LLMatcher:
         tokenizer = self._llg_tokenizer()  # wrapped already (by _entry)
         start = time.perf_counter()
+        built = True
         try:
             template = self._build(params, tokenizer)
+            if time.perf_counter() - start > self.timeout_s:
+                raise ValueError(self._timeout_message(params))
+            return template
         except ValueError:
-            with self._lock:
-                self.stats.compile_failures += 1
-                self.stats.compile_seconds += time.perf_counter() - start
+            built = False
             raise
-        seconds = time.perf_counter() - start
-        with self._lock:
-            self.stats.compile_seconds += seconds
-            if seconds > self.timeout_s:
-                self.stats.compile_failures += 1
-            else:
-                self.stats.compiled += 1
-        if seconds > self.timeout_s:
-            raise ValueError(self._timeout_message(params))
-        return template
+        finally:
+            with self._lock:
+                self.stats.compile_seconds += time.perf_counter() - start
+                self.stats.compiled += built
+                self.stats.compile_failures += not built
 
     def _build(self, params: StructuredOutputsParams, tokenizer: llguidance.LLTokenizer) -> llguidance.LLMatcher:
         kind = params.kind

@@ -137,6 +137,12 @@ def tool(parameters: Any, name: str = "f") -> dict[str, Any]:
         ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice must be"),
         ({"tool_choice": "required"}, "needs tools"),
         ({"tools": TOOLS, "tool_choice": "required", "guided_regex": "a"}, "cannot be combined"),
+        ({"tools": [tool(None, name=f"f{i}") for i in range(129)]}, "at most 128"),
+        (
+            {"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f"}}] * 129}]},
+            "at most 128",
+        ),
+        ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "i" * 257}]}, "at most 256"),
     ],
 )
 def test_a_bad_tool_request_is_a_400_that_changes_nothing(
