@@ -326,7 +326,8 @@ def _is_torchrun_worker(args: argparse.Namespace) -> bool:
     found = launch.torchrun_rank(world_shape(options))
     if found is None or found[1] == 0:
         return False
-    worker.run_worker(options, *found)
+    spec, rank = found
+    worker.run_worker(options, spec, rank, launch.ranks_on_this_node(spec.world_size))
     return True
 
 

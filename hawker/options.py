@@ -21,6 +21,7 @@ from hawker.config import DTYPE_NAMES, KV_CACHE_DTYPES, PLAN_CACHE_MODES
 WARM_UP_MODES = ("background", "blocking")
 # Both read <think>...</think>; deepseek_r1's chat template opens the block in the prompt.
 REASONING_PARSERS = ("deepseek_r1", "qwen3")
+DISTRIBUTED_EXECUTOR_BACKENDS = ("mp", "ray")
 
 
 def option(default: Any, help: str, choices: Sequence[str] = (), aliases: Sequence[str] = ()) -> Any:
@@ -135,6 +136,18 @@ class EngineOptions:
         "split the layers into this many pipeline stages, one process group each; the tensor x pipeline "
         "processes start on this node, or under torchrun across nodes",
         aliases=("-pp",),
+    )
+    distributed_executor_backend: str = option(
+        "mp",
+        "how the tensor x pipeline ranks start: mp = processes on this node (or torchrun's, across nodes); "
+        "ray = Ray actors in a placement group (one bundle per rank, this node's first) on the cluster at "
+        "ray_address (needs the ray extra)",
+        DISTRIBUTED_EXECUTOR_BACKENDS,
+    )
+    ray_address: str | None = option(
+        None,
+        "the Ray cluster the ray backend joins (ray.init's address; default: RAY_ADDRESS, else a cluster "
+        "started on this node with `ray start`, else a new local one)",
     )
     tp_overlap_chunks: int = option(
         1, "row-parallel layers all-reduce in this many chunks, each while the next is multiplied; 1 = off"

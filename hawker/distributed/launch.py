@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Protocol
 
 from hawker.distributed.world import WorldSpec
 
@@ -27,6 +27,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def ranks_on_this_node(world_size: int) -> int:
+    """How many ranks share this machine's cores: torchrun's LOCAL_WORLD_SIZE, else every rank."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+
+
 def torchrun_rank(spec_fields: dict[str, Any]) -> tuple[WorldSpec, int] | None:
     """The world torchrun set up for this process (its env variables), or None outside torchrun."""
     if "TORCHELASTIC_RUN_ID" not in os.environ and "RANK" not in os.environ:
@@ -39,6 +44,20 @@ def torchrun_rank(spec_fields: dict[str, Any]) -> tuple[WorldSpec, int] | None:
             f"is {spec.world_size}"
         )
     return spec, int(os.environ["RANK"])
+
+
+class RankGroup(Protocol):
+    """Ranks 1..N-1 as the driver started them (processes here, or Ray actors across a cluster)."""
+
+    def dead(self) -> str | None:
+        """Why the world is broken, naming the rank; None while every rank runs."""
+        ...
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Wait for the ranks to exit after the driver sent Shutdown; kill any that do not."""
+        ...
+
+    def kill(self) -> None: ...
 
 
 class WorkerProcesses:

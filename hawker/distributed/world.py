@@ -135,12 +135,13 @@ def rank_device(device: str, rank: int) -> str:
     return f"cuda:{local % max(1, torch.cuda.device_count())}"
 
 
-def share_cpu_cores(device: str, world_size: int) -> int:
-    """On a CPU, give each of the node's ranks an equal share of the cores; returns the previous thread count.
+def share_cpu_cores(device: str, ranks_here: int) -> int:
+    """On a CPU, give each of the ``ranks_here`` ranks on this machine an equal share of its cores;
+    returns the previous thread count.
 
     Ranks that each used every core would fight over them and stall in collectives.
     """
     previous = torch.get_num_threads()
     if torch.device(device).type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_here))
     return previous

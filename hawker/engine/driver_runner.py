@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 import torch.distributed as dist
 
-from hawker.distributed.launch import WorkerProcesses
+from hawker.distributed.launch import RankGroup
 from hawker.distributed.world import RunStep, Shutdown, World, leave_world
 from hawker.engine.errors import EngineFatalError
 from hawker.engine.model_runner import ModelRunner
@@ -16,6 +17,10 @@ from hawker.step import CompletedStep, ModelOutput, SchedulerOutput, StepHandle
 
 logger = logging.getLogger(__name__)
 
+# After a step's collective failed, how long to wait for a rank's death to show (a process's exit
+# code, a Ray actor's death notice) so that the error can name it.
+DEATH_NEWS_S = 3.0
+DEATH_POLL_S = 0.05
 # What the sampling rank returns to the driver: the output and, when asked, the logits it saw.
 ObservedLogits = list[tuple[list[str], torch.Tensor]]
 
@@ -29,7 +34,7 @@ class DriverRunner:
     are not supported across ranks yet.
     """
 
-    def __init__(self, local: ModelRunner, world: World, workers: WorkerProcesses | None) -> None:
+    def __init__(self, local: ModelRunner, world: World, workers: RankGroup | None) -> None:
         self.local = local
         self.world = world
         self.workers = workers
@@ -45,10 +50,17 @@ class DriverRunner:
         self._observer = observer
         self.local.logits_observer = observer  # rank 0 samples itself without pipeline stages
 
-    def check_health(self) -> None:
-        reason = None if self.workers is None else self.workers.dead()
-        if reason is not None:
-            raise EngineFatalError(f"a worker rank died: {reason}")
+    def check_health(self, patience_s: float = 0.0) -> None:
+        """Raise if a rank has died; ``patience_s``: how long to wait for the news of a death (after a
+        failed collective, the rank's exit can take a moment to show)."""
+        deadline = time.monotonic() + patience_s
+        while self.workers is not None:
+            reason = self.workers.dead()
+            if reason is not None:
+                raise EngineFatalError(f"a worker rank died: {reason}")
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(DEATH_POLL_S)
 
     @property
     def warming_up(self) -> bool:
@@ -78,7 +90,7 @@ class DriverRunner:
                 dist.recv_object_list(box, src=self.world.result_rank, group=self.world.control_group)
                 output, observed = box[0]  # type: ignore[misc]
         except Exception as error:
-            self.check_health()  # a dead worker is the likelier cause: say so
+            self.check_health(DEATH_NEWS_S)  # a dead worker is the likelier cause: say so
             raise EngineFatalError(f"a distributed step failed: {type(error).__name__}: {error}") from error
         assert output is not None
         if self._observer is not None:

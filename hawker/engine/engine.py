@@ -43,7 +43,7 @@ from hawker.sampling_params import SamplingParams
 from hawker.step import ModelOutput, ScheduledSeq, SchedulerOutput, SeqResult, StepHandle
 
 if TYPE_CHECKING:
-    from hawker.distributed.launch import WorkerProcesses
+    from hawker.distributed.launch import RankGroup
     from hawker.distributed.world import World
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class Engine:
         model: CausalLM,
         tokenizer: PreTrainedTokenizerBase,
         world: World | None = None,
-        workers: WorkerProcesses | None = None,
+        workers: RankGroup | None = None,
     ) -> None:
         """``world``: this is rank 0 of several (``workers``: the ranks it started itself)."""
         self.config = config
@@ -472,7 +472,7 @@ def _runner(
     num_blocks: int,
     eos_token_id: int | None,
     world: World | None,
-    workers: WorkerProcesses | None,
+    workers: RankGroup | None,
 ) -> Runner:
     """The model in this process, or rank 0's driver over a tensor / pipeline parallel world."""
     if world is None:

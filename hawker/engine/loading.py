@@ -24,7 +24,7 @@ from hawker.models.registry import model_class
 from hawker.options import EngineOptions
 
 if TYPE_CHECKING:
-    from hawker.distributed.launch import WorkerProcesses
+    from hawker.distributed.launch import RankGroup
     from hawker.distributed.world import World, WorldSpec
 
 
@@ -55,12 +55,13 @@ class RankShard:
     threads_before: int  # torch's thread count before the ranks shared the cores
 
 
-def load_rank_shard(options: EngineOptions, spec: WorldSpec, rank: int) -> RankShard:
-    """Join the world at ``spec`` as ``rank`` and load this rank's shard (the driver and every worker)."""
+def load_rank_shard(options: EngineOptions, spec: WorldSpec, rank: int, ranks_here: int) -> RankShard:
+    """Join the world at ``spec`` as ``rank`` and load this rank's shard (the driver and every worker);
+    ``ranks_here``: how many of the world's ranks share this machine's cores."""
     from hawker.distributed import world  # torch.distributed set-up only when asked for
 
     device = world.rank_device(resolve_device(options.device), rank)
-    threads_before = world.share_cpu_cores(device, spec.world_size)
+    threads_before = world.share_cpu_cores(device, ranks_here)
     joined = world.join_world(spec, rank, device)
     try:
         config, checkpoint = engine_config(dataclasses.replace(options, device=device), joined.parallel)
@@ -71,27 +72,36 @@ def load_rank_shard(options: EngineOptions, spec: WorldSpec, rank: int) -> RankS
         raise
 
 
-def start_driver(options: EngineOptions) -> tuple[RankShard, WorkerProcesses | None]:
-    """Rank 0 of a tensor x pipeline world: start the other ranks on this node (or join them, under
-    torchrun) and load rank 0's shard; returns it with the workers it started."""
+def start_driver(options: EngineOptions) -> tuple[RankShard, RankGroup | None]:
+    """Rank 0 of a tensor x pipeline world: start the other ranks (processes on this node, or Ray
+    actors) or join them under torchrun, and load rank 0's shard; returns it with the ranks it started."""
     from hawker.distributed import launch, world  # torch.distributed set-up only when asked for
 
     shape = world_shape(options)
     found = launch.torchrun_rank(shape)
-    workers = None
-    if found is None:
-        spec = world.WorldSpec("127.0.0.1", launch.free_port(), **shape)
-        workers = launch.WorkerProcesses(spec, dataclasses.asdict(options))
-        rank = 0
-    else:
+    if found is not None and options.distributed_executor_backend == "ray":
+        raise ValueError("torchrun started these ranks already: drop --distributed-executor-backend ray")
+    ranks: RankGroup | None = None
+    if found is not None:
         spec, rank = found
         if rank != 0:
             raise ValueError("only rank 0 builds the engine; other ranks run hawker.engine.worker")
+        ranks_here = launch.ranks_on_this_node(spec.world_size)
+    elif options.distributed_executor_backend == "ray":
+        from hawker.distributed.ray_executor import RayRanks  # ray is an optional extra
+        from hawker.engine.worker import RayRankActor
+
+        ray_ranks = RayRanks(shape, dataclasses.asdict(options), options.ray_address, options.device, RayRankActor)
+        ranks, spec, rank, ranks_here = ray_ranks, ray_ranks.spec, 0, ray_ranks.ranks_on_driver_node
+    else:
+        spec = world.WorldSpec("127.0.0.1", launch.free_port(), **shape)
+        ranks = launch.WorkerProcesses(spec, dataclasses.asdict(options))
+        rank, ranks_here = 0, spec.world_size
     try:
-        return load_rank_shard(options, spec, rank), workers
+        return load_rank_shard(options, spec, rank, ranks_here), ranks
     except BaseException:
-        if workers is not None:
-            workers.kill()
+        if ranks is not None:
+            ranks.kill()
         raise
 
 
