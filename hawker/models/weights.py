@@ -104,8 +104,10 @@ class CheckpointWeights(nn.Module):
         tied = self.config.tie_word_embeddings
         if name == "lm_head.weight" and tied:
             return None
-        module_name, param = name.rsplit(".", 1)
+        module_name, dot, param = name.rpartition(".")
         parts = module_name.split(".")
+        if not dot or (parts[:2] == ["model", "layers"] and (len(parts) < 3 or not parts[2].isdigit())):
+            raise ValueError(f"checkpoint tensor {name!r} does not match any parameter of {type(self).__name__}")
         if parts[:2] == ["model", "layers"] and int(parts[2]) not in self.model.layer_range:
             return None  # another pipeline stage's layer
         if module_name == "model.embed_tokens" and tied and self.model.embed_tokens is None:

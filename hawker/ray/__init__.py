@@ -1,0 +1,7 @@
+"""Hawker on Ray: the RL-facing rollout actor and the trainer's weight-sync group (needs the ray extra
+for the actor; the executor for tensor / pipeline ranks is hawker/distributed/ray_executor.py)."""
+
+from hawker.ray.rollout import RolloutEngine
+from hawker.ray.weight_sync import WeightSpec, WeightSyncGroup, weight_specs
+
+__all__ = ["RolloutEngine", "WeightSpec", "WeightSyncGroup", "weight_specs"]

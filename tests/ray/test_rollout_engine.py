@@ -1,0 +1,130 @@
+"""hawker.ray.RolloutEngine's API, driven directly on an event loop (Ray runs it the same way, as an async
+actor; tests/examples/test_ray_rl.py runs it under Ray): generation, pause and resume, weights through
+the object-store path (tensors) and through a weight-sync group, the weight version on every output."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hawker import LLM, SamplingParams
+from hawker.distributed.launch import free_port
+from hawker.ray import RolloutEngine, WeightSyncGroup, weight_specs
+from tests.support.tiny_models import rewritten_copy
+
+PROMPTS = [[5, 9, 14, 3], [40, 2, 2, 17, 8]]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=0)
+OPTIONS = {"dtype": "float32", "block_size": 4, "compile_decode_max_rows": 0}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama after a 'training step': every tensor moved, so greedy outputs change."""
+    generator = torch.Generator().manual_seed(7)
+
+    def step(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor + 0.05 * torch.randn(tensor.shape, generator=generator)
+
+    return rewritten_copy(tiny_checkpoints["llama"], tmp_path_factory.mktemp("trained") / "llama", step)
+
+
+def _state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    (path,) = checkpoint.glob("*.safetensors")
+    return load_file(path)
+
+
+def _greedy_tokens(checkpoint: Path) -> list[list[int]]:
+    with LLM(str(checkpoint), **OPTIONS) as llm:
+        return [list(out.outputs[0].token_ids) for out in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+
+
+def test_weights_through_tensors_give_the_trained_models_outputs_and_a_new_version(
+    tiny_checkpoints: dict[str, Path], trained: Path
+) -> None:
+    want_before, want_after = _greedy_tokens(tiny_checkpoints["llama"]), _greedy_tokens(trained)
+    assert want_before != want_after
+
+    async def scenario() -> None:
+        engine = RolloutEngine(str(tiny_checkpoints["llama"]), **OPTIONS)
+        try:
+            before = await engine.generate(PROMPTS, GREEDY)
+            assert [list(o.outputs[0].token_ids) for o in before] == want_before
+            assert {o.weight_version for o in before} == {0}
+            assert await engine.update_weights(_state(trained)) == 1  # a state dict, as ray.put would carry it
+            after = await engine.generate(PROMPTS, GREEDY)
+            assert [list(o.outputs[0].token_ids) for o in after] == want_after
+            assert {o.weight_version for o in after} == {1} and await engine.weight_version() == 1
+            with pytest.raises(ValueError, match="no_such_weight"):  # a bad update changes nothing
+                await engine.update_weights([("no_such_weight", torch.zeros(2))])
+            assert await engine.weight_version() == 1
+        finally:
+            await engine.close()
+
+    asyncio.run(scenario())
+
+
+def test_weights_over_a_sync_group_match_the_trained_model(tiny_checkpoints: dict[str, Path], trained: Path) -> None:
+    want = _greedy_tokens(trained)
+    state = _state(trained)
+    port = free_port()
+
+    async def scenario() -> None:
+        engine = RolloutEngine(str(tiny_checkpoints["llama"]), **OPTIONS)
+        trainer: list[WeightSyncGroup] = []
+        try:
+            # The trainer (rank 0) and the engine (rank 1) join at once; the trainer here is a thread.
+            joining = threading.Thread(target=lambda: trainer.append(WeightSyncGroup("127.0.0.1", port, 0, 2)))
+            joining.start()
+            await engine.join_weight_sync("127.0.0.1", port, 1, 2)
+            joining.join()
+            sending = threading.Thread(target=trainer[0].send, args=(state.items(),))
+            sending.start()
+            version = await engine.receive_weights(weight_specs(state.items()))
+            sending.join()
+            assert version == 1
+            outputs = await engine.generate(PROMPTS, GREEDY)
+            assert [list(o.outputs[0].token_ids) for o in outputs] == want
+            assert {o.weight_version for o in outputs} == {1}
+        finally:
+            await engine.close()
+
+    asyncio.run(scenario())
+
+
+def test_pause_keep_holds_requests_and_pause_abort_ends_them(tiny_checkpoints: dict[str, Path]) -> None:
+    # 240 tokens take ~100 steps of a few ms each: still running when the pause comes 20 ms in.
+    long = SamplingParams(temperature=0.0, max_tokens=240, ignore_eos=True)
+
+    async def scenario() -> None:
+        engine = RolloutEngine(str(tiny_checkpoints["llama"]), **OPTIONS)
+        try:
+            running = asyncio.create_task(engine.generate(PROMPTS, long))
+            await asyncio.sleep(0.02)
+            assert await engine.pause("keep") == 0
+            await asyncio.sleep(0.3)
+            assert not running.done()  # held, not finished and not dropped
+            assert await engine.update_weights(_state(tiny_checkpoints["llama"])) == 1
+            await engine.resume()
+            kept = await asyncio.wait_for(running, 60)
+            assert [o.outputs[0].finish_reason for o in kept] == ["length", "length"]
+            assert [len(o.outputs[0].token_ids) for o in kept] == [240, 240]
+            assert {o.weight_version for o in kept} == {1}  # finished under the new weights
+
+            # Held first (deterministic: nothing can finish), then ended.
+            assert await engine.pause("keep") == 0
+            running = asyncio.create_task(engine.generate(PROMPTS, long))
+            await asyncio.sleep(0.1)
+            assert await engine.pause("abort") == 2
+            aborted = await asyncio.wait_for(running, 10)
+            assert [o.outputs[0].finish_reason for o in aborted] == ["abort", "abort"]
+            await engine.resume()
+            assert (await engine.generate(PROMPTS[:1], GREEDY))[0].outputs[0].finish_reason == "length"
+        finally:
+            await engine.close()
+
+    asyncio.run(scenario())
