@@ -11,7 +11,8 @@ takes one GRPO step on their samples, then sends its new weights to both
 engines: with ``--sync group`` (the default) over a collective group that
 the trainer (rank 0) and the engines (ranks 1, 2) joined once, one
 broadcast per tensor (hawker/ray/weight_sync.py); with ``--sync
-object-store`` as one ``ray.put`` of the state dict. Every output carries
+object-store`` as one ``ray.put`` of the state dict (``PackedWeights``: raw
+bytes that every engine reads in place). Every output carries
 the weight version it was sampled with, checked against the step here.
 
 Printed per step: mean reward, the whole weight sync as the trainer sees
@@ -37,7 +38,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from hawker import RequestOutput, SamplingParams
-from hawker.ray import RolloutEngine, WeightSyncGroup, weight_specs
+from hawker.ray import PackedWeights, RolloutEngine, WeightSyncGroup, weight_specs
 
 EXAMPLES = Path(__file__).resolve().parent
 sys.path.insert(0, str(EXAMPLES))
@@ -88,7 +89,7 @@ class Trainer:
             received = [engine.receive_weights.remote(weight_specs(state.items())) for engine in engines]
             self.group.send(state.items())
         else:
-            shared = ray.put(state)
+            shared = ray.put(PackedWeights.of(state.items()))  # read in place by every engine
             received = [engine.update_weights.remote(shared) for engine in engines]
         versions = ray.get(received)
         return time.perf_counter() - start, versions

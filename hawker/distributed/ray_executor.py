@@ -125,7 +125,9 @@ class RayRanks:
             self._ray.kill(actor)
         self.actors.clear()
         self.runs.clear()
-        self._ray.util.remove_placement_group(self.placement)
+        if self.placement is not None:
+            self._ray.util.remove_placement_group(self.placement)
+            self.placement = None
 
 
 def place_ranks(ray: Any, world_size: int, bundle: dict[str, float]) -> Any:

@@ -2,6 +2,6 @@
 for the actor; the executor for tensor / pipeline ranks is hawker/distributed/ray_executor.py)."""
 
 from hawker.ray.rollout import RolloutEngine
-from hawker.ray.weight_sync import WeightSpec, WeightSyncGroup, weight_specs
+from hawker.ray.weight_sync import PackedWeights, WeightSpec, WeightSyncGroup, weight_specs
 
-__all__ = ["RolloutEngine", "WeightSpec", "WeightSyncGroup", "weight_specs"]
+__all__ = ["PackedWeights", "RolloutEngine", "WeightSpec", "WeightSyncGroup", "weight_specs"]

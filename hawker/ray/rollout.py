@@ -2,14 +2,14 @@
 
     import ray
     from hawker import SamplingParams
-    from hawker.ray import RolloutEngine
+    from hawker.ray import PackedWeights, RolloutEngine
 
     engine = ray.remote(RolloutEngine).options(num_cpus=1).remote("path/to/policy", dtype="float32")
     outputs = ray.get(engine.generate.remote(prompts, SamplingParams(n=8, temperature=1.0, logprobs=0)))
     outputs[0].weight_version                                    # the weights that produced it
 
     ray.get(engine.pause.remote("keep"))                         # hold the requests in flight
-    ray.get(engine.update_weights.remote(ray.put(state_dict)))   # tensors through the object store
+    ray.get(engine.update_weights.remote(ray.put(PackedWeights.of(state_dict.items()))))
     ray.get(engine.resume.remote())
 
 The methods are coroutines, so Ray runs the actor as an async actor: many
@@ -37,7 +37,7 @@ from hawker.engine.async_engine import AsyncEngine, Submission
 from hawker.engine.engine import Engine
 from hawker.options import EngineOptions
 from hawker.outputs import RequestOutput
-from hawker.ray.weight_sync import WeightSpec, WeightSyncGroup
+from hawker.ray.weight_sync import PackedWeights, WeightSpec, WeightSyncGroup
 from hawker.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -94,10 +94,14 @@ class RolloutEngine:
     async def resume(self) -> None:
         await self._running().call(lambda engine: engine.resume_generation())
 
-    async def update_weights(self, weights: WeightsArg) -> int:
-        """New values for some or all weights ((HF name, tensor) pairs or a state dict), e.g. passed as
-        ``ray.put(model.state_dict())``; returns the new weight version."""
-        items = list(weights.items()) if isinstance(weights, Mapping) else list(weights)
+    async def update_weights(self, weights: WeightsArg | PackedWeights) -> int:
+        """New values for some or all weights: (HF name, tensor) pairs, a state dict, or (fastest through
+        the object store) ``ray.put(PackedWeights.of(model.state_dict().items()))``; returns the new
+        weight version."""
+        if isinstance(weights, PackedWeights):
+            items = weights.tensors()
+        else:
+            items = list(weights.items()) if isinstance(weights, Mapping) else list(weights)
         return int(await self._running().call(lambda engine: self._write(engine, items)))
 
     def _write(self, engine: Engine, items: list[tuple[str, torch.Tensor]]) -> int:

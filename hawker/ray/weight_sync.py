@@ -12,10 +12,12 @@ broadcasts the tensors in that order.
 from __future__ import annotations
 
 import datetime
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -37,15 +39,56 @@ class WeightSpec:
     def of(cls, name: str, tensor: torch.Tensor) -> WeightSpec:
         return cls(name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
 
-    def empty(self, device: str) -> torch.Tensor:
+    @property
+    def torch_dtype(self) -> torch.dtype:
         dtype = getattr(torch, self.dtype, None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"{self.name}: unknown dtype {self.dtype!r}")
-        return torch.empty(self.shape, dtype=dtype, device=device)
+        return dtype
+
+    def empty(self, device: str) -> torch.Tensor:
+        return torch.empty(self.shape, dtype=self.torch_dtype, device=device)
 
 
 def weight_specs(weights: Iterable[tuple[str, torch.Tensor]]) -> list[WeightSpec]:
     return [WeightSpec.of(name, tensor) for name, tensor in weights]
+
+
+@dataclass(frozen=True)
+class PackedWeights:
+    """Tensors as raw bytes in numpy arrays, for Ray's object store: ``ray.put(PackedWeights.of(...))``.
+
+    Ray stores numpy arrays without pickling their data, and an actor reads
+    them in place from shared memory; torch tensors are pickled and copied
+    on both sides (several times slower for a model's state dict:
+    benchmarks/RESULTS.md). Bytes, not numpy's own dtypes, because numpy has
+    no bfloat16.
+    """
+
+    specs: tuple[WeightSpec, ...]
+    buffers: tuple[np.ndarray, ...]
+
+    @classmethod
+    def of(cls, weights: Iterable[tuple[str, torch.Tensor]]) -> PackedWeights:
+        specs, buffers = [], []
+        for name, tensor in weights:
+            flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+            specs.append(WeightSpec.of(name, tensor))
+            buffers.append(flat.view(torch.uint8).numpy())
+        return cls(tuple(specs), tuple(buffers))
+
+    def tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """The tensors, viewing the buffers in place (read-only: the engine copies them into its weights)."""
+        out = []
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            for spec, buffer in zip(self.specs, self.buffers, strict=True):
+                if buffer.size == 0:  # numpy gives an empty array no stride that torch can view
+                    out.append((spec.name, spec.empty("cpu")))
+                    continue
+                raw = torch.from_numpy(buffer)
+                out.append((spec.name, raw.view(spec.torch_dtype).reshape(spec.shape)))
+        return out
 
 
 class WeightSyncGroup:

@@ -1,5 +1,10 @@
 """Prometheus metrics (prefix ``hawker:``) in a registry owned by one server.
 
+Besides ``hawker:``, the gauges a gateway routes by (queue depth, running
+requests, KV-cache use) are also exposed under the names of the Gateway API
+Inference Extension's model-server protocol (``vllm:num_requests_waiting``,
+``vllm:num_requests_running``, ``vllm:kv_cache_usage_perc``).
+
 Gauges and engine counters are read from ``EngineStats`` snapshots at
 scrape time (a custom collector), so they can never drift from the engines;
 latency histograms are observed as outputs reach the event loop.
@@ -67,6 +72,31 @@ _COUNTERS: tuple[tuple[str, str, Callable[[EngineStats], float]], ...] = (
         lambda s: s.mask_wait_seconds,
     ),
 )
+# The names the Gateway API Inference Extension's endpoint picker reads (its model-server protocol, in
+# vLLM's spelling, which llm-d and KServe gateways scrape by default): queue depth, running requests
+# and KV-cache use, one unlabelled series for the whole server whatever its replicas, for routing.
+_GATEWAY_GAUGES: tuple[tuple[str, str, Callable[[Sequence[EngineStats]], float]], ...] = (
+    (
+        "vllm:num_requests_waiting",
+        "Sequences waiting, all replicas (gateway protocol: TotalQueuedRequests).",
+        lambda stats: sum(s.num_waiting for s in stats),
+    ),
+    (
+        "vllm:num_requests_running",
+        "Sequences running, all replicas (gateway protocol: TotalRunningRequests).",
+        lambda stats: sum(s.num_running for s in stats),
+    ),
+    (
+        "vllm:kv_cache_usage_perc",
+        "Fraction of KV cache blocks in use, 0-1, mean over replicas (gateway protocol: KVCacheUtilization).",
+        lambda stats: sum(s.kv_cache_usage for s in stats) / max(1, len(stats)),
+    ),
+    (
+        "vllm:gpu_cache_usage_perc",
+        "The same as vllm:kv_cache_usage_perc, under the name earlier gateway releases read.",
+        lambda stats: sum(s.kv_cache_usage for s in stats) / max(1, len(stats)),
+    ),
+)
 _HEALTHY_DOC = "1 while the engine loop runs, 0 once it died."
 _WARMING_UP_DOC = "1 while the compiled decode step is built in the background (steps run eager), else 0."
 
@@ -94,6 +124,8 @@ class _EngineCollector(Collector):
         yield _family(GaugeMetricFamily, "hawker:engine_warming_up", _WARMING_UP_DOC, warming)
         for name, doc, read in _COUNTERS:
             yield _family(CounterMetricFamily, name, doc, [read(s) for s in stats])
+        for name, doc, total in _GATEWAY_GAUGES:
+            yield GaugeMetricFamily(name, doc, value=total(stats))
 
 
 def _family(

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from hawker import LLM, SamplingParams
 from hawker.distributed.launch import free_port
-from hawker.ray import RolloutEngine, WeightSyncGroup, weight_specs
+from hawker.ray import PackedWeights, RolloutEngine, WeightSyncGroup, weight_specs
 from tests.support.tiny_models import rewritten_copy
 
 PROMPTS = [[5, 9, 14, 3], [40, 2, 2, 17, 8]]
@@ -59,9 +59,12 @@ def test_weights_through_tensors_give_the_trained_models_outputs_and_a_new_versi
             after = await engine.generate(PROMPTS, GREEDY)
             assert [list(o.outputs[0].token_ids) for o in after] == want_after
             assert {o.weight_version for o in after} == {1} and await engine.weight_version() == 1
+            # The object store's fast form: raw bytes read in place; the same weights, the next version.
+            assert await engine.update_weights(PackedWeights.of(_state(trained).items())) == 2
+            assert [list(o.outputs[0].token_ids) for o in await engine.generate(PROMPTS, GREEDY)] == want_after
             with pytest.raises(ValueError, match="no_such_weight"):  # a bad update changes nothing
                 await engine.update_weights([("no_such_weight", torch.zeros(2))])
-            assert await engine.weight_version() == 1
+            assert await engine.weight_version() == 2
         finally:
             await engine.close()
 
@@ -128,3 +131,17 @@ def test_pause_keep_holds_requests_and_pause_abort_ends_them(tiny_checkpoints: d
             await engine.close()
 
     asyncio.run(scenario())
+
+
+def test_packed_weights_round_trip_every_dtype_and_shape() -> None:
+    weights = [
+        ("a", torch.randn(3, 5, dtype=torch.bfloat16)),
+        ("b", torch.randn(7)),
+        ("c", torch.arange(12, dtype=torch.int64).reshape(2, 2, 3).transpose(0, 2)),  # not contiguous
+        ("d", torch.tensor(2.5, dtype=torch.float16)),  # 0-d
+        ("e", torch.zeros(0, 4)),
+    ]
+    unpacked = PackedWeights.of(weights).tensors()
+    assert [name for name, _ in unpacked] == [name for name, _ in weights]
+    for (_, got), (_, want) in zip(unpacked, weights, strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)

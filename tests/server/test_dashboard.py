@@ -283,6 +283,18 @@ def test_stats_sum_replica_labelled_series_as_metrics_do() -> None:
     assert totals["hawker:generation_tokens_total"] == 140
     assert totals["hawker:kv_cache_usage_perc"] == pytest.approx(0.375)
     assert totals["hawker:engine_healthy"] == 0
+    # What a Gateway API Inference Extension endpoint picker reads: the whole server, unlabelled.
+    gateway = {
+        family.name: family.samples
+        for family in text_string_to_metric_families(metrics.render().decode())
+        if family.name.startswith("vllm:")
+    }
+    assert {name: [(s.labels, s.value) for s in samples] for name, samples in gateway.items()} == {
+        "vllm:num_requests_waiting": [({}, 0.0)],
+        "vllm:num_requests_running": [({}, 4.0)],
+        "vllm:kv_cache_usage_perc": [({}, 0.375)],
+        "vllm:gpu_cache_usage_perc": [({}, 0.375)],
+    }
     assert totals['hawker:http_errors_total{status="429",type="rate_limit_error"}'] == 1
     assert snapshot.num_replicas == 2
 
