@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import asdict
 from typing import Any
 
@@ -25,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 # How long the cluster may take to find room for every bundle before start-up fails.
 PLACEMENT_TIMEOUT_S = 120.0
+# How long freeing the actors and the placement group may take at shutdown.
+RELEASE_TIMEOUT_S = 10.0
 # Ray labels every node with its id; a bundle selecting it lands on that node.
 NODE_ID_LABEL = "ray.io/node-id"
 # Environment variables the ranks need as the driver sees them (a remote node's raylet has its own).
@@ -38,6 +41,20 @@ def import_ray() -> Any:
         raise ValueError(
             "--distributed-executor-backend ray needs Ray: pip install 'hawker[ray]' (or pip install ray)"
         ) from error
+    return ray
+
+
+def connect_ray(address: str | None) -> Any:
+    """Join the Ray cluster at ``address`` (ray.init's: None = RAY_ADDRESS, else one started on this
+    node, else a new local one), unless this process already has; returns the ray module.
+
+    A new local cluster's processes die with the *thread* that started them
+    (Ray starts them with PR_SET_PDEATHSIG): call this from a thread that
+    lives as long as the engine.
+    """
+    ray = import_ray()
+    if not ray.is_initialized():
+        ray.init(address=address)
     return ray
 
 
@@ -57,9 +74,7 @@ class RayRanks:
     def __init__(
         self, shape: dict[str, int], options: dict[str, Any], address: str | None, device: str, actor_class: type
     ) -> None:
-        self._ray = ray = import_ray()
-        if not ray.is_initialized():
-            ray.init(address=address)
+        self._ray = ray = connect_ray(address)
         world_size = shape["tensor_parallel_size"] * shape["pipeline_parallel_size"]
         self.placement = place_ranks(ray, world_size, rank_bundle(device))
         addresses = bundle_addresses(ray, self.placement, world_size)
@@ -121,13 +136,24 @@ class RayRanks:
         self.kill()
 
     def kill(self) -> None:
-        for actor in self.actors.values():
-            self._ray.kill(actor)
+        """Kill the actors and free the placement group; bounded in time, since Ray's calls wait for
+        as long as its control service is unreachable (a lost head node)."""
+        actors, placement = list(self.actors.values()), self.placement
         self.actors.clear()
         self.runs.clear()
-        if self.placement is not None:
-            self._ray.util.remove_placement_group(self.placement)
-            self.placement = None
+        self.placement = None
+
+        def release() -> None:
+            for actor in actors:
+                self._ray.kill(actor)
+            if placement is not None:
+                self._ray.util.remove_placement_group(placement)
+
+        releasing = threading.Thread(target=release, name="hawker-ray-release", daemon=True)
+        releasing.start()
+        releasing.join(RELEASE_TIMEOUT_S)
+        if releasing.is_alive():
+            logger.warning("Ray did not release the ranks in %.0f s (is its cluster still up?)", RELEASE_TIMEOUT_S)
 
 
 def place_ranks(ray: Any, world_size: int, bundle: dict[str, float]) -> Any:

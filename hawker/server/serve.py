@@ -258,6 +258,13 @@ def run(options: ServeOptions) -> int:
             raise ValueError(str(error)) from None  # the CLI prints it as a usage error
         tracer = RequestTracer(provider.get_tracer(INSTRUMENTATION_NAME))
         logger.info("OpenTelemetry tracing on: one span per request")
+    ray = None
+    if options.engine.distributed_executor_backend == "ray" and options.engine.world_size > 1:
+        from hawker.distributed.ray_executor import connect_ray
+
+        # A local Ray's processes die with the thread that started them (PR_SET_PDEATHSIG): start or
+        # join it from this long-lived thread, not from the short-lived build thread below.
+        ray = connect_ray(options.engine.ray_address)
     # The main thread serves HTTP and must never own a CPU thread pool (build_off_main_thread).
     router = build_off_main_thread(lambda: build_router(options))
     settings = ServerSettings(
@@ -291,6 +298,8 @@ def run(options: ServeOptions) -> int:
     finally:
         for replica in router.replicas:
             replica.engine.shutdown()
+        if ray is not None:
+            ray.shutdown()  # stops a local cluster this process started; else only disconnects
         if provider is not None:
             provider.shutdown()  # exports the spans still batched
     return 1 if server.failure is not None else 0

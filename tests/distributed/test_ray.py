@@ -7,17 +7,22 @@ torch.distributed (gloo).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import ray
 from ray.cluster_utils import Cluster
 
 from hawker import LLM, SamplingParams
 from hawker.engine.errors import EngineFatalError
+from tests.support.server_process import launch, wait_ready
 
 PROMPTS = [[5, 9, 14, 3, 22, 7], [40, 2, 2, 17], [8, 31, 12, 6, 6, 19, 44, 3, 1]]
 PARAMS = SamplingParams(temperature=0.0, max_tokens=8, logprobs=2, ignore_eos=True)
@@ -88,3 +93,54 @@ def test_a_killed_rank_actor_fails_the_engine_and_names_the_rank(
         assert time.monotonic() - started < 10  # failed, not hung in a collective
     finally:
         llm.close()
+
+
+def _descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        return found
+    for child in map(int, children):
+        found += [child, *_descendants(child)]
+    return found
+
+
+def _live_command(pid: int) -> str | None:
+    """The process's command line, or None once it is gone (a zombie counts as gone)."""
+    try:
+        if "zombie" in Path(f"/proc/{pid}/status").read_text():
+            return None
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except FileNotFoundError:
+        return None
+
+
+def test_a_served_engine_over_ray_fails_cleanly_when_a_rank_dies(
+    tiny_checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    # The server starts a Ray of its own ("local"), from its main thread: a local Ray started from
+    # the short-lived build thread lost its raylet as soon as the engine was built (PR_SET_PDEATHSIG).
+    options = ("--tensor-parallel-size", "2", "--distributed-executor-backend", "ray", "--ray-address", "local")
+    server = launch(tiny_checkpoints["llama"], tmp_path / "ray.log", *options)
+    try:
+        wait_ready(server, timeout=180)
+        ray_processes = {pid: _live_command(pid) or "" for pid in _descendants(server.process.pid)}
+        assert any("raylet" in command for command in ray_processes.values()), ray_processes
+        (rank_actor,) = [pid for pid, command in ray_processes.items() if "RayRankActor" in command]
+        os.kill(rank_actor, signal.SIGKILL)  # a crash, not a polite ray.kill
+        started = time.monotonic()
+        saw_unhealthy = False
+        while server.process.poll() is None and time.monotonic() - started < 20:
+            with contextlib.suppress(httpx.TransportError):
+                saw_unhealthy |= httpx.get(f"{server.base_url}/health", timeout=2).status_code == 503
+            time.sleep(0.2)
+        assert server.process.poll() not in (None, 0), server.log()
+        assert saw_unhealthy, "/health never reported the dead rank"
+        assert "a worker rank died: rank 1 (Ray actor on" in server.log()
+        deadline = time.monotonic() + 10  # and the Ray it started went with it
+        while any(_live_command(pid) for pid in ray_processes) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not {pid: c for pid in ray_processes if (c := _live_command(pid))}
+    finally:
+        server.stop()
