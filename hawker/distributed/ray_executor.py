@@ -76,8 +76,22 @@ class RayRanks:
     ) -> None:
         self._ray = ray = connect_ray(address)
         world_size = shape["tensor_parallel_size"] * shape["pipeline_parallel_size"]
-        self.placement = place_ranks(ray, world_size, rank_bundle(device))
+        # Inside an actor that an RL framework placed in its placement group (with
+        # placement_group_capture_child_tasks), the ranks take that group's bundles 1..N-1 and
+        # bundle 0 is taken to be the caller's; else Hawker reserves a group of its own.
+        inherited = ray.util.get_current_placement_group()
+        self._owns_placement = inherited is None
+        if inherited is None:
+            self.placement = place_ranks(ray, world_size, rank_bundle(device))
+        elif len(inherited.bundle_specs) < world_size:
+            raise ValueError(
+                f"this actor's placement group has {len(inherited.bundle_specs)} bundle(s); {world_size} ranks "
+                "need one each (the engine's own process in bundle 0)"
+            )
+        else:
+            self.placement = inherited
         addresses = bundle_addresses(ray, self.placement, world_size)
+        addresses[0] = ray.util.get_node_ip_address()  # rank 0 is this process, wherever it runs
         # The driver's node address, where every rank meets (torch.distributed's TCP store).
         self.spec = WorldSpec(addresses[0], free_port(), **shape)
         self.ranks_on_driver_node = addresses.count(addresses[0])
@@ -138,7 +152,7 @@ class RayRanks:
     def kill(self) -> None:
         """Kill the actors and free the placement group; bounded in time, since Ray's calls wait for
         as long as its control service is unreachable (a lost head node)."""
-        actors, placement = list(self.actors.values()), self.placement
+        actors, placement = list(self.actors.values()), self.placement if self._owns_placement else None
         self.actors.clear()
         self.runs.clear()
         self.placement = None

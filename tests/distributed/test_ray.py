@@ -19,9 +19,11 @@ import httpx
 import pytest
 import ray
 from ray.cluster_utils import Cluster
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from hawker import LLM, SamplingParams
 from hawker.engine.errors import EngineFatalError
+from hawker.ray import RolloutEngine
 from tests.support.server_process import launch, wait_ready
 
 PROMPTS = [[5, 9, 14, 3, 22, 7], [40, 2, 2, 17], [8, 31, 12, 6, 6, 19, 44, 3, 1]]
@@ -40,8 +42,11 @@ def two_node_cluster() -> Iterator[Cluster]:
         cluster.shutdown()
 
 
+OPTIONS = {"dtype": "float32", "block_size": 4, "compile_decode_max_rows": 0}
+
+
 def _engine(checkpoint: Path, **options: Any) -> LLM:
-    return LLM(str(checkpoint), dtype="float32", block_size=4, compile_decode_max_rows=0, **options)
+    return LLM(str(checkpoint), **OPTIONS, **options)
 
 
 def _tokens_and_logprobs(llm: LLM) -> tuple[list[list[int]], list[list[float]]]:
@@ -93,6 +98,38 @@ def test_a_killed_rank_actor_fails_the_engine_and_names_the_rank(
         assert time.monotonic() - started < 10  # failed, not hung in a collective
     finally:
         llm.close()
+
+
+def test_a_rollout_engine_placed_by_a_trainer_spreads_its_ranks_over_the_trainers_bundles(
+    tiny_checkpoints: dict[str, Path], two_node_cluster: Cluster
+) -> None:
+    """As RL frameworks place engines: their placement group, the engine's actor in bundle 0, and the
+    engine's other ranks in the same group's next bundles (nothing reserved twice)."""
+    with _engine(tiny_checkpoints["llama"]) as single:
+        want_tokens, want_logprobs = _tokens_and_logprobs(single)
+    group = ray.util.placement_group([{"CPU": 1}, {"CPU": 1}], strategy="SPREAD")
+    ray.get(group.ready(), timeout=60)
+    try:
+        in_bundle_0 = PlacementGroupSchedulingStrategy(group, 0, placement_group_capture_child_tasks=True)
+        engine = (
+            ray.remote(RolloutEngine)
+            .options(num_cpus=1, scheduling_strategy=in_bundle_0)
+            .remote(
+                str(tiny_checkpoints["llama"]), tensor_parallel_size=2, distributed_executor_backend="ray", **OPTIONS
+            )
+        )
+        outputs = ray.get(engine.generate.remote(PROMPTS, PARAMS), timeout=120)
+        tokens = [list(out.outputs[0].token_ids) for out in outputs]
+        assert tokens == want_tokens
+        for out, want in zip(outputs, want_logprobs, strict=True):
+            completion = out.outputs[0]
+            assert completion.logprobs is not None
+            got = [entry[token].logprob for token, entry in zip(completion.token_ids, completion.logprobs, strict=True)]
+            assert got == pytest.approx(want, abs=1e-4)
+        ray.get(engine.close.remote(), timeout=60)
+        ray.kill(engine)
+    finally:
+        ray.util.remove_placement_group(group)
 
 
 def _descendants(pid: int) -> list[int]:
