@@ -32,6 +32,17 @@ class Shutdown:
 
 
 @dataclass(frozen=True)
+class UpdateWeights:
+    """New weight values for every rank: full (HF name, CPU tensor) pairs, each rank loading its own
+    shard, or a directory of safetensors that every rank can read."""
+
+    weights: list[tuple[str, torch.Tensor]] | str
+
+
+Message = RunStep | Shutdown | UpdateWeights
+
+
+@dataclass(frozen=True)
 class WorldSpec:
     """Where the ranks meet and how the grid is laid out."""
 
@@ -83,18 +94,21 @@ class World:
         """The rank that samples: first tensor-parallel rank of the last stage."""
         return (self.parallel.pipeline_parallel_size - 1) * self.parallel.tensor_parallel_size
 
-    def broadcast(self, message: RunStep | Shutdown | None) -> RunStep | Shutdown:
+    def broadcast(self, message: Message | None) -> Message:
         """The driver sends ``message``; every other rank receives it."""
         box = [message]
         dist.broadcast_object_list(box, src=0, group=self.control_group)
         received = box[0]
-        assert isinstance(received, RunStep | Shutdown)
+        assert isinstance(received, RunStep | Shutdown | UpdateWeights)
         return received
 
     def min_over_ranks(self, value: int) -> int:
         tensor = torch.tensor([value], dtype=torch.long)
         dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=self.control_group)
         return int(tensor.item())
+
+    def max_over_ranks(self, value: int) -> int:
+        return -self.min_over_ranks(-value)
 
 
 def device_backend(device: str) -> str:

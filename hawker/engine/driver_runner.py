@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from hawker.distributed.launch import RankGroup
-from hawker.distributed.world import RunStep, Shutdown, World, leave_world
+from hawker.distributed.world import RunStep, Shutdown, UpdateWeights, World, leave_world
 from hawker.engine.errors import EngineFatalError
 from hawker.engine.model_runner import ModelRunner
 from hawker.engine.runner import LogitsObserver, WeightSource
@@ -30,8 +31,8 @@ class DriverRunner:
 
     Any failure inside a step is fatal: the ranks would no longer agree on
     which step they are in. Each step runs to completion when launched
-    (overlap scheduling is for one process), and weight updates and sleep
-    are not supported across ranks yet.
+    (overlap scheduling is for one process). Weight updates go to every
+    rank; sleep is not supported across ranks yet.
     """
 
     def __init__(self, local: ModelRunner, world: World, workers: RankGroup | None) -> None:
@@ -71,7 +72,35 @@ class DriverRunner:
         return CompletedStep(self.execute(step))
 
     def update_weights(self, weights: WeightSource) -> int:
-        raise ValueError("update_weights is not supported with tensor or pipeline parallelism yet")
+        """Every rank takes the new values, each loading its own shard of the full tensors.
+
+        Each rank checks every name and shape before writing anything, and
+        they all check the same names, so a refused update is refused by every
+        rank and changes nothing anywhere.
+        """
+        self.check_health()
+        shared: list[tuple[str, torch.Tensor]] | str
+        if isinstance(weights, str | Path):
+            shared = str(weights)
+        else:
+            shared = [(name, torch.as_tensor(tensor).detach().cpu()) for name, tensor in weights]
+        try:
+            self.world.broadcast(UpdateWeights(shared))
+            refusal: ValueError | None = None
+            written = 0
+            try:
+                written = self.local.update_weights(shared)
+            except ValueError as error:
+                refusal = error
+            refused_anywhere = self.world.max_over_ranks(int(refusal is not None))
+        except Exception as error:
+            self.check_health(DEATH_NEWS_S)
+            raise EngineFatalError(f"a distributed weight update failed: {type(error).__name__}: {error}") from error
+        if refusal is not None:
+            raise refusal
+        if refused_anywhere:
+            raise ValueError("another rank refused the weight update (see its log)")
+        return written
 
     def release_memory(self, weights: bool) -> None:
         raise ValueError("sleep is not supported with tensor or pipeline parallelism yet")
@@ -121,11 +150,25 @@ def serve_steps(runner: ModelRunner, world: World) -> None:
         message = world.broadcast(None)
         if isinstance(message, Shutdown):
             return
+        if isinstance(message, UpdateWeights):
+            _update_weights(runner, world, message)
+            continue
         observed: ObservedLogits = []
         runner.logits_observer = _collector(observed) if message.want_logits else None
         output = runner.execute(message.step)
         if world.rank == world.result_rank:
             dist.send_object_list([(output, observed)], dst=0, group=world.control_group)
+
+
+def _update_weights(runner: ModelRunner, world: World, message: UpdateWeights) -> None:
+    """A worker's part of a weight update: write its shard, then tell the driver whether it refused."""
+    refused = False
+    try:
+        runner.update_weights(message.weights)
+    except ValueError as error:  # the driver refuses the same update and reports it
+        logger.warning("rank %d refused a weight update: %s", world.rank, error)
+        refused = True
+    world.max_over_ranks(int(refused))
 
 
 def _collector(observed: ObservedLogits) -> LogitsObserver:

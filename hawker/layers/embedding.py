@@ -21,6 +21,11 @@ class VocabParallelEmbedding(nn.Module):
         self.start = tp.rank * self.rows
         self.weight = nn.Parameter(torch.zeros(self.rows, hidden_size, dtype=dtype), requires_grad=False)
 
+    def checkpoint_shape(self, name: str, shard: int = 0) -> tuple[int, ...]:
+        """The whole vocabulary's rows, of which this rank keeps a slice."""
+        del name, shard
+        return (self.vocab_size, self.weight.shape[1])
+
     def load(self, name: str, full: torch.Tensor, shard: int = 0) -> None:
         del name, shard
         piece = full[self.start : self.start + self.rows]  # the last rank's slice may be short

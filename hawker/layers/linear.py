@@ -41,11 +41,18 @@ class ColumnParallelLinear(ProjectionCopies, nn.Module):
         parts = list(shard_parts) if shard_parts is not None else [tp.size] * len(shard_sizes)
         if any(size % part for size, part in zip(shard_sizes, parts, strict=True)):
             raise ValueError(f"output sizes {list(shard_sizes)} cannot be cut into {parts} pieces")
+        self.full_sizes = list(shard_sizes)
+        self.in_features = in_features
         self.local_sizes = [size // part for size, part in zip(shard_sizes, parts, strict=True)]
         self.pieces = [tp.rank * part // tp.size for part in parts]
         out_local = sum(self.local_sizes)
         self.weight = nn.Parameter(torch.empty(out_local, in_features, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_local, dtype=dtype), requires_grad=False) if bias else None
+
+    def checkpoint_shape(self, name: str, shard: int = 0) -> tuple[int, ...]:
+        """The shape of the whole checkpoint tensor that ``load(name, ..., shard)`` takes its rows from."""
+        size = self.full_sizes[shard]
+        return (size, self.in_features) if name == "weight" else (size,)
 
     def load(self, name: str, full: torch.Tensor, shard: int = 0) -> None:
         target = self.weight if name == "weight" else self.bias
@@ -65,9 +72,16 @@ class RowParallelLinear(ProjectionCopies, nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPInfo, dtype: torch.dtype) -> None:
         super().__init__()
         self.tp = tp
+        self.in_features = in_features
         self.in_local = tp.shard(in_features)
         self.weight = nn.Parameter(torch.empty(out_features, self.in_local, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    def checkpoint_shape(self, name: str, shard: int = 0) -> tuple[int, ...]:
+        """The shape of the whole checkpoint tensor that ``load(name, ...)`` takes its columns from."""
+        del shard
+        out_features = self.weight.shape[0]
+        return (out_features, self.in_features) if name == "weight" else (out_features,)
 
     def load(self, name: str, full: torch.Tensor, shard: int = 0) -> None:
         del shard

@@ -12,6 +12,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype), requires_grad=False)
 
+    def checkpoint_shape(self, name: str, shard: int = 0) -> tuple[int, ...]:
+        del name, shard
+        return tuple(self.weight.shape)
+
     def load(self, name: str, full: torch.Tensor, shard: int = 0) -> None:
         del name, shard
         self.weight.data.copy_(full[:])

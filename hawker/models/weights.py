@@ -73,9 +73,8 @@ class CheckpointWeights(nn.Module):
             if found is None:
                 continue  # one this model ignores (a tied LM head, rotary tables)
             module, _, param, shard = found
-            expected = tuple(getattr(module, param).shape)
-            if isinstance(module, ColumnParallelLinear):  # one shard of a fused projection
-                expected = (module.local_sizes[shard], *expected[1:])
+            # The whole tensor's shape, whatever slice of it this rank keeps.
+            expected = module.checkpoint_shape(param, shard)
             if tuple(shape) != expected:
                 raise ValueError(f"{name!r} has shape {list(shape)}; this model's is {list(expected)}")
             targets.append(getattr(module, param))
@@ -93,7 +92,7 @@ class CheckpointWeights(nn.Module):
             fused, shard = self.packed_modules_mapping[leaf]
             module_name = f"{prefix}.{fused}"
         module = modules.get(module_name)
-        if module is None or not hasattr(module, "load") or not hasattr(module, param):
+        if module is None or not hasattr(module, "load") or getattr(module, param, None) is None:
             raise ValueError(f"checkpoint tensor {name!r} does not match any parameter of {type(self).__name__}")
         return module, module_name, param, shard
 

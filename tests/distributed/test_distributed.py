@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from hawker import LLM, SamplingParams
 from hawker.distributed.pipeline import split_micro_batches
@@ -26,6 +27,7 @@ from hawker.layers.parallel import PPInfo, TPInfo
 from hawker.step import ScheduledSeq
 from tests.support.parity import assert_parity, make_prompts, reference_generate, run_hawker
 from tests.support.server_process import ServerProcess, launch, wait_ready
+from tests.support.tiny_models import rewritten_copy
 
 NEW_TOKENS = 8
 
@@ -143,3 +145,30 @@ def test_a_dead_rank_stops_the_server_and_a_dead_server_stops_its_ranks(
         assert not _pid_alive(worker), "the worker rank outlived its driver"
     finally:
         orphan_check.stop()
+
+
+@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2)])
+def test_every_rank_takes_a_weight_update(tiny_checkpoints: dict[str, Path], tmp_path: Path, tp: int, pp: int) -> None:
+    generator = torch.Generator().manual_seed(11)
+    trained = rewritten_copy(
+        tiny_checkpoints["llama"],
+        tmp_path / "trained",
+        lambda name, tensor: tensor + 0.05 * torch.randn(tensor.shape, generator=generator),
+    )
+    (weights_file,) = trained.glob("*.safetensors")
+    prompts = make_prompts(seed=5)[:3]
+    greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    options = {"dtype": "float32", "block_size": 4, "compile_decode_max_rows": 0}
+    with LLM(str(trained), **options) as reference:
+        want = [list(o.outputs[0].token_ids) for o in reference.generate(prompts, greedy, use_tqdm=False)]
+    with LLM(str(tiny_checkpoints["llama"]), tensor_parallel_size=tp, pipeline_parallel_size=pp, **options) as llm:
+        before = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, greedy, use_tqdm=False)]
+        assert before != want
+        with pytest.raises(ValueError, match="no_such_weight"):  # refused by every rank, nothing written
+            llm.update_weights([("model.layers.0.no_such_weight", torch.zeros(2))])
+        assert llm.weight_version == 0
+        assert [list(o.outputs[0].token_ids) for o in llm.generate(prompts, greedy, use_tqdm=False)] == before
+        assert llm.update_weights(load_file(weights_file).items()) == 1  # full tensors; each rank its shard
+        outputs = llm.generate(prompts, greedy, use_tqdm=False)
+        assert [list(o.outputs[0].token_ids) for o in outputs] == want
+        assert {o.weight_version for o in outputs} == {1}

@@ -18,13 +18,16 @@ from typing import Any
 import httpx
 import pytest
 import ray
+import torch
 from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from safetensors.torch import load_file
 
 from hawker import LLM, SamplingParams
 from hawker.engine.errors import EngineFatalError
-from hawker.ray import RolloutEngine
+from hawker.ray import PackedWeights, RolloutEngine
 from tests.support.server_process import launch, wait_ready
+from tests.support.tiny_models import rewritten_copy
 
 PROMPTS = [[5, 9, 14, 3, 22, 7], [40, 2, 2, 17], [8, 31, 12, 6, 6, 19, 44, 3, 1]]
 PARAMS = SamplingParams(temperature=0.0, max_tokens=8, logprobs=2, ignore_eos=True)
@@ -101,12 +104,22 @@ def test_a_killed_rank_actor_fails_the_engine_and_names_the_rank(
 
 
 def test_a_rollout_engine_placed_by_a_trainer_spreads_its_ranks_over_the_trainers_bundles(
-    tiny_checkpoints: dict[str, Path], two_node_cluster: Cluster
+    tiny_checkpoints: dict[str, Path], two_node_cluster: Cluster, tmp_path: Path
 ) -> None:
     """As RL frameworks place engines: their placement group, the engine's actor in bundle 0, and the
-    engine's other ranks in the same group's next bundles (nothing reserved twice)."""
+    engine's other ranks in the same group's next bundles (nothing reserved twice); then new weights
+    through the object store reach both ranks."""
     with _engine(tiny_checkpoints["llama"]) as single:
         want_tokens, want_logprobs = _tokens_and_logprobs(single)
+    generator = torch.Generator().manual_seed(3)
+    trained = rewritten_copy(
+        tiny_checkpoints["llama"],
+        tmp_path / "trained",
+        lambda _, t: t + 0.05 * torch.randn(t.shape, generator=generator),
+    )
+    with _engine(trained) as single:
+        want_trained, _ = _tokens_and_logprobs(single)
+    assert want_trained != want_tokens
     group = ray.util.placement_group([{"CPU": 1}, {"CPU": 1}], strategy="SPREAD")
     ray.get(group.ready(), timeout=60)
     try:
@@ -126,6 +139,11 @@ def test_a_rollout_engine_placed_by_a_trainer_spreads_its_ranks_over_the_trainer
             assert completion.logprobs is not None
             got = [entry[token].logprob for token, entry in zip(completion.token_ids, completion.logprobs, strict=True)]
             assert got == pytest.approx(want, abs=1e-4)
+        (weights_file,) = trained.glob("*.safetensors")
+        packed = ray.put(PackedWeights.of(load_file(weights_file).items()))
+        assert ray.get(engine.update_weights.remote(packed), timeout=60) == 1
+        outputs = ray.get(engine.generate.remote(PROMPTS, PARAMS), timeout=120)
+        assert [list(out.outputs[0].token_ids) for out in outputs] == want_trained
         ray.get(engine.close.remote(), timeout=60)
         ray.kill(engine)
     finally:
