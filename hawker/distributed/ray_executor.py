@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from dataclasses import asdict
 from typing import Any
@@ -26,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 # How long the cluster may take to find room for every bundle before start-up fails.
 PLACEMENT_TIMEOUT_S = 120.0
+# How long a cluster's address may take to accept a connection.
+CONNECT_TIMEOUT_S = 5.0
 # How long freeing the actors and the placement group may take at shutdown.
 RELEASE_TIMEOUT_S = 10.0
 # Ray labels every node with its id; a bundle selecting it lands on that node.
@@ -54,8 +57,26 @@ def connect_ray(address: str | None) -> Any:
     """
     ray = import_ray()
     if not ray.is_initialized():
-        ray.init(address=address)
+        check_reachable(address)
+        try:
+            ray.init(address=address)
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            where = "a new local cluster" if address is None else f"the cluster at {address!r}"
+            raise ValueError(f"could not start or join Ray ({where}): {error}") from error
     return ray
+
+
+def check_reachable(address: str | None) -> None:
+    """Refuse a ``host:port`` cluster address that nothing answers on: Ray itself retries for minutes."""
+    if address is None or address.count(":") != 1 or "://" in address:
+        return  # None, "auto", "local", a ray:// client address: for ray.init to resolve
+    host, port = address.rsplit(":", 1)
+    if not port.isdigit():
+        raise ValueError(f"ray_address {address!r} is not host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        raise ValueError(f"no Ray cluster answers at {address!r}: {error}") from error
 
 
 def rank_bundle(device: str) -> dict[str, float]:

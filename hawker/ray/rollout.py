@@ -124,6 +124,14 @@ class RolloutEngine:
         items = await asyncio.to_thread(self._sync_group.receive, specs)
         return await self.update_weights(items)
 
+    async def sleep(self, level: int = 1) -> None:
+        """Give memory back to a trainer on the same device until ``wake_up``: level 1 the KV cache,
+        level 2 the weights too (then send the weights again after waking). Needs no request in flight."""
+        await self._running().call(lambda engine: engine.sleep(level))
+
+    async def wake_up(self) -> None:
+        await self._running().call(lambda engine: engine.wake_up())
+
     async def weight_version(self) -> int:
         return int(self._engine.weight_version)
 

@@ -24,6 +24,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from safetensors.torch import load_file
 
 from hawker import LLM, SamplingParams
+from hawker.distributed.launch import free_port
+from hawker.distributed.ray_executor import check_reachable
 from hawker.engine.errors import EngineFatalError
 from hawker.ray import PackedWeights, RolloutEngine
 from tests.support.server_process import launch, wait_ready
@@ -63,10 +65,14 @@ def _tokens_and_logprobs(llm: LLM) -> tuple[list[list[int]], list[list[float]]]:
     return tokens, logprobs
 
 
-def test_tp2_over_ray_actors_matches_one_process(tiny_checkpoints: dict[str, Path], two_node_cluster: Cluster) -> None:
+@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2)])
+def test_ranks_over_ray_actors_match_one_process(
+    tiny_checkpoints: dict[str, Path], two_node_cluster: Cluster, tp: int, pp: int
+) -> None:
     with _engine(tiny_checkpoints["llama"]) as single:
         want_tokens, want_logprobs = _tokens_and_logprobs(single)
-    with _engine(tiny_checkpoints["llama"], tensor_parallel_size=2, distributed_executor_backend="ray") as llm:
+    parallel = {"tensor_parallel_size": tp, "pipeline_parallel_size": pp}
+    with _engine(tiny_checkpoints["llama"], distributed_executor_backend="ray", **parallel) as llm:
         ranks = llm.engine.runner.workers
         nodes = ray.util.placement_group_table(ranks.placement)["bundles_to_node_id"]
         assert nodes[0] == ray.get_runtime_context().get_node_id()  # bundle 0 is the driver's node
@@ -199,3 +205,13 @@ def test_a_served_engine_over_ray_fails_cleanly_when_a_rank_dies(
         assert not {pid: c for pid in ray_processes if (c := _live_command(pid))}
     finally:
         server.stop()
+
+
+def test_a_cluster_too_small_or_unreachable_is_refused_with_a_reason(
+    tiny_checkpoints: dict[str, Path], two_node_cluster: Cluster
+) -> None:
+    with pytest.raises(ValueError, match="ranks need"):  # 4 ranks of one CPU each on a 2-CPU cluster
+        _engine(tiny_checkpoints["llama"], tensor_parallel_size=4, distributed_executor_backend="ray")
+    assert ray.available_resources().get("CPU", 0) == 2  # nothing left reserved
+    with pytest.raises(ValueError, match="no Ray cluster answers"):  # at once, not after Ray's retries
+        check_reachable(f"127.0.0.1:{free_port()}")

@@ -127,6 +127,9 @@ def test_pause_keep_holds_requests_and_pause_abort_ends_them(tiny_checkpoints: d
             assert [o.outputs[0].finish_reason for o in aborted] == ["abort", "abort"]
             await engine.resume()
             assert (await engine.generate(PROMPTS[:1], GREEDY))[0].outputs[0].finish_reason == "length"
+            await engine.sleep(1)  # the KV cache given back (a colocated trainer's turn), then taken again
+            await engine.wake_up()
+            assert (await engine.generate(PROMPTS[:1], GREEDY))[0].outputs[0].finish_reason == "length"
         finally:
             await engine.close()
 
