@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from hawker.config import EngineConfig, ModelConfig
 from hawker.engine.compiled_decode import scratch_blocks
 from hawker.engine.configure import engine_config, resolve_device, world_shape
+from hawker.engine.errors import EngineFatalError
 from hawker.engine.memory_profile import profile_num_blocks
 from hawker.layers.batch_invariant import DEFAULT_TILE_ROWS, RowTiler
 from hawker.layers.parallel import PPInfo, TPInfo
@@ -22,6 +25,9 @@ from hawker.loader.tokenizer import load_tokenizer
 from hawker.models.base import CausalLM
 from hawker.models.registry import model_class
 from hawker.options import EngineOptions
+
+# How often rank 0 checks on the other ranks while it waits for them to join.
+RANK_WATCH_S = 0.2
 
 if TYPE_CHECKING:
     from hawker.distributed.launch import RankGroup
@@ -98,11 +104,42 @@ def start_driver(options: EngineOptions) -> tuple[RankShard, RankGroup | None]:
         ranks = launch.WorkerProcesses(spec, dataclasses.asdict(options))
         rank, ranks_here = 0, spec.world_size
     try:
-        return load_rank_shard(options, spec, rank, ranks_here), ranks
+        return load_watching(ranks, lambda: load_rank_shard(options, spec, rank, ranks_here)), ranks
     except BaseException:
         if ranks is not None:
             ranks.kill()
         raise
+
+
+def load_watching(ranks: RankGroup | None, load: Callable[[], RankShard]) -> RankShard:
+    """``load()`` on a helper thread while the ranks started here are watched.
+
+    Rank 0's load waits in ``init_process_group`` until every rank has
+    joined; a rank that died before joining (an import error on a Ray node,
+    out of memory) would leave it waiting for the whole step timeout. The
+    waiting thread is left behind (a daemon) when that happens.
+    """
+    if ranks is None:
+        return load()
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["shard"] = load()
+        except BaseException as error:  # handed to the caller below
+            outcome["error"] = error
+
+    loading = threading.Thread(target=run, name="hawker-rank0-load", daemon=True)
+    loading.start()
+    while loading.is_alive():
+        loading.join(RANK_WATCH_S)
+        reason = ranks.dead()
+        if reason is not None and loading.is_alive():
+            raise EngineFatalError(f"a worker rank died while the engine started: {reason}")
+    if "error" in outcome:
+        raise outcome["error"]
+    shard: RankShard = outcome["shard"]
+    return shard
 
 
 def warm_up_blocks(config: EngineConfig) -> int:

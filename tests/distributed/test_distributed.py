@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from safetensors.torch import load_file
 
 from hawker import LLM, SamplingParams
 from hawker.distributed.pipeline import split_micro_batches
+from hawker.engine.errors import EngineFatalError
+from hawker.engine.loading import load_watching
 from hawker.layers.linear import ColumnParallelLinear
 from hawker.layers.parallel import PPInfo, TPInfo
 from hawker.step import ScheduledSeq
@@ -172,3 +175,36 @@ def test_every_rank_takes_a_weight_update(tiny_checkpoints: dict[str, Path], tmp
         outputs = llm.generate(prompts, greedy, use_tqdm=False)
         assert [list(o.outputs[0].token_ids) for o in outputs] == want
         assert {o.weight_version for o in outputs} == {1}
+
+
+class _RankDiesSoon:
+    """Ranks of which one dies 0.3 s after start, before it could join (as a RankGroup)."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def dead(self) -> str | None:
+        return "rank 1 (pid 42) exited with code 1" if time.monotonic() - self.started > 0.3 else None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        del timeout
+
+    def kill(self) -> None:
+        pass
+
+
+def test_rank_0_stops_waiting_for_a_rank_that_died_before_joining() -> None:
+    never_joins = threading.Event()
+    started = time.monotonic()
+    with pytest.raises(EngineFatalError, match=r"while the engine started: rank 1 \(pid 42\) exited"):
+        load_watching(_RankDiesSoon(), never_joins.wait)  # type: ignore[arg-type]
+    assert time.monotonic() - started < 5  # not init_process_group's 120 s
+    never_joins.set()
+    # A load that finishes, or fails on its own, is returned or raised as it is.
+    assert load_watching(_RankDiesSoon(), lambda: "shard") == "shard"  # type: ignore[arg-type,comparison-overlap]
+
+    def fails() -> None:
+        raise ValueError("bad checkpoint")
+
+    with pytest.raises(ValueError, match="bad checkpoint"):
+        load_watching(_RankDiesSoon(), fails)  # type: ignore[arg-type]
