@@ -206,7 +206,7 @@ def place_ranks(ray: Any, world_size: int, bundle: dict[str, float]) -> Any:
         ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError as error:
         ray.util.remove_placement_group(group)
-        raise RuntimeError(
+        raise ValueError(
             f"Ray found no room for {world_size} bundles of {bundle} (the first on this node) in "
             f"{PLACEMENT_TIMEOUT_S:.0f} s; available now: {ray.available_resources()}"
         ) from error

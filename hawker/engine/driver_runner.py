@@ -74,9 +74,9 @@ class DriverRunner:
     def update_weights(self, weights: WeightSource) -> int:
         """Every rank takes the new values, each loading its own shard of the full tensors.
 
-        Each rank checks every name and shape before writing anything, and
-        they all check the same names, so a refused update is refused by every
-        rank and changes nothing anywhere.
+        Two rounds: every rank checks the update (names, shapes, layers kept
+        as quantised copies), and only if none refused does every rank write
+        it; a refused update changes nothing on any rank.
         """
         self.check_health()
         shared: list[tuple[str, torch.Tensor]] | str
@@ -84,22 +84,24 @@ class DriverRunner:
             shared = str(weights)
         else:
             shared = [(name, torch.as_tensor(tensor).detach().cpu()) for name, tensor in weights]
+        refusal: ValueError | None = None
+        written = 0
         try:
             self.world.broadcast(UpdateWeights(shared))
-            refusal: ValueError | None = None
-            written = 0
             try:
-                written = self.local.update_weights(shared)
+                self.local.check_weights(shared)
             except ValueError as error:
                 refusal = error
             refused_anywhere = self.world.max_over_ranks(int(refusal is not None))
+            if not refused_anywhere:
+                written = self.local.update_weights(shared)
         except Exception as error:
             self.check_health(DEATH_NEWS_S)
             raise EngineFatalError(f"a distributed weight update failed: {type(error).__name__}: {error}") from error
         if refusal is not None:
             raise refusal
         if refused_anywhere:
-            raise ValueError("another rank refused the weight update (see its log)")
+            raise ValueError("another rank refused the weight update (its log says why); nothing was written")
         return written
 
     def release_memory(self, weights: bool) -> None:
@@ -161,14 +163,15 @@ def serve_steps(runner: ModelRunner, world: World) -> None:
 
 
 def _update_weights(runner: ModelRunner, world: World, message: UpdateWeights) -> None:
-    """A worker's part of a weight update: write its shard, then tell the driver whether it refused."""
+    """A worker's part of a weight update: check it, learn whether any rank refused, write if none did."""
     refused = False
     try:
-        runner.update_weights(message.weights)
-    except ValueError as error:  # the driver refuses the same update and reports it
+        runner.check_weights(message.weights)
+    except ValueError as error:  # the driver reports the refusal to its caller
         logger.warning("rank %d refused a weight update: %s", world.rank, error)
         refused = True
-    world.max_over_ranks(int(refused))
+    if not world.max_over_ranks(int(refused)):
+        runner.update_weights(message.weights)
 
 
 def _collector(observed: ObservedLogits) -> LogitsObserver:

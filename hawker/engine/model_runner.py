@@ -30,7 +30,7 @@ from hawker.engine.sampler import (
     trim_top,
 )
 from hawker.engine.step_kinds import forward_groups, is_decode
-from hawker.engine.weight_updates import check_updatable, write_weights
+from hawker.engine.weight_updates import check_updatable, check_weights, write_weights
 from hawker.host_transfer import HostCopy, upload
 from hawker.layers.projection import ProjectionCopies, consistent_prefill_rows
 from hawker.loader.checkpoint import open_checkpoint
@@ -172,6 +172,9 @@ class ModelRunner:
 
     def update_weights(self, weights: WeightSource) -> int:
         return write_weights(self.model, weights)
+
+    def check_weights(self, weights: list[tuple[str, torch.Tensor]] | str) -> None:
+        check_weights(self.model, weights)
 
     def release_memory(self, weights: bool) -> None:
         """Free the KV cache's memory (and the weights' with ``weights``), keeping every tensor object.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from hawker.engine.runner import WeightSource
@@ -34,6 +35,15 @@ def write_weights(model: CheckpointWeights, weights: WeightSource) -> int:
         if isinstance(module, ProjectionCopies) and id(module.weight) in targets:
             module.refresh_copies()
     return len(written)
+
+
+def check_weights(model: CheckpointWeights, weights: list[tuple[str, torch.Tensor]] | str | Path) -> None:
+    """Raise ValueError, as ``write_weights`` would before writing anything, unless ``weights`` fit
+    (ranks of one engine all check before any of them writes)."""
+    if isinstance(weights, str | Path):
+        check_updatable(model, model.check_weight_shapes(open_update(weights).shapes()))
+    else:
+        check_updatable(model, model.check_weight_shapes((name, tuple(t.shape)) for name, t in weights))
 
 
 def check_updatable(model: CheckpointWeights, targets: Sequence[nn.Parameter]) -> None:

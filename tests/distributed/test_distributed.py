@@ -169,9 +169,20 @@ def test_every_rank_takes_a_weight_update(tiny_checkpoints: dict[str, Path], tmp
         assert before != want
         with pytest.raises(ValueError, match="no_such_weight"):  # refused by every rank, nothing written
             llm.update_weights([("model.layers.0.no_such_weight", torch.zeros(2))])
+        state = load_file(weights_file)
+        if pp == 2:
+            # Good for the driver's stage, wrong for the last stage's: the last stage refuses, so neither
+            # writes (every rank checks before any writes).
+            last = max(int(name.split(".")[2]) for name in state if name.startswith("model.layers."))
+            mixed = [
+                ("model.layers.0.mlp.down_proj.weight", state["model.layers.0.mlp.down_proj.weight"]),
+                (f"model.layers.{last}.mlp.down_proj.weight", torch.zeros(3, 3)),
+            ]
+            with pytest.raises(ValueError, match="another rank refused"):
+                llm.update_weights(mixed)
         assert llm.weight_version == 0
         assert [list(o.outputs[0].token_ids) for o in llm.generate(prompts, greedy, use_tqdm=False)] == before
-        assert llm.update_weights(load_file(weights_file).items()) == 1  # full tensors; each rank its shard
+        assert llm.update_weights(state.items()) == 1  # full tensors; each rank its shard
         outputs = llm.generate(prompts, greedy, use_tqdm=False)
         assert [list(o.outputs[0].token_ids) for o in outputs] == want
         assert {o.weight_version for o in outputs} == {1}
