@@ -33,8 +33,9 @@ CONNECT_TIMEOUT_S = 5.0
 RELEASE_TIMEOUT_S = 10.0
 # Ray labels every node with its id; a bundle selecting it lands on that node.
 NODE_ID_LABEL = "ray.io/node-id"
-# Environment variables the ranks need as the driver sees them (a remote node's raylet has its own).
-FORWARDED_ENV_PREFIX = "HAWKER_"
+# Environment variables the ranks need as the driver sees them (a remote node's raylet has its own):
+# Hawker's, the collectives' (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME, TORCH_NCCL_...), offline flags.
+FORWARDED_ENV_PREFIXES = ("HAWKER_", "NCCL_", "GLOO_", "TORCH_", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 def import_ray() -> Any:
@@ -132,7 +133,7 @@ class RayRanks:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         remote_class = self._ray.remote(actor_class)
-        env = {name: value for name, value in os.environ.items() if name.startswith(FORWARDED_ENV_PREFIX)}
+        env = {name: value for name, value in os.environ.items() if name.startswith(FORWARDED_ENV_PREFIXES)}
         for rank in range(1, len(self.addresses)):
             actor = remote_class.options(
                 num_cpus=bundle.get("CPU", 0.0),
