@@ -54,6 +54,12 @@ def test_weights_through_tensors_give_the_trained_models_outputs_and_a_new_versi
         try:
             before = await engine.generate(PROMPTS, GREEDY)
             assert [list(o.outputs[0].token_ids) for o in before] == want_before
+            as_dicts = await engine.generate([{"prompt_token_ids": ids} for ids in PROMPTS], GREEDY)
+            assert [list(o.outputs[0].token_ids) for o in as_dicts] == want_before
+            (text,) = await engine.generate(["hello world"], GREEDY)  # tokenized by the engine
+            assert text.prompt == "hello world" and len(text.outputs[0].token_ids) == GREEDY.max_tokens
+            with pytest.raises(ValueError, match="prompt_token_ids"):
+                await engine.generate([{"text": "no such key"}], GREEDY)
             assert {o.weight_version for o in before} == {0}
             assert await engine.update_weights(_state(trained)) == 1  # a state dict, as ray.put would carry it
             after = await engine.generate(PROMPTS, GREEDY)
