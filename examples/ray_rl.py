@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import socket
 import sys
 import tempfile
 import time
@@ -38,17 +37,12 @@ import torch
 from transformers import LlamaForCausalLM
 
 from hawker import RequestOutput, SamplingParams
+from hawker.distributed.launch import free_port
 from hawker.ray import PackedWeights, RolloutEngine, WeightSyncGroup, weight_specs
 
 EXAMPLES = Path(__file__).resolve().parent
 sys.path.insert(0, str(EXAMPLES))
 from grpo import ANSWER_TOKENS, build_policy, make_prompt, reward, sequence_logprobs  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return int(sock.getsockname()[1])
 
 
 class Trainer:

@@ -130,13 +130,7 @@ class LLM:
         return request_id
 
     def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.engine.tokenizer(prompt).input_ids
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            return self._tokenize(prompt["prompt"])
-        return None, list(prompt)
+        return tokenize_prompt(self.engine.tokenizer, prompt)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         if self.engine.paused:
@@ -153,6 +147,19 @@ class LLM:
                         finished[output.request_id] = output
                         bar.update(1)
         return [finished[request_id] for request_id in request_ids]
+
+
+def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> tuple[str | None, list[int]]:
+    """(text, token ids) of a prompt: text, token ids, or vLLM's {"prompt": ...} / {"prompt_token_ids": ...}."""
+    if isinstance(prompt, str):
+        return prompt, list(tokenizer(prompt).input_ids)
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        if "prompt" in prompt:
+            return tokenize_prompt(tokenizer, prompt["prompt"])
+        raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids', got keys {sorted(prompt)}")
+    return None, list(prompt)
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

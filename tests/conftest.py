@@ -44,3 +44,14 @@ def grid_checkpoint(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.
         return snap_to_grid(tensor) if tensor.dim() == 2 and tensor.shape[1] % INT4_GROUP_SIZE == 0 else tensor
 
     return rewritten_copy(tiny_checkpoints["llama"], tmp_path_factory.mktemp("int4") / "llama", snap)
+
+
+@pytest.fixture(scope="session")
+def trained_llama(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama after a 'training step': every tensor moved, so its greedy outputs differ (weight updates)."""
+    generator = torch.Generator().manual_seed(7)
+
+    def step(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor + 0.05 * torch.randn(tensor.shape, generator=generator)
+
+    return rewritten_copy(tiny_checkpoints["llama"], tmp_path_factory.mktemp("trained") / "llama", step)

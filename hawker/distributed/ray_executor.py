@@ -98,13 +98,14 @@ class RayRanks:
     ) -> None:
         self._ray = ray = connect_ray(address)
         world_size = shape["tensor_parallel_size"] * shape["pipeline_parallel_size"]
+        bundle = rank_bundle(device)
         # Inside an actor that an RL framework placed in its placement group (with
         # placement_group_capture_child_tasks), the ranks take that group's bundles 1..N-1 and
         # bundle 0 is taken to be the caller's; else Hawker reserves a group of its own.
         inherited = ray.util.get_current_placement_group()
         self._owns_placement = inherited is None
         if inherited is None:
-            self.placement = place_ranks(ray, world_size, rank_bundle(device))
+            self.placement = place_ranks(ray, world_size, bundle)
         elif len(inherited.bundle_specs) < world_size:
             raise ValueError(
                 f"this actor's placement group has {len(inherited.bundle_specs)} bundle(s); {world_size} ranks "
@@ -121,7 +122,7 @@ class RayRanks:
         self.actors: dict[int, Any] = {}
         self.runs: dict[int, Any] = {}
         try:
-            self._start_actors(actor_class, options, rank_bundle(device))
+            self._start_actors(actor_class, options, bundle)
         except BaseException:
             self.kill()
             raise

@@ -28,7 +28,7 @@ def write_weights(model: CheckpointWeights, weights: WeightSource) -> int:
         written = model.load_weights(update.weights(), require_all=False)
     else:
         items = list(weights)
-        check_updatable(model, model.check_weight_shapes((name, tuple(t.shape)) for name, t in items))
+        check_weights(model, items)
         written = model.load_weights(items, require_all=False)
     targets = {id(param) for param in written}
     for module in model.modules():

@@ -35,13 +35,12 @@ import torch
 
 from hawker.engine.async_engine import AsyncEngine, Submission
 from hawker.engine.engine import Engine
+from hawker.llm import Prompt, tokenize_prompt
 from hawker.options import EngineOptions
 from hawker.outputs import RequestOutput
 from hawker.ray.weight_sync import PackedWeights, WeightSpec, WeightSyncGroup
 from hawker.sampling_params import SamplingParams
 
-# Text, token ids, or vLLM's prompt dicts: {"prompt": text} / {"prompt_token_ids": ids}.
-Prompt = str | list[int] | dict[str, Any]
 WeightsArg = Mapping[str, torch.Tensor] | Sequence[tuple[str, torch.Tensor]]
 
 
@@ -76,7 +75,7 @@ class RolloutEngine:
         params = _params_for(sampling_params, len(prompts))
         submissions = []
         for prompt, param in zip(prompts, params, strict=True):
-            text, ids = _prompt_ids(engine, prompt)
+            text, ids = tokenize_prompt(engine.tokenizer, prompt)
             submissions.append(Submission(f"rollout-{next(self._ids)}", ids, param, text))
         streams = engine.submit_many(submissions)
         try:
@@ -151,16 +150,3 @@ def _params_for(params: SamplingParams | Sequence[SamplingParams] | None, count:
     if len(params) != count:
         raise ValueError(f"got {len(params)} sampling params for {count} prompts")
     return list(params)
-
-
-def _prompt_ids(engine: AsyncEngine, prompt: Prompt) -> tuple[str | None, list[int]]:
-    """(text, token ids) of one prompt, tokenizing text with the engine's tokenizer."""
-    if isinstance(prompt, dict):
-        if "prompt_token_ids" in prompt:
-            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-        if "prompt" in prompt:
-            return _prompt_ids(engine, prompt["prompt"])
-        raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids', got keys {sorted(prompt)}")
-    if isinstance(prompt, str):
-        return prompt, list(engine.tokenizer(prompt).input_ids)
-    return None, list(prompt)

@@ -19,7 +19,6 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from hawker import LLM, SamplingParams
 from hawker.distributed.pipeline import split_micro_batches
@@ -29,8 +28,9 @@ from hawker.layers.linear import ColumnParallelLinear
 from hawker.layers.parallel import PPInfo, TPInfo
 from hawker.step import ScheduledSeq
 from tests.support.parity import assert_parity, make_prompts, reference_generate, run_hawker
+from tests.support.processes import children, live_command
 from tests.support.server_process import ServerProcess, launch, wait_ready
-from tests.support.tiny_models import rewritten_copy
+from tests.support.tiny_models import checkpoint_state
 
 NEW_TOKENS = 8
 
@@ -94,25 +94,11 @@ def test_micro_batches_keep_order_and_balance_tokens() -> None:
     assert split_micro_batches([], 2) == []
 
 
-def _children(pid: int) -> list[int]:
-    found = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [int(child) for child in found]
-
-
 def _wait_exit(process: subprocess.Popen, seconds: float) -> int | None:
     try:
         return process.wait(seconds)
     except subprocess.TimeoutExpired:
         return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (exited, not yet reaped) counts as gone.
-    return "zombie" not in Path(f"/proc/{pid}/status").read_text()
 
 
 def test_a_dead_rank_stops_the_server_and_a_dead_server_stops_its_ranks(
@@ -121,7 +107,7 @@ def test_a_dead_rank_stops_the_server_and_a_dead_server_stops_its_ranks(
     server = launch(tiny_checkpoints["llama"], tmp_path / "tp.log", "--tensor-parallel-size", "2")
     try:
         wait_ready(server)
-        (worker,) = _children(server.process.pid)
+        (worker,) = children(server.process.pid)
         os.kill(worker, signal.SIGKILL)
         started = time.monotonic()
         saw_unhealthy = False
@@ -139,37 +125,32 @@ def test_a_dead_rank_stops_the_server_and_a_dead_server_stops_its_ranks(
     orphan_check: ServerProcess = launch(tiny_checkpoints["llama"], tmp_path / "tp2.log", "--tensor-parallel-size", "2")
     try:
         wait_ready(orphan_check)
-        (worker,) = _children(orphan_check.process.pid)
+        (worker,) = children(orphan_check.process.pid)
         orphan_check.process.kill()
         orphan_check.process.wait(5)
         deadline = time.monotonic() + 10
-        while _pid_alive(worker) and time.monotonic() < deadline:
+        while live_command(worker) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _pid_alive(worker), "the worker rank outlived its driver"
+        assert not live_command(worker), "the worker rank outlived its driver"
     finally:
         orphan_check.stop()
 
 
 @pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2)])
-def test_every_rank_takes_a_weight_update(tiny_checkpoints: dict[str, Path], tmp_path: Path, tp: int, pp: int) -> None:
-    generator = torch.Generator().manual_seed(11)
-    trained = rewritten_copy(
-        tiny_checkpoints["llama"],
-        tmp_path / "trained",
-        lambda name, tensor: tensor + 0.05 * torch.randn(tensor.shape, generator=generator),
-    )
-    (weights_file,) = trained.glob("*.safetensors")
+def test_every_rank_takes_a_weight_update(
+    tiny_checkpoints: dict[str, Path], trained_llama: Path, tp: int, pp: int
+) -> None:
     prompts = make_prompts(seed=5)[:3]
     greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     options = {"dtype": "float32", "block_size": 4, "compile_decode_max_rows": 0}
-    with LLM(str(trained), **options) as reference:
+    with LLM(str(trained_llama), **options) as reference:
         want = [list(o.outputs[0].token_ids) for o in reference.generate(prompts, greedy, use_tqdm=False)]
     with LLM(str(tiny_checkpoints["llama"]), tensor_parallel_size=tp, pipeline_parallel_size=pp, **options) as llm:
         before = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, greedy, use_tqdm=False)]
         assert before != want
         with pytest.raises(ValueError, match="no_such_weight"):  # refused by every rank, nothing written
             llm.update_weights([("model.layers.0.no_such_weight", torch.zeros(2))])
-        state = load_file(weights_file)
+        state = checkpoint_state(trained_llama)
         if pp == 2:
             # Good for the driver's stage, wrong for the last stage's: the last stage refuses, so neither
             # writes (every rank checks before any writes).

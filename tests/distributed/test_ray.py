@@ -18,18 +18,17 @@ from typing import Any
 import httpx
 import pytest
 import ray
-import torch
 from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-from safetensors.torch import load_file
 
-from hawker import LLM, SamplingParams
+from hawker import LLM, RequestOutput, SamplingParams
 from hawker.distributed.launch import free_port
 from hawker.distributed.ray_executor import check_reachable
 from hawker.engine.errors import EngineFatalError
 from hawker.ray import PackedWeights, RolloutEngine
+from tests.support.processes import descendants, live_command
 from tests.support.server_process import launch, wait_ready
-from tests.support.tiny_models import rewritten_copy
+from tests.support.tiny_models import checkpoint_state
 
 PROMPTS = [[5, 9, 14, 3, 22, 7], [40, 2, 2, 17], [8, 31, 12, 6, 6, 19, 44, 3, 1]]
 PARAMS = SamplingParams(temperature=0.0, max_tokens=8, logprobs=2, ignore_eos=True)
@@ -55,7 +54,11 @@ def _engine(checkpoint: Path, **options: Any) -> LLM:
 
 
 def _tokens_and_logprobs(llm: LLM) -> tuple[list[list[int]], list[list[float]]]:
-    outputs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+    return _sampled(llm.generate(PROMPTS, PARAMS, use_tqdm=False))
+
+
+def _sampled(outputs: list[RequestOutput]) -> tuple[list[list[int]], list[list[float]]]:
+    """Each output's tokens and the logprob of each."""
     tokens = [list(out.outputs[0].token_ids) for out in outputs]
     logprobs = []
     for out in outputs:
@@ -110,20 +113,14 @@ def test_a_killed_rank_actor_fails_the_engine_and_names_the_rank(
 
 
 def test_a_rollout_engine_placed_by_a_trainer_spreads_its_ranks_over_the_trainers_bundles(
-    tiny_checkpoints: dict[str, Path], two_node_cluster: Cluster, tmp_path: Path
+    tiny_checkpoints: dict[str, Path], trained_llama: Path, two_node_cluster: Cluster
 ) -> None:
     """As RL frameworks place engines: their placement group, the engine's actor in bundle 0, and the
     engine's other ranks in the same group's next bundles (nothing reserved twice); then new weights
     through the object store reach both ranks."""
     with _engine(tiny_checkpoints["llama"]) as single:
         want_tokens, want_logprobs = _tokens_and_logprobs(single)
-    generator = torch.Generator().manual_seed(3)
-    trained = rewritten_copy(
-        tiny_checkpoints["llama"],
-        tmp_path / "trained",
-        lambda _, t: t + 0.05 * torch.randn(t.shape, generator=generator),
-    )
-    with _engine(trained) as single:
+    with _engine(trained_llama) as single:
         want_trained, _ = _tokens_and_logprobs(single)
     assert want_trained != want_tokens
     group = ray.util.placement_group([{"CPU": 1}, {"CPU": 1}], strategy="SPREAD")
@@ -137,16 +134,11 @@ def test_a_rollout_engine_placed_by_a_trainer_spreads_its_ranks_over_the_trainer
                 str(tiny_checkpoints["llama"]), tensor_parallel_size=2, distributed_executor_backend="ray", **OPTIONS
             )
         )
-        outputs = ray.get(engine.generate.remote(PROMPTS, PARAMS), timeout=120)
-        tokens = [list(out.outputs[0].token_ids) for out in outputs]
+        tokens, logprobs = _sampled(ray.get(engine.generate.remote(PROMPTS, PARAMS), timeout=120))
         assert tokens == want_tokens
-        for out, want in zip(outputs, want_logprobs, strict=True):
-            completion = out.outputs[0]
-            assert completion.logprobs is not None
-            got = [entry[token].logprob for token, entry in zip(completion.token_ids, completion.logprobs, strict=True)]
+        for got, want in zip(logprobs, want_logprobs, strict=True):
             assert got == pytest.approx(want, abs=1e-4)
-        (weights_file,) = trained.glob("*.safetensors")
-        packed = ray.put(PackedWeights.of(load_file(weights_file).items()))
+        packed = ray.put(PackedWeights.of(checkpoint_state(trained_llama).items()))
         assert ray.get(engine.update_weights.remote(packed), timeout=60) == 1
         outputs = ray.get(engine.generate.remote(PROMPTS, PARAMS), timeout=120)
         assert [list(out.outputs[0].token_ids) for out in outputs] == want_trained
@@ -154,27 +146,6 @@ def test_a_rollout_engine_placed_by_a_trainer_spreads_its_ranks_over_the_trainer
         ray.kill(engine)
     finally:
         ray.util.remove_placement_group(group)
-
-
-def _descendants(pid: int) -> list[int]:
-    found: list[int] = []
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except FileNotFoundError:
-        return found
-    for child in map(int, children):
-        found += [child, *_descendants(child)]
-    return found
-
-
-def _live_command(pid: int) -> str | None:
-    """The process's command line, or None once it is gone (a zombie counts as gone)."""
-    try:
-        if "zombie" in Path(f"/proc/{pid}/status").read_text():
-            return None
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except FileNotFoundError:
-        return None
 
 
 def test_a_served_engine_over_ray_fails_cleanly_when_a_rank_dies(
@@ -186,7 +157,7 @@ def test_a_served_engine_over_ray_fails_cleanly_when_a_rank_dies(
     server = launch(tiny_checkpoints["llama"], tmp_path / "ray.log", *options)
     try:
         wait_ready(server, timeout=180)
-        ray_processes = {pid: _live_command(pid) or "" for pid in _descendants(server.process.pid)}
+        ray_processes = {pid: live_command(pid) or "" for pid in descendants(server.process.pid)}
         assert any("raylet" in command for command in ray_processes.values()), ray_processes
         (rank_actor,) = [pid for pid, command in ray_processes.items() if "RayRankActor" in command]
         os.kill(rank_actor, signal.SIGKILL)  # a crash, not a polite ray.kill
@@ -200,9 +171,9 @@ def test_a_served_engine_over_ray_fails_cleanly_when_a_rank_dies(
         assert saw_unhealthy, "/health never reported the dead rank"
         assert "a worker rank died: rank 1 (Ray actor on" in server.log()
         deadline = time.monotonic() + 10  # and the Ray it started went with it
-        while any(_live_command(pid) for pid in ray_processes) and time.monotonic() < deadline:
+        while any(live_command(pid) for pid in ray_processes) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not {pid: c for pid in ray_processes if (c := _live_command(pid))}
+        assert not {pid: c for pid in ray_processes if (c := live_command(pid))}
     finally:
         server.stop()
 

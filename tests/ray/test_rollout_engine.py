@@ -10,32 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from hawker import LLM, SamplingParams
 from hawker.distributed.launch import free_port
 from hawker.ray import PackedWeights, RolloutEngine, WeightSyncGroup, weight_specs
-from tests.support.tiny_models import rewritten_copy
+from tests.support.tiny_models import checkpoint_state
 
 PROMPTS = [[5, 9, 14, 3], [40, 2, 2, 17, 8]]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=0)
 OPTIONS = {"dtype": "float32", "block_size": 4, "compile_decode_max_rows": 0}
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny Llama after a 'training step': every tensor moved, so greedy outputs change."""
-    generator = torch.Generator().manual_seed(7)
-
-    def step(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor + 0.05 * torch.randn(tensor.shape, generator=generator)
-
-    return rewritten_copy(tiny_checkpoints["llama"], tmp_path_factory.mktemp("trained") / "llama", step)
-
-
-def _state(checkpoint: Path) -> dict[str, torch.Tensor]:
-    (path,) = checkpoint.glob("*.safetensors")
-    return load_file(path)
 
 
 def _greedy_tokens(checkpoint: Path) -> list[list[int]]:
@@ -44,9 +27,9 @@ def _greedy_tokens(checkpoint: Path) -> list[list[int]]:
 
 
 def test_weights_through_tensors_give_the_trained_models_outputs_and_a_new_version(
-    tiny_checkpoints: dict[str, Path], trained: Path
+    tiny_checkpoints: dict[str, Path], trained_llama: Path
 ) -> None:
-    want_before, want_after = _greedy_tokens(tiny_checkpoints["llama"]), _greedy_tokens(trained)
+    want_before, want_after = _greedy_tokens(tiny_checkpoints["llama"]), _greedy_tokens(trained_llama)
     assert want_before != want_after
 
     async def scenario() -> None:
@@ -61,12 +44,14 @@ def test_weights_through_tensors_give_the_trained_models_outputs_and_a_new_versi
             with pytest.raises(ValueError, match="prompt_token_ids"):
                 await engine.generate([{"text": "no such key"}], GREEDY)
             assert {o.weight_version for o in before} == {0}
-            assert await engine.update_weights(_state(trained)) == 1  # a state dict, as ray.put would carry it
+            assert (
+                await engine.update_weights(checkpoint_state(trained_llama)) == 1
+            )  # a state dict, as ray.put would carry it
             after = await engine.generate(PROMPTS, GREEDY)
             assert [list(o.outputs[0].token_ids) for o in after] == want_after
             assert {o.weight_version for o in after} == {1} and await engine.weight_version() == 1
             # The object store's fast form: raw bytes read in place; the same weights, the next version.
-            assert await engine.update_weights(PackedWeights.of(_state(trained).items())) == 2
+            assert await engine.update_weights(PackedWeights.of(checkpoint_state(trained_llama).items())) == 2
             assert [list(o.outputs[0].token_ids) for o in await engine.generate(PROMPTS, GREEDY)] == want_after
             with pytest.raises(ValueError, match="no_such_weight"):  # a bad update changes nothing
                 await engine.update_weights([("no_such_weight", torch.zeros(2))])
@@ -77,9 +62,11 @@ def test_weights_through_tensors_give_the_trained_models_outputs_and_a_new_versi
     asyncio.run(scenario())
 
 
-def test_weights_over_a_sync_group_match_the_trained_model(tiny_checkpoints: dict[str, Path], trained: Path) -> None:
-    want = _greedy_tokens(trained)
-    state = _state(trained)
+def test_weights_over_a_sync_group_match_the_trained_model(
+    tiny_checkpoints: dict[str, Path], trained_llama: Path
+) -> None:
+    want = _greedy_tokens(trained_llama)
+    state = checkpoint_state(trained_llama)
     port = free_port()
 
     async def scenario() -> None:
@@ -117,7 +104,7 @@ def test_pause_keep_holds_requests_and_pause_abort_ends_them(tiny_checkpoints: d
             assert await engine.pause("keep") == 0
             await asyncio.sleep(0.3)
             assert not running.done()  # held, not finished and not dropped
-            assert await engine.update_weights(_state(tiny_checkpoints["llama"])) == 1
+            assert await engine.update_weights(checkpoint_state(tiny_checkpoints["llama"])) == 1
             await engine.resume()
             kept = await asyncio.wait_for(running, 60)
             assert [o.outputs[0].finish_reason for o in kept] == ["length", "length"]

@@ -129,3 +129,9 @@ def rewritten_copy(source: Path, target: Path, rewrite: Callable[[str, torch.Ten
     tensors = {name: rewrite(name, tensor) for name, tensor in load_file(path).items()}
     save_file(tensors, path, metadata={"format": "pt"})
     return target
+
+
+def checkpoint_state(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a one-file safetensors checkpoint, by its HF name (a trainer's state dict)."""
+    (path,) = directory.glob("*.safetensors")
+    return load_file(path)
