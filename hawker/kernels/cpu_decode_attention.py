@@ -9,12 +9,18 @@ step calls it as one opaque kernel. Its CPU kernel is C++
 (``csrc/paged_decode_attention_op.cpp``, built on first use) where torch's
 headers and a C++ compiler are at hand, else ``_run`` here through ctypes:
 ~9 against ~21 us a call at one sequence, one call a layer.
+
+Its bfloat16 loops take a whole sequence (every KV head) as a work item, so
+that each block's rows are read whole, front to back (benchmarks/NOTES.md,
+session 14); ``HAWKER_DECODE_ATTENTION_ITEMS=kv-head`` builds the earlier
+(sequence, KV head) items instead, the off switch.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 
 import torch
 
@@ -31,10 +37,29 @@ from hawker.kernels.native import (
 _LIBRARY = "paged_decode_attention"
 
 
-@functools.cache
+ITEMS_VARIABLE = "HAWKER_DECODE_ATTENTION_ITEMS"
+ITEMS_CHOICES = ("sequence", "kv-head")
+
+
+def whole_sequence_items() -> bool:
+    """Whether the kernel's work items are whole sequences (the default) or (sequence, KV head) pairs, as
+    ``HAWKER_DECODE_ATTENTION_ITEMS`` says; an unknown value is a ValueError."""
+    items = os.environ.get(ITEMS_VARIABLE, ITEMS_CHOICES[0])
+    if items not in ITEMS_CHOICES:
+        raise ValueError(f"{ITEMS_VARIABLE}={items!r}: expected one of {', '.join(ITEMS_CHOICES)}")
+    return items == ITEMS_CHOICES[0]
+
+
 def _kernel(group: int, head_dim: int) -> CFunction | None:
     """The kernel built for ``group`` query heads per KV head of ``head_dim`` dims (its vector loops' shape)."""
-    library = load_kernel_library(_LIBRARY, (("HAWKER_GROUP", group), ("HAWKER_HEAD_DIM", head_dim)))
+    return build_kernel(group, head_dim, whole_sequence_items())
+
+
+@functools.cache
+def build_kernel(group: int, head_dim: int, whole_sequences: bool) -> CFunction | None:
+    """The kernel for this shape of heads, its work items whole sequences or (sequence, KV head) pairs."""
+    defines = (("HAWKER_GROUP", group), ("HAWKER_HEAD_DIM", head_dim), ("HAWKER_SEQUENCE_ITEMS", int(whole_sequences)))
+    library = load_kernel_library(_LIBRARY, defines)
     if library is None:
         return None
     function = library.hawker_paged_decode_attention
@@ -102,7 +127,21 @@ def _run(
     context_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    kernel = _kernel(q.shape[1] // k_cache.shape[2], q.shape[2])
+    return run_kernel(
+        _kernel(q.shape[1] // k_cache.shape[2], q.shape[2]), q, k_cache, v_cache, block_tables, context_lens, scale
+    )
+
+
+def run_kernel(
+    kernel: CFunction | None,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """``_run`` through a given build of the kernel (through ctypes)."""
     if kernel is None:
         raise RuntimeError("the paged decode attention kernel is not built; check available() first")
     q, cache_dtype = attention_inputs(q, k_cache, v_cache)

@@ -50,7 +50,9 @@ def _reference(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("heads", "kv_heads", "dim", "block_size"), [(9, 3, 64, 16), (4, 4, 32, 5), (8, 1, 128, 32)])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "block_size"), [(9, 3, 64, 16), (9, 3, 64, 24), (4, 4, 32, 5), (8, 1, 128, 32)]
+)
 def test_matches_sdpa(dtype: torch.dtype, heads: int, kv_heads: int, dim: int, block_size: int) -> None:
     lens = [1, 2, block_size, block_size + 1, 37, 300]
     k_cache, v_cache, tables, context_lens = _paged_case(lens, kv_heads, dim, block_size, dtype)
@@ -117,3 +119,42 @@ def test_the_operator_kernel_matches_the_ctypes_one() -> None:
             assert torch.equal(paged_decode_attention(q, k_cache, v_cache, tables, context_lens, 0.1), expected)
     with pytest.raises(ValueError, match="cache"):
         paged_decode_attention(q.float(), k_cache, v_cache, tables, context_lens, 0.1)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "block_size"), [(9, 3, 64, 16), (9, 3, 64, 5), (6, 2, 64, 40), (8, 1, 128, 32)]
+)
+def test_whole_sequence_items_give_the_bits_of_kv_head_items(
+    cache_dtype: torch.dtype, heads: int, kv_heads: int, dim: int, block_size: int
+) -> None:
+    """The default work items (a whole sequence, every KV head) sum in the order the (sequence, KV head)
+    items do, so switching them off (HAWKER_DECODE_ATTENTION_ITEMS=kv-head) changes speed, never bits;
+    blocks of any size, runs of positions cut at block ends, 8-bit caches widened as they are read."""
+    lens = [1, 2, 15, 16, 17, block_size + 1, 37, 300, 401]
+    k_cache, v_cache, tables, context_lens = _paged_case(lens, kv_heads, dim, block_size, torch.float32, seed=5)
+    k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
+    q = torch.randn(len(lens), heads, dim).bfloat16()
+    outputs = [
+        cpu_decode_attention.run_kernel(
+            cpu_decode_attention.build_kernel(heads // kv_heads, dim, whole_sequences),
+            q,
+            k_cache,
+            v_cache,
+            tables,
+            context_lens,
+            dim**-0.5,
+        )
+        for whole_sequences in (True, False)
+    ]
+    assert torch.equal(outputs[0], outputs[1])
+    expected = _reference(q, k_cache, v_cache, tables, context_lens)
+    torch.testing.assert_close(outputs[0].float(), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_an_unknown_work_item_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cpu_decode_attention.ITEMS_VARIABLE, "per-token")
+    with pytest.raises(ValueError, match="sequence, kv-head"):
+        cpu_decode_attention.whole_sequence_items()
+    monkeypatch.setenv(cpu_decode_attention.ITEMS_VARIABLE, "kv-head")
+    assert not cpu_decode_attention.whole_sequence_items()

@@ -1,10 +1,14 @@
 /*
  * Decode attention over the paged KV cache, read in place (CPU).
  *
- * One query token per sequence. Work items are (sequence, KV head) pairs:
- * each reads its sequence's keys and values block by block through the block
- * table, for all the query heads that share the KV head (grouped-query
- * attention), so no padded copy of the context is ever made.
+ * One query token per sequence. Each sequence's keys and values are read block
+ * by block through its block table, for all the query heads that share a KV
+ * head (grouped-query attention), so no padded copy of the context is ever
+ * made. On the bfloat16-pairs path a work item is a whole sequence: every
+ * block's rows (all KV heads, contiguous) are read once, front to back, with
+ * the blocks two ahead fetched meanwhile; elsewhere, and with
+ * -DHAWKER_SEQUENCE_ITEMS=0 (the off switch, benchmarks/NOTES.md), an item is
+ * one (sequence, KV head) pair that reads its head's slice of every row.
  *
  * The cache may hold 8-bit floats instead of the queries' dtype (kv_cache_dtype): their rows
  * are widened exactly as they are read (to bfloat16 for the bfloat16-pairs loops).
@@ -50,6 +54,7 @@ typedef struct {
     float *rows;    /* [dim]: a cache row widened to float (portable path) */
     float *scores;  /* [group, max_len] */
     uint16_t *widened; /* [16, dim]: a block of 8-bit cache rows as bfloat16 (pairs path) */
+    float *head_acc;   /* [num_heads, dim]: every head's accumulators (whole-sequence items) */
 } Scratch;
 
 
@@ -451,6 +456,180 @@ static void attend_one(const DecodeArgs *a, const Scratch *s, int64_t seq, int64
     }
 }
 
+
+#ifndef HAWKER_SEQUENCE_ITEMS
+#define HAWKER_SEQUENCE_ITEMS 1
+#endif
+#if PAIRS_PATH && VECTOR_SHAPE && HAWKER_SEQUENCE_ITEMS
+#define SEQUENCE_PATH 1
+/*
+ * Whole-sequence items. A (sequence, KV head) item reads 128 of every 384 bytes of a row and waits on
+ * each row's lines in turn (line-fill buffers full, benchmarks/NOTES.md, session 10); reading a block's
+ * rows whole, front to back, with the blocks BLOCKS_AHEAD on already requested into L2, keeps the
+ * memory busy instead: 48 decodes, contexts 32-400, 480-520 against 600-650 us a layer (NOTES.md).
+ */
+#ifndef BLOCKS_AHEAD
+#define BLOCKS_AHEAD 2
+#endif
+
+/* Where a sequence's rows are: its block table, the first row of each block, the rows' layout. */
+typedef struct {
+    const int64_t *table;
+    int64_t len;
+    int64_t blocks;
+    size_t row_bytes;   /* one position, every KV head */
+    size_t block_bytes; /* one block of positions */
+} SequenceRows;
+
+static inline SequenceRows sequence_rows(const DecodeArgs *a, int64_t seq) {
+    const size_t row_bytes = (size_t)(a->num_kv_heads * a->head_dim) * element_size(a->cache_dtype);
+    const int64_t len = a->context_lens[seq];
+    const SequenceRows rows = {a->block_tables + seq * a->table_stride, len,
+                               (len + a->block_size - 1) / a->block_size, row_bytes,
+                               row_bytes * (size_t)a->block_size};
+    return rows;
+}
+
+/* Requests block b + BLOCKS_AHEAD's lines into L2 (at b == 0, every block up to it). Always inlined: GCC
+ * finds a separate function of prefetches free of side effects and drops its calls. */
+static inline __attribute__((always_inline)) void prefetch_blocks_ahead(const char *cache, const SequenceRows *r, int64_t b) {
+    for (int64_t ahead = b == 0 ? 1 : BLOCKS_AHEAD; ahead <= BLOCKS_AHEAD && b + ahead < r->blocks; ++ahead) {
+        const char *block = cache + (size_t)r->table[b + ahead] * r->block_bytes;
+        for (size_t offset = 0; offset < r->block_bytes; offset += 64) _mm_prefetch(block + offset, _MM_HINT_T1);
+    }
+}
+
+/* One KV head's `count` rows from `rows` as bfloat16: in place (returning the stride between them) for a
+ * bfloat16 cache, widened into the thread's scratch for an 8-bit one. */
+static inline const char *head_rows(const DecodeArgs *a, const Scratch *s, const SequenceRows *r, const char *rows,
+                                    int64_t kv_head, int64_t count, size_t *stride) {
+    const char *first = rows + (size_t)(kv_head * a->head_dim) * element_size(a->cache_dtype);
+    if (!is_float8(a->cache_dtype)) {
+        *stride = r->row_bytes;
+        return first;
+    }
+    for (int64_t j = 0; j < count; ++j)
+        for (int64_t d = 0; d < a->head_dim; d += 32)
+            _mm512_storeu_si512(s->widened + j * a->head_dim + d,
+                                widen32_float8(first + (size_t)j * r->row_bytes + d, a->cache_dtype));
+    *stride = (size_t)a->head_dim * 2;
+    return (const char *)s->widened;
+}
+
+/* Calls visit(rows, first, count) for each run of up to 16 positions that lie in one block, in order. */
+#define FOR_EACH_RUN(a, cache, r, rows, first, count, body)                                              \
+    for (int64_t b_ = 0; b_ < (r).blocks; ++b_) {                                                      \
+        prefetch_blocks_ahead((cache), &(r), b_);                                                      \
+        const char *block_ = (cache) + (size_t)(r).table[b_] * (r).block_bytes;                        \
+        const int64_t end_ = (b_ + 1) * (a)->block_size < (r).len ? (b_ + 1) * (a)->block_size : (r).len; \
+        for (int64_t first = b_ * (a)->block_size; first < end_; first += 16) {                       \
+            const int64_t count = end_ - first < 16 ? end_ - first : 16;                              \
+            const char *rows = block_ + (size_t)(first - b_ * (a)->block_size) * (r).row_bytes;       \
+            body                                                                                       \
+        }                                                                                              \
+    }
+
+/* scores[h * GROUP + g, t] = scale * q_hg . k_ht for every head, the same sums as key_scores_pairs. */
+static void sequence_key_scores(const DecodeArgs *a, const Scratch *s, const SequenceRows *r, const uint16_t *q) {
+    enum { GROUP = HAWKER_GROUP, CHUNKS = HAWKER_HEAD_DIM / 32, DIM = HAWKER_HEAD_DIM };
+    const __m512 scale = _mm512_set1_ps(a->scale);
+    FOR_EACH_RUN(a, a->k_cache, *r, rows, first, count, {
+        for (int64_t h = 0; h < a->num_kv_heads; ++h) {
+            size_t stride;
+            const char *keys = head_rows(a, s, r, rows, h, count, &stride);
+            for (int g = 0; g < GROUP; ++g) {
+                __m512bh query[CHUNKS];
+                for (int c = 0; c < CHUNKS; ++c)
+                    query[c] = (__m512bh)_mm512_loadu_si512(q + (h * GROUP + g) * DIM + c * 32);
+                __m512 acc[16];
+                for (int j = 0; j < 16; ++j) {
+                    acc[j] = _mm512_setzero_ps();
+                    if (j < count)
+                        for (int c = 0; c < CHUNKS; ++c)
+                            acc[j] = _mm512_dpbf16_ps(
+                                acc[j], (__m512bh)_mm512_loadu_si512(keys + (size_t)j * stride + c * 64), query[c]);
+                }
+                _mm512_mask_storeu_ps(s->scores + (h * GROUP + g) * r->len + first, lanes_below(count),
+                                      _mm512_mul_ps(transpose_add16(acc), scale));
+            }
+        }
+    })
+}
+
+/* head_acc[h * GROUP + g] += sum_t weight[h * GROUP + g, t] v_ht, the same sums as weighted_values_pairs
+ * (accumulators in weighted_values_pairs' lane order). */
+static void sequence_weighted_values(const DecodeArgs *a, const Scratch *s, const SequenceRows *r) {
+    enum { GROUP = HAWKER_GROUP, CHUNKS = HAWKER_HEAD_DIM / 32, DIM = HAWKER_HEAD_DIM };
+    memset(s->head_acc, 0, (size_t)(a->num_heads * DIM) * sizeof(float));
+    FOR_EACH_RUN(a, a->v_cache, *r, rows, first, count, {
+        for (int64_t h = 0; h < a->num_kv_heads; ++h) {
+            size_t stride;
+            const char *values = head_rows(a, s, r, rows, h, count, &stride);
+            uint32_t weights[GROUP][8]; /* the run's 16 weights of each head as 8 bfloat16 pairs */
+            __m512 acc[GROUP][2 * CHUNKS];
+            float *head_acc = s->head_acc + h * GROUP * DIM;
+            for (int g = 0; g < GROUP; ++g) {
+                const __m512 run =
+                    _mm512_maskz_loadu_ps(lanes_below(count), s->scores + (h * GROUP + g) * r->len + first);
+                _mm256_storeu_si256((__m256i *)weights[g], (__m256i)_mm512_cvtneps_pbh(run));
+                for (int c = 0; c < 2 * CHUNKS; ++c) acc[g][c] = _mm512_loadu_ps(head_acc + g * DIM + c * 16);
+            }
+            for (int64_t j = 0; j < count; j += 2)
+                for (int c = 0; c < CHUNKS; ++c) {
+                    const char *row = values + (size_t)j * stride + c * 64;
+                    const __m512i even = _mm512_loadu_si512(row);
+                    const __m512i odd = j + 1 < count ? _mm512_loadu_si512(row + stride) : _mm512_setzero_si512();
+                    const __m512bh low = (__m512bh)_mm512_unpacklo_epi16(even, odd);
+                    const __m512bh high = (__m512bh)_mm512_unpackhi_epi16(even, odd);
+                    for (int g = 0; g < GROUP; ++g) {
+                        const __m512bh weight = (__m512bh)_mm512_set1_epi32((int)weights[g][j / 2]);
+                        acc[g][2 * c] = _mm512_dpbf16_ps(acc[g][2 * c], low, weight);
+                        acc[g][2 * c + 1] = _mm512_dpbf16_ps(acc[g][2 * c + 1], high, weight);
+                    }
+                }
+            for (int g = 0; g < GROUP; ++g)
+                for (int c = 0; c < 2 * CHUNKS; ++c) _mm512_storeu_ps(head_acc + g * DIM + c * 16, acc[g][c]);
+        }
+    })
+}
+
+static void attend_sequence(const DecodeArgs *a, const Scratch *s, int64_t seq) {
+    enum { CHUNKS = HAWKER_HEAD_DIM / 32, DIM = HAWKER_HEAD_DIM };
+    const SequenceRows rows = sequence_rows(a, seq);
+    sequence_key_scores(a, s, &rows, (const uint16_t *)a->q + seq * a->q_row_stride);
+    float sums[a->num_heads];
+    softmax_weights(s->scores, rows.len, a->num_heads, sums);
+    sequence_weighted_values(a, s, &rows);
+    /* Back to dimension order (as weighted_values_pairs does), then normalised into the output. */
+    const __m512i first_half = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+    const __m512i second_half = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+    for (int64_t head = 0; head < a->num_heads; ++head) {
+        const float *acc = s->head_acc + head * DIM;
+        float out[DIM];
+        for (int c = 0; c < CHUNKS; ++c) {
+            const __m512 even = _mm512_loadu_ps(acc + 2 * c * 16), odd = _mm512_loadu_ps(acc + (2 * c + 1) * 16);
+            _mm512_storeu_ps(out + c * 32, _mm512_permutex2var_ps(even, first_half, odd));
+            _mm512_storeu_ps(out + c * 32 + 16, _mm512_permutex2var_ps(even, second_half, odd));
+        }
+        store_row(a->out + (size_t)((seq * a->num_heads + head) * DIM) * element_size(a->dtype), a->dtype, DIM, out,
+                  1.0f / sums[head]);
+    }
+}
+
+/* The whole-sequence items apply: the bfloat16-pairs path at this build's shape. */
+static int sequence_path(const DecodeArgs *a) {
+    return a->dtype == DTYPE_BFLOAT16 && (a->cache_dtype == DTYPE_BFLOAT16 || is_float8(a->cache_dtype)) &&
+           vector_path(a->head_dim, a->num_heads / a->num_kv_heads);
+}
+#else
+#define SEQUENCE_PATH 0
+static int sequence_path(const DecodeArgs *a) {
+    (void)a;
+    return 0;
+}
+static void attend_sequence(const DecodeArgs *a, const Scratch *s, int64_t seq) { (void)a, (void)s, (void)seq; }
+#endif
+
 /*
  * q: queries, sequence `i` head `h` at q[i * q_row_stride + h * head_dim];
  * k_cache, v_cache: [blocks, block_size, num_kv_heads, head_dim] of cache_dtype (dtype or an 8-bit float);
@@ -468,22 +647,29 @@ int hawker_paged_decode_attention(const void *q, const void *k_cache, const void
                              cache_dtype};
     int64_t max_len = 1;
     for (int64_t i = 0; i < num_seqs; ++i) max_len = context_lens[i] > max_len ? context_lens[i] : max_len;
-    const int64_t group = num_heads / num_kv_heads;
-    const int64_t items = num_seqs * num_kv_heads;
+    const int whole_sequences = sequence_path(&args);
+    /* Heads scored at once by an item: all of them for whole sequences, one KV head's group otherwise. */
+    const int64_t group = num_heads / num_kv_heads, item_heads = whole_sequences ? num_heads : group;
+    const int64_t items = whole_sequences ? num_seqs : num_seqs * num_kv_heads;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
         const int64_t rows = head_dim;
         /* widened: 16 rows of bfloat16, i.e. 8 rows' worth of floats */
-        float *memory = malloc((size_t)(2 * group * head_dim + rows + group * max_len + 8 * head_dim) * sizeof(float));
+        const int64_t floats = 2 * group * head_dim + rows + item_heads * max_len + 8 * head_dim +
+                               (whole_sequences ? num_heads * head_dim : 0);
+        float *memory = malloc((size_t)floats * sizeof(float));
         float *scores = memory + 2 * group * head_dim + rows;
+        float *widened = scores + item_heads * max_len;
         const Scratch scratch = {memory, memory + group * head_dim, memory + 2 * group * head_dim, scores,
-                                 (uint16_t *)(scores + group * max_len)};
+                                 (uint16_t *)widened, widened + 8 * head_dim};
         /* Every thread must reach the work-sharing loop, so a failed allocation only marks its items. */
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < items; ++item) {
             if (memory == NULL)
                 failed = 1;
+            else if (whole_sequences)
+                attend_sequence(&args, &scratch, item);
             else
                 attend_one(&args, &scratch, item / num_kv_heads, item % num_kv_heads);
         }
