@@ -50,13 +50,15 @@ def whole_sequence_items() -> bool:
     return items == ITEMS_CHOICES[0]
 
 
-def _kernel(group: int, head_dim: int) -> CFunction | None:
-    """The kernel built for ``group`` query heads per KV head of ``head_dim`` dims (its vector loops' shape)."""
-    return build_kernel(group, head_dim, whole_sequence_items())
+def _kernel(group: int, head_dim: int, whole_sequences: bool | None = None) -> CFunction | None:
+    """The kernel built for ``group`` query heads per KV head of ``head_dim`` dims (its vector loops' shape), its
+    work items as ``HAWKER_DECODE_ATTENTION_ITEMS`` says unless ``whole_sequences`` is given."""
+    items = whole_sequence_items() if whole_sequences is None else whole_sequences
+    return _build_kernel(group, head_dim, items)
 
 
 @functools.cache
-def build_kernel(group: int, head_dim: int, whole_sequences: bool) -> CFunction | None:
+def _build_kernel(group: int, head_dim: int, whole_sequences: bool) -> CFunction | None:
     """The kernel for this shape of heads, its work items whole sequences or (sequence, KV head) pairs."""
     defines = (("HAWKER_GROUP", group), ("HAWKER_HEAD_DIM", head_dim), ("HAWKER_SEQUENCE_ITEMS", int(whole_sequences)))
     library = load_kernel_library(_LIBRARY, defines)
@@ -126,22 +128,10 @@ def _run(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    whole_sequences: bool | None = None,
 ) -> torch.Tensor:
-    return run_kernel(
-        _kernel(q.shape[1] // k_cache.shape[2], q.shape[2]), q, k_cache, v_cache, block_tables, context_lens, scale
-    )
-
-
-def run_kernel(
-    kernel: CFunction | None,
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """``_run`` through a given build of the kernel (through ctypes)."""
+    """The operator through ctypes; ``whole_sequences`` picks a build's work items (default: the setting's)."""
+    kernel = _kernel(q.shape[1] // k_cache.shape[2], q.shape[2], whole_sequences)
     if kernel is None:
         raise RuntimeError("the paged decode attention kernel is not built; check available() first")
     q, cache_dtype = attention_inputs(q, k_cache, v_cache)

@@ -136,15 +136,7 @@ def test_whole_sequence_items_give_the_bits_of_kv_head_items(
     k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
     q = torch.randn(len(lens), heads, dim).bfloat16()
     outputs = [
-        cpu_decode_attention.run_kernel(
-            cpu_decode_attention.build_kernel(heads // kv_heads, dim, whole_sequences),
-            q,
-            k_cache,
-            v_cache,
-            tables,
-            context_lens,
-            dim**-0.5,
-        )
+        cpu_decode_attention._run(q, k_cache, v_cache, tables, context_lens, dim**-0.5, whole_sequences)
         for whole_sequences in (True, False)
     ]
     assert torch.equal(outputs[0], outputs[1])

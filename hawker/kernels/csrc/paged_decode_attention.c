@@ -278,13 +278,49 @@ static inline __attribute__((always_inline)) void key_scores_pairs_fixed(const D
     }
 }
 
+/* weights[g]: the `count` (<= 16) weights of head g from scores_g[0..] as 8 bfloat16 pairs. */
+static inline __attribute__((always_inline)) void weight_pairs(uint32_t weights[MAX_GROUP][8], const float *scores,
+                                                               int64_t head_stride, int64_t count, const int GROUP) {
+    for (int g = 0; g < GROUP; ++g) {
+        const __m512 run = _mm512_maskz_loadu_ps(lanes_below(count), scores + g * head_stride);
+        _mm256_storeu_si256((__m256i *)weights[g], (__m256i)_mm512_cvtneps_pbh(run));
+    }
+}
+
+/* acc[g] += the pair `pair` of head g's weights times two value rows (`odd` NULL past the last), chunk by chunk;
+ * acc[g][2c] lane 4k+i holds dim 32c+8k+i, acc[g][2c+1] dim 32c+8k+4+i (vpunpck{l,h}wd's order). */
+static inline __attribute__((always_inline)) void add_value_pair(__m512 acc[MAX_GROUP][8],
+                                                                 const uint32_t weights[MAX_GROUP][8],
+                                                                 const char *even_row, const char *odd_row,
+                                                                 int64_t pair, const int GROUP, const int CHUNKS) {
+    for (int c = 0; c < CHUNKS; ++c) {
+        const __m512i even = _mm512_loadu_si512(even_row + c * 64);
+        const __m512i odd = odd_row ? _mm512_loadu_si512(odd_row + c * 64) : _mm512_setzero_si512();
+        const __m512bh low = (__m512bh)_mm512_unpacklo_epi16(even, odd);
+        const __m512bh high = (__m512bh)_mm512_unpackhi_epi16(even, odd);
+        for (int g = 0; g < GROUP; ++g) {
+            const __m512bh weight = (__m512bh)_mm512_set1_epi32((int)weights[g][pair]);
+            acc[g][2 * c] = _mm512_dpbf16_ps(acc[g][2 * c], low, weight);
+            acc[g][2 * c + 1] = _mm512_dpbf16_ps(acc[g][2 * c + 1], high, weight);
+        }
+    }
+}
+
+/* 32 dims in add_value_pair's lane order (even: acc[g][2c], odd: acc[g][2c+1]) stored in dimension order:
+ * dims 32c+16h .. +15 come from lanes 8h.. of the low and high halves. */
+static inline void store_dimension_order(__m512 even, __m512 odd, float *dst) {
+    const __m512i first_half = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+    const __m512i second_half = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+    _mm512_storeu_ps(dst, _mm512_permutex2var_ps(even, first_half, odd));
+    _mm512_storeu_ps(dst + 16, _mm512_permutex2var_ps(even, second_half, odd));
+}
+
 /* acc[g] = sum_t weight[g, t] v_t, two keys a step as bfloat16 pairs (the weights rounded to bfloat16). */
 static inline __attribute__((always_inline)) void weighted_values_pairs_fixed(const DecodeArgs *a, const Scratch *s,
                                                                               const int64_t *table, int64_t len,
                                                                               int64_t kv_head, const int GROUP,
                                                                               const int CHUNKS) {
-    /* acc[g][2c] lane 4k+i holds dim 32c+8k+i, acc[g][2c+1] dim 32c+8k+4+i (vpunpck{l,h}wd's order). */
-    __m512 acc[MAX_GROUP][8];
+    __m512 acc[MAX_GROUP][8]; /* add_value_pair's lane order */
     for (int g = 0; g < GROUP; ++g)
         for (int c = 0; c < 2 * CHUNKS; ++c) acc[g][c] = _mm512_setzero_ps();
     RowCursor values = row_cursor(a, a->v_cache, table, kv_head);
@@ -292,34 +328,14 @@ static inline __attribute__((always_inline)) void weighted_values_pairs_fixed(co
     for (int64_t first = 0; first < len; first += 16) {
         const char *rows[16];
         const int64_t count = next_block(a, s, &values, &ahead, first, len, rows);
-        uint32_t weights[MAX_GROUP][8]; /* the 16 weights of each head as 8 bfloat16 pairs */
-        for (int g = 0; g < GROUP; ++g) {
-            const __m512 block = _mm512_maskz_loadu_ps((__mmask16)((1u << count) - 1), s->scores + g * len + first);
-            _mm256_storeu_si256((__m256i *)weights[g], (__m256i)_mm512_cvtneps_pbh(block));
-        }
-        for (int64_t j = 0; j < count; j += 2) {
-            for (int c = 0; c < CHUNKS; ++c) {
-                const __m512i even = _mm512_loadu_si512(rows[j] + c * 64);
-                const __m512i odd = j + 1 < count ? _mm512_loadu_si512(rows[j + 1] + c * 64) : _mm512_setzero_si512();
-                const __m512bh low = (__m512bh)_mm512_unpacklo_epi16(even, odd);
-                const __m512bh high = (__m512bh)_mm512_unpackhi_epi16(even, odd);
-                for (int g = 0; g < GROUP; ++g) {
-                    const __m512bh weight = (__m512bh)_mm512_set1_epi32((int)weights[g][j / 2]);
-                    acc[g][2 * c] = _mm512_dpbf16_ps(acc[g][2 * c], low, weight);
-                    acc[g][2 * c + 1] = _mm512_dpbf16_ps(acc[g][2 * c + 1], high, weight);
-                }
-            }
-        }
+        uint32_t weights[MAX_GROUP][8];
+        weight_pairs(weights, s->scores + first, len, count, GROUP);
+        for (int64_t j = 0; j < count; j += 2)
+            add_value_pair(acc, weights, rows[j], j + 1 < count ? rows[j + 1] : NULL, j / 2, GROUP, CHUNKS);
     }
-    /* Back to dimension order: dims 32c+16h .. +15 come from lanes 8h.. of the low and high halves. */
-    const __m512i first_half = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
-    const __m512i second_half = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
     for (int g = 0; g < GROUP; ++g)
-        for (int c = 0; c < CHUNKS; ++c) {
-            float *dst = s->acc + g * a->head_dim + c * 32;
-            _mm512_storeu_ps(dst, _mm512_permutex2var_ps(acc[g][2 * c], first_half, acc[g][2 * c + 1]));
-            _mm512_storeu_ps(dst + 16, _mm512_permutex2var_ps(acc[g][2 * c], second_half, acc[g][2 * c + 1]));
-        }
+        for (int c = 0; c < CHUNKS; ++c)
+            store_dimension_order(acc[g][2 * c], acc[g][2 * c + 1], s->acc + g * a->head_dim + c * 32);
 }
 
 static void key_scores_pairs(const DecodeArgs *a, const Scratch *s, const int64_t *table, int64_t len,
@@ -565,28 +581,16 @@ static void sequence_weighted_values(const DecodeArgs *a, const Scratch *s, cons
         for (int64_t h = 0; h < a->num_kv_heads; ++h) {
             size_t stride;
             const char *values = head_rows(a, s, r, rows, h, count, &stride);
-            uint32_t weights[GROUP][8]; /* the run's 16 weights of each head as 8 bfloat16 pairs */
-            __m512 acc[GROUP][2 * CHUNKS];
+            uint32_t weights[MAX_GROUP][8];
+            weight_pairs(weights, s->scores + h * GROUP * r->len + first, r->len, count, GROUP);
+            __m512 acc[MAX_GROUP][8];
             float *head_acc = s->head_acc + h * GROUP * DIM;
-            for (int g = 0; g < GROUP; ++g) {
-                const __m512 run =
-                    _mm512_maskz_loadu_ps(lanes_below(count), s->scores + (h * GROUP + g) * r->len + first);
-                _mm256_storeu_si256((__m256i *)weights[g], (__m256i)_mm512_cvtneps_pbh(run));
+            for (int g = 0; g < GROUP; ++g)
                 for (int c = 0; c < 2 * CHUNKS; ++c) acc[g][c] = _mm512_loadu_ps(head_acc + g * DIM + c * 16);
+            for (int64_t j = 0; j < count; j += 2) {
+                const char *row = values + (size_t)j * stride;
+                add_value_pair(acc, weights, row, j + 1 < count ? row + stride : NULL, j / 2, GROUP, CHUNKS);
             }
-            for (int64_t j = 0; j < count; j += 2)
-                for (int c = 0; c < CHUNKS; ++c) {
-                    const char *row = values + (size_t)j * stride + c * 64;
-                    const __m512i even = _mm512_loadu_si512(row);
-                    const __m512i odd = j + 1 < count ? _mm512_loadu_si512(row + stride) : _mm512_setzero_si512();
-                    const __m512bh low = (__m512bh)_mm512_unpacklo_epi16(even, odd);
-                    const __m512bh high = (__m512bh)_mm512_unpackhi_epi16(even, odd);
-                    for (int g = 0; g < GROUP; ++g) {
-                        const __m512bh weight = (__m512bh)_mm512_set1_epi32((int)weights[g][j / 2]);
-                        acc[g][2 * c] = _mm512_dpbf16_ps(acc[g][2 * c], low, weight);
-                        acc[g][2 * c + 1] = _mm512_dpbf16_ps(acc[g][2 * c + 1], high, weight);
-                    }
-                }
             for (int g = 0; g < GROUP; ++g)
                 for (int c = 0; c < 2 * CHUNKS; ++c) _mm512_storeu_ps(head_acc + g * DIM + c * 16, acc[g][c]);
         }
@@ -600,17 +604,13 @@ static void attend_sequence(const DecodeArgs *a, const Scratch *s, int64_t seq) 
     float sums[a->num_heads];
     softmax_weights(s->scores, rows.len, a->num_heads, sums);
     sequence_weighted_values(a, s, &rows);
-    /* Back to dimension order (as weighted_values_pairs does), then normalised into the output. */
-    const __m512i first_half = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
-    const __m512i second_half = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+    /* Back to dimension order, then normalised into the output. */
     for (int64_t head = 0; head < a->num_heads; ++head) {
         const float *acc = s->head_acc + head * DIM;
         float out[DIM];
-        for (int c = 0; c < CHUNKS; ++c) {
-            const __m512 even = _mm512_loadu_ps(acc + 2 * c * 16), odd = _mm512_loadu_ps(acc + (2 * c + 1) * 16);
-            _mm512_storeu_ps(out + c * 32, _mm512_permutex2var_ps(even, first_half, odd));
-            _mm512_storeu_ps(out + c * 32 + 16, _mm512_permutex2var_ps(even, second_half, odd));
-        }
+        for (int c = 0; c < CHUNKS; ++c)
+            store_dimension_order(_mm512_loadu_ps(acc + 2 * c * 16), _mm512_loadu_ps(acc + (2 * c + 1) * 16),
+                                  out + c * 32);
         store_row(a->out + (size_t)((seq * a->num_heads + head) * DIM) * element_size(a->dtype), a->dtype, DIM, out,
                   1.0f / sums[head]);
     }
