@@ -9,12 +9,19 @@ several times faster (benchmarks/NOTES.md). Every query row is computed
 alone in an order fixed by its position, so its result does not depend on
 the chunk or the step it is in (consistent numerics needs no query tiles).
 It is a torch custom op, so a compiled step calls it as one opaque kernel.
+
+Where the CPU has AMX, both products run as tile multiplies (16 query rows
+by 32 keys or dims a step), which keeps that property and is several times
+faster on long prompts (benchmarks/NOTES.md, session 15);
+``HAWKER_PREFILL_ATTENTION_AMX=0`` keeps the vector dot products instead,
+the off switch.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 
 import torch
 
@@ -27,6 +34,23 @@ from hawker.kernels.native import (
     load_kernel_library,
 )
 
+AMX_VARIABLE = "HAWKER_PREFILL_ATTENTION_AMX"
+
+
+def amx_requested() -> bool:
+    """Whether ``HAWKER_PREFILL_ATTENTION_AMX`` (1, the default, or 0) asks for AMX tile multiplies where
+    the CPU has them; another value is a ValueError."""
+    value = os.environ.get(AMX_VARIABLE, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{AMX_VARIABLE}={value!r}: expected 1 or 0")
+    return value == "1"
+
+
+def amx_available() -> bool:
+    """The kernel was built with AMX tile instructions and this process may use them (Linux grants them)."""
+    library = load_kernel_library("paged_prefill_attention")
+    return library is not None and bool(library.hawker_paged_prefill_attention_amx())
+
 
 @functools.cache
 def _kernel() -> CFunction | None:
@@ -35,7 +59,7 @@ def _kernel() -> CFunction | None:
         return None
     function = library.hawker_paged_prefill_attention
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    function.argtypes = [pointer] * 8 + [i64] * 7 + [ctypes.c_float] + [ctypes.c_int] * 3
+    function.argtypes = [pointer] * 8 + [i64] * 7 + [ctypes.c_float] + [ctypes.c_int] * 4
     function.restype = ctypes.c_int
     return function
 
@@ -103,6 +127,7 @@ def _run(
         scale,
         DTYPE_CODES[q.dtype],
         cache_dtype,
+        int(amx_requested()),
         torch.get_num_threads(),
     )
     if status != 0:

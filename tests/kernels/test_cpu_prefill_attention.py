@@ -4,6 +4,8 @@ Against SDPA over the gathered context (float32 reference) for each dtype,
 head size, grouped-query shape and block size, chunks with and without a
 cached prefix; every query's bits independent of its chunk (a whole prompt
 and its cached tail agree), which is what consistent numerics relies on.
+Each with AMX tile multiplies (where the CPU has them) and with their off
+switch, the vector dot products.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ pytestmark = pytest.mark.skipif(
 
 # Against a float32 reference; bfloat16 rounds the probabilities too (as flash attention does).
 TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+# HAWKER_PREFILL_ATTENTION_AMX: tile multiplies where the CPU has AMX (1), vector dot products (0).
+AMX_SETTINGS = ["1", "0"]
 
 Case = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -62,11 +67,15 @@ def _reference(case: Case, scale: float) -> torch.Tensor:
     return out
 
 
+@pytest.mark.parametrize("amx", AMX_SETTINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "dim", "block_size"), [(9, 3, 64, 16), (4, 4, 32, 5), (8, 2, 128, 16), (6, 2, 48, 4)]
 )
-def test_matches_sdpa(dtype: torch.dtype, heads: int, kv_heads: int, dim: int, block_size: int) -> None:
+def test_matches_sdpa(
+    dtype: torch.dtype, heads: int, kv_heads: int, dim: int, block_size: int, amx: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(cpu_prefill_attention.AMX_VARIABLE, amx)
     # Whole prompts, a cached prefix's tail, one-token tails, lengths across the 16-query tiles and 16-key blocks.
     chunks = [(37, 0), (5, 20), (1, 100), (70, 0), (16, 16), (33, 7)]
     case = _paged_case(chunks, heads, kv_heads, dim, block_size, dtype, seed=heads + dim)
@@ -76,8 +85,10 @@ def test_matches_sdpa(dtype: torch.dtype, heads: int, kv_heads: int, dim: int, b
     torch.testing.assert_close(out.float(), _reference(case, dim**-0.5), atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize("amx", AMX_SETTINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_query_gets_the_same_bits_in_any_chunk(dtype: torch.dtype) -> None:
+def test_a_query_gets_the_same_bits_in_any_chunk(dtype: torch.dtype, amx: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cpu_prefill_attention.AMX_VARIABLE, amx)
     q, k_cache, v_cache, tables, *_ = _paged_case([(300, 0)], 9, 3, 64, 16, dtype, seed=3)
     whole = paged_prefill_attention(q, k_cache, v_cache, tables, *map(torch.tensor, ([0], [300], [0])), 0.125)
     for start in (1, 15, 16, 17, 100, 299):
@@ -92,6 +103,25 @@ def test_a_query_gets_the_same_bits_in_any_chunk(dtype: torch.dtype) -> None:
             both, k_cache, v_cache, two_tables, *map(torch.tensor, ([0, 7], [7, 300 - start], [0, start])), 0.125
         )
         assert torch.equal(together[7:], whole[start:]), start
+
+
+@pytest.mark.skipif(not cpu_prefill_attention.amx_available(), reason="this CPU has no AMX tiles")
+def test_tile_multiplies_and_vector_dot_products_agree_on_a_long_prompt(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Past a thousand keys and several 16-row tiles of grouped heads, with a cached prefix and a second chunk.
+    case = _paged_case([(700, 400), (45, 0)], 9, 3, 64, 16, torch.bfloat16, seed=5)
+    outs = {}
+    for amx in AMX_SETTINGS:
+        monkeypatch.setenv(cpu_prefill_attention.AMX_VARIABLE, amx)
+        outs[amx] = paged_prefill_attention(*case, 0.125).float()
+    torch.testing.assert_close(outs["1"], outs["0"], atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(outs["1"], _reference(case, 0.125), atol=2e-2, rtol=2e-2)
+
+
+def test_an_unknown_amx_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cpu_prefill_attention.AMX_VARIABLE, "yes")
+    case = _paged_case([(3, 0)], 4, 2, 64, 16, torch.bfloat16, seed=0)
+    with pytest.raises(ValueError, match=cpu_prefill_attention.AMX_VARIABLE):
+        paged_prefill_attention(*case, 0.125)
 
 
 def test_rows_in_no_chunk_are_zero_and_it_runs_inside_a_compiled_graph() -> None:

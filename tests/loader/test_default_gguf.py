@@ -59,3 +59,20 @@ def test_chat_answer_mentions_paris(hawker_llm: LLM) -> None:
     out = hawker_llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=32), use_tqdm=False)
     assert "Paris" in out[0].outputs[0].text
     assert out[0].outputs[0].finish_reason == "stop"
+
+
+def test_bfloat16_greedy_is_the_same_cold_and_after_a_prefix_cache_hit() -> None:
+    # The default model's 64-dim heads in bfloat16 take the C prefill attention's fastest path (AMX tile
+    # multiplies where the CPU has them); a cached prefix moves the tail's rows into other tiles and steps.
+    llm = LLM(dtype="bfloat16", max_model_len=1024)
+    tokenizer = llm.get_tokenizer()
+    prompt = tokenizer(" ".join(PROMPTS) * 12).input_ids[:600]
+    params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=2, ignore_eos=True)
+    cold, cached = (llm.generate([prompt], params, use_tqdm=False)[0] for _ in range(2))
+    assert cached.num_cached_tokens > 0
+    for output in (cold, cached):
+        assert output.outputs[0].logprobs is not None
+    assert cached.outputs[0].token_ids == cold.outputs[0].token_ids
+    assert [dict(sorted((t, lp.logprob) for t, lp in entry.items())) for entry in cached.outputs[0].logprobs] == [
+        dict(sorted((t, lp.logprob) for t, lp in entry.items())) for entry in cold.outputs[0].logprobs
+    ]

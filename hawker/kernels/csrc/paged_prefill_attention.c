@@ -18,7 +18,12 @@
  * prompt attends alike cold and after a prefix-cache hit. Where the CPU has
  * AVX512-BF16, bfloat16 products are vdpbf16ps pairs summed in float32, the
  * probabilities rounded to bfloat16 for the product with the values (as flash
- * attention does on a GPU); elsewhere everything is widened to float32.
+ * attention does on a GPU); elsewhere everything is widened to float32. Where
+ * the CPU also has AMX (and the caller asks for it), the same products run as
+ * tile multiplies of 16 rows: a tile's row depends on its own query row alone
+ * and its sums run over dims and keys in a fixed order, so it keeps the
+ * property above (its bits differ from the vdpbf16ps path's, not between
+ * chunks).
  *
  * Built at run time by hawker/kernels/native.py (-O3 -march=native -fopenmp).
  */
@@ -33,6 +38,19 @@
 #else
 #define HAVE_BF16_PAIRS 0
 #endif
+
+#if HAVE_BF16_PAIRS && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define HAVE_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define HAVE_AMX 0
+#endif
+
+/* Packed keys of a (chunk, KV head) reach a multiple of KEY_SPAN positions: a
+ * tile multiply of the values takes 16 key pairs at a time. */
+#define KEY_SPAN 32
+#define TILE_ROWS 16 /* rows of an AMX tile */
 
 typedef struct {
     const char *q;
@@ -53,6 +71,7 @@ typedef struct {
     int dtype;       /* of the queries and the output */
     int cache_dtype; /* of the keys and values: the queries' or an 8-bit float */
     int pairs;       /* the bfloat16-pairs path (else float32) */
+    int amx;         /* that path's products as AMX tile multiplies */
 } PrefillArgs;
 
 typedef struct {
@@ -220,34 +239,118 @@ static void values_floats(const Packed *packed, int64_t padded, int64_t dim, con
     }
 }
 
+/* ------------------------------------------------ AMX: both products */
+
+#if HAVE_AMX
+/* Every tile register configured as 16 rows of 64 bytes: 32 bfloat16 or 16 float32. */
+typedef struct {
+    uint8_t palette;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} TileConfig;
+
+static void configure_tiles(void) {
+    TileConfig config = {.palette = 1};
+    for (int t = 0; t < 8; ++t) config.bytes_per_row[t] = 64, config.rows[t] = TILE_ROWS;
+    _tile_loadconfig(&config);
+}
+
+/* scores[row][key] (rows of `padded` floats) for `row_tiles` x 16 query rows of bfloat16 ([row][dim])
+ * against `padded` / KEYS packed key blocks: tmm0 the scores, tmm1 a block's dims, tmm2.. the queries. */
+static void scores_amx(const Packed *packed, const uint16_t *queries, int64_t row_tiles, int64_t padded, int64_t dim,
+                       float *scores, float scale) {
+    const int64_t query_stride = dim * 2, block_words = dim / 2 * KEYS; /* a key block's uint32 pairs */
+    for (int64_t tile = 0; tile < row_tiles; ++tile) {
+        const uint16_t *rows = queries + tile * TILE_ROWS * dim;
+        float *out = scores + tile * TILE_ROWS * padded;
+        /* A tile of 16 dim pairs holds 32 dims: two for 64-dim heads, four for 128. */
+        _tile_loadd(2, rows, query_stride);
+        _tile_loadd(3, rows + 32, query_stride);
+        if (dim == 128) {
+            _tile_loadd(4, rows + 64, query_stride);
+            _tile_loadd(5, rows + 96, query_stride);
+        }
+        for (int64_t b = 0; b < padded / KEYS; ++b) {
+            const uint32_t *keys = (const uint32_t *)packed->keys + b * block_words;
+            _tile_zero(0);
+            _tile_loadd(1, keys, 64);
+            _tile_dpbf16ps(0, 2, 1);
+            _tile_loadd(1, keys + 16 * KEYS, 64);
+            _tile_dpbf16ps(0, 3, 1);
+            if (dim == 128) {
+                _tile_loadd(1, keys + 32 * KEYS, 64);
+                _tile_dpbf16ps(0, 4, 1);
+                _tile_loadd(1, keys + 48 * KEYS, 64);
+                _tile_dpbf16ps(0, 5, 1);
+            }
+            _tile_stored(0, out + b * KEYS, padded * (int64_t)sizeof(float));
+        }
+    }
+    const __m512 factor = _mm512_set1_ps(scale);
+    for (int64_t i = 0; i < row_tiles * TILE_ROWS * padded; i += 16)
+        _mm512_storeu_ps(scores + i, _mm512_mul_ps(_mm512_loadu_ps(scores + i), factor));
+}
+
+/* outs[row][dim] = probs[row][key] (bfloat16, rows of `padded`, a multiple of KEY_SPAN) times the packed
+ * values, 64 dims at a time: tmm0-3 the sums, tmm4 16 key pairs of probabilities, tmm5-7 the values. */
+static void values_amx(const Packed *packed, const uint16_t *probs, int64_t row_tiles, int64_t padded, int64_t dim,
+                       float *outs) {
+    const int64_t value_stride = dim * 4, out_stride = dim * (int64_t)sizeof(float);
+    for (int64_t tile = 0; tile < row_tiles; ++tile)
+        for (int64_t first_dim = 0; first_dim < dim; first_dim += 64) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t pair = 0; pair < padded / 2; pair += 16) {
+                const uint32_t *values = (const uint32_t *)packed->values + pair * dim + first_dim;
+                _tile_loadd(4, probs + tile * TILE_ROWS * padded + 2 * pair, padded * 2);
+                _tile_loadd(5, values, value_stride);
+                _tile_dpbf16ps(0, 4, 5);
+                _tile_loadd(6, values + 16, value_stride);
+                _tile_dpbf16ps(1, 4, 6);
+                _tile_loadd(7, values + 32, value_stride);
+                _tile_dpbf16ps(2, 4, 7);
+                _tile_loadd(5, values + 48, value_stride);
+                _tile_dpbf16ps(3, 4, 5);
+            }
+            float *out = outs + tile * TILE_ROWS * dim + first_dim;
+            _tile_stored(0, out, out_stride);
+            _tile_stored(1, out + 16, out_stride);
+            _tile_stored(2, out + 32, out_stride);
+            _tile_stored(3, out + 48, out_stride);
+        }
+}
+#endif
+
+/* Whether this process may use the AMX tile registers (Linux grants them on request). */
+static int amx_permitted(void) {
+#if HAVE_AMX
+    const long request_permission = 0x1023, tile_data = 18; /* ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA */
+    return syscall(SYS_arch_prctl, request_permission, tile_data) == 0;
+#else
+    return 0;
+#endif
+}
+
+/* 1 where the kernel was built with AMX and this process may use it. */
+int hawker_paged_prefill_attention_amx(void) { return amx_permitted(); }
+
 /* ------------------------------------------------------------ one tile */
 
-/* Rows of a tile are (query position, head of the group), position-major. */
-static void attend_tile(const PrefillArgs *a, const Scratch *s, const Packed *packed, int64_t chunk, int64_t kv_head,
-                        int64_t tile) {
-    const int64_t group = a->num_heads / a->num_kv_heads, dim = a->head_dim;
-    const int64_t first_query = tile * TILE_QUERIES;
-    const int64_t queries = a->chunk_lens[chunk] - first_query < TILE_QUERIES ? a->chunk_lens[chunk] - first_query
-                                                                               : TILE_QUERIES;
-    const int64_t rows = queries * group;
-    const int64_t first_position = a->chunk_starts[chunk] + first_query;
-    const int64_t padded = round_up(first_position + queries, KEYS);
-    const size_t elem = element_size(a->dtype);
-    /* Queries of the tile: in the dtype for the pairs path, widened otherwise. */
-    for (int64_t r = 0; r < rows; ++r) {
-        const int64_t token = a->chunk_rows[chunk] + first_query + r / group, head = kv_head * group + r % group;
-        const char *src = a->q + (size_t)(token * a->q_row_stride + head * dim) * elem;
-        if (a->pairs)
-            memcpy((char *)s->queries + (size_t)(r * dim) * elem, src, (size_t)dim * elem);
-        else
-            load_row(src, a->dtype, dim, (float *)s->queries + r * dim);
-    }
+/* Pass 1 with vector dot products: scores[row][...] of `rows` query rows, MAX_ROWS sharing each key load. */
+static void tile_scores_vectors(const PrefillArgs *a, const Scratch *s, const Packed *packed, int64_t rows,
+                                int64_t padded) {
+    const int64_t dim = a->head_dim;
+    const size_t query_bytes = a->pairs ? element_size(a->dtype) : sizeof(float);
     for (int64_t r = 0; r < rows; r += MAX_ROWS) {
         const int count = rows - r < MAX_ROWS ? (int)(rows - r) : MAX_ROWS;
         const void *query_rows[MAX_ROWS];
         float *score_rows[MAX_ROWS];
         for (int i = 0; i < count; ++i) {
-            query_rows[i] = (const char *)s->queries + (size_t)((r + i) * dim) * (a->pairs ? elem : sizeof(float));
+            query_rows[i] = (const char *)s->queries + (size_t)((r + i) * dim) * query_bytes;
             score_rows[i] = s->scores + (r + i) * padded;
         }
 #if HAVE_BF16_PAIRS
@@ -266,11 +369,12 @@ static void attend_tile(const PrefillArgs *a, const Scratch *s, const Packed *pa
         else
             for (int i = 0; i < count; ++i) scores_floats(packed, padded / KEYS, dim, qf + i, score_rows + i, a->scale, 1);
     }
-    for (int64_t r = 0; r < rows; ++r) {
-        float *scores = s->scores + r * padded;
-        s->sums[r] = softmax_row(scores, first_position + r / group + 1, padded);
-        if (a->pairs) round_to_bf16(scores, s->probs + r * padded, padded);
-    }
+}
+
+/* Pass 3 with vector dot products: outs[row] of `rows` rows, MAX_ROWS sharing each value load. */
+static void tile_values_vectors(const PrefillArgs *a, const Scratch *s, const Packed *packed, int64_t rows,
+                                int64_t padded) {
+    const int64_t dim = a->head_dim;
     for (int64_t r = 0; r < rows; r += MAX_ROWS) {
         const int count = rows - r < MAX_ROWS ? (int)(rows - r) : MAX_ROWS;
         float *out_rows[MAX_ROWS];
@@ -288,16 +392,58 @@ static void attend_tile(const PrefillArgs *a, const Scratch *s, const Packed *pa
                     else
                         values_pairs(packed, padded, dim, prob_rows + i, out_rows + i, 1, 8);
                 }
-        } else
-#endif
-            for (int i = 0; i < count; ++i) values_floats(packed, padded, dim, s->scores + (r + i) * padded, out_rows[i]);
-        for (int i = 0; i < count; ++i) {
-            const int64_t row = r + i;
-            const int64_t token = a->chunk_rows[chunk] + first_query + row / group;
-            const int64_t head = kv_head * group + row % group;
-            char *dst = a->out + (size_t)((token * a->num_heads + head) * dim) * elem;
-            store_row(dst, a->dtype, dim, out_rows[i], 1.0f / s->sums[row]);
+            continue;
         }
+#endif
+        for (int i = 0; i < count; ++i) values_floats(packed, padded, dim, s->scores + (r + i) * padded, out_rows[i]);
+    }
+}
+
+/* Rows of a tile are (query position, head of the group), position-major. */
+static void attend_tile(const PrefillArgs *a, const Scratch *s, const Packed *packed, int64_t chunk, int64_t kv_head,
+                        int64_t tile) {
+    const int64_t group = a->num_heads / a->num_kv_heads, dim = a->head_dim;
+    const int64_t first_query = tile * TILE_QUERIES;
+    const int64_t queries = a->chunk_lens[chunk] - first_query < TILE_QUERIES ? a->chunk_lens[chunk] - first_query
+                                                                               : TILE_QUERIES;
+    const int64_t rows = queries * group;
+    const int64_t first_position = a->chunk_starts[chunk] + first_query;
+    const int64_t padded = round_up(first_position + queries, a->amx ? KEY_SPAN : KEYS);
+    const size_t elem = element_size(a->dtype);
+    /* Queries of the tile: in the dtype for the pairs path, widened otherwise. */
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t token = a->chunk_rows[chunk] + first_query + r / group, head = kv_head * group + r % group;
+        const char *src = a->q + (size_t)(token * a->q_row_stride + head * dim) * elem;
+        if (a->pairs)
+            memcpy((char *)s->queries + (size_t)(r * dim) * elem, src, (size_t)dim * elem);
+        else
+            load_row(src, a->dtype, dim, (float *)s->queries + r * dim);
+    }
+#if HAVE_AMX
+    /* Tiles of 16 rows: the rows past the tile's last are zero queries, their results unused. */
+    const int64_t row_tiles = round_up(rows, TILE_ROWS) / TILE_ROWS;
+    if (a->amx) {
+        memset((uint16_t *)s->queries + rows * dim, 0, (size_t)((row_tiles * TILE_ROWS - rows) * dim) * sizeof(uint16_t));
+        scores_amx(packed, (const uint16_t *)s->queries, row_tiles, padded, dim, s->scores, a->scale);
+    } else
+#endif
+        tile_scores_vectors(a, s, packed, rows, padded);
+    for (int64_t r = 0; r < rows; ++r) {
+        float *scores = s->scores + r * padded;
+        s->sums[r] = softmax_row(scores, first_position + r / group + 1, padded);
+        if (a->pairs) round_to_bf16(scores, s->probs + r * padded, padded);
+    }
+#if HAVE_AMX
+    if (a->amx)
+        values_amx(packed, s->probs, row_tiles, padded, dim, s->outs);
+    else
+#endif
+        tile_values_vectors(a, s, packed, rows, padded);
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t token = a->chunk_rows[chunk] + first_query + r / group;
+        const int64_t head = kv_head * group + r % group;
+        char *dst = a->out + (size_t)((token * a->num_heads + head) * dim) * elem;
+        store_row(dst, a->dtype, dim, s->outs + r * dim, 1.0f / s->sums[r]);
     }
 }
 
@@ -312,17 +458,21 @@ static int use_pairs(int dtype, int cache_dtype, int64_t head_dim) {
  * out: [tokens, num_heads, head_dim], contiguous; k_cache, v_cache: [blocks,
  * block_size, num_kv_heads, head_dim] of cache_dtype (dtype or an 8-bit float); chunk c's queries are rows
  * chunk_rows[c] .. + chunk_lens[c] at positions chunk_starts[c] onwards, its
- * table block_tables[c]. Returns 0, or -1 if scratch memory was short.
+ * table block_tables[c]. amx: multiply with AMX tiles where the bfloat16-pairs
+ * path serves the call and this process may. Returns 0, or -1 if scratch
+ * memory was short.
  */
 int hawker_paged_prefill_attention(const void *q, const void *k_cache, const void *v_cache, void *out,
                                    const int64_t *block_tables, const int64_t *chunk_rows, const int64_t *chunk_lens,
                                    const int64_t *chunk_starts, int64_t num_chunks, int64_t table_stride,
                                    int64_t q_row_stride, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                                   int64_t block_size, float scale, int dtype, int cache_dtype, int num_threads) {
+                                   int64_t block_size, float scale, int dtype, int cache_dtype, int amx,
+                                   int num_threads) {
+    const int pairs = use_pairs(dtype, cache_dtype, head_dim);
     const PrefillArgs args = {q,          k_cache,      v_cache,      out,          block_tables,
                               chunk_rows, chunk_lens,   chunk_starts, table_stride, q_row_stride,
                               num_heads,  num_kv_heads, head_dim,     block_size,   scale,
-                              dtype,      cache_dtype,  use_pairs(dtype, cache_dtype, head_dim)};
+                              dtype,      cache_dtype,  pairs,        pairs && amx && amx_permitted()};
     const int64_t dim = head_dim, group = num_heads / num_kv_heads;
     const size_t packed_elem = args.pairs ? 2 : 4; /* bytes a packed element takes */
     /* Each (chunk, KV head)'s packed keys start at first_key[c] * num_kv_heads + h * padded(c) positions. */
@@ -334,8 +484,8 @@ int hawker_paged_prefill_attention(const void *q, const void *k_cache, const voi
         const int64_t end = chunk_starts[c] + chunk_lens[c];
         longest = end > longest ? end : longest;
         tiles += round_up(chunk_lens[c], TILE_QUERIES) / TILE_QUERIES;
-        blocks += round_up(end, KEYS) / KEYS;
-        first_key[c + 1] = first_key[c] + round_up(end, KEYS);
+        blocks += round_up(end, KEY_SPAN) / KEYS;
+        first_key[c + 1] = first_key[c] + round_up(end, KEY_SPAN);
     }
     const size_t packed_bytes = (size_t)(first_key[num_chunks] * num_kv_heads * dim) * packed_elem;
     char *packed_keys = malloc(packed_bytes ? packed_bytes : 1), *packed_values = malloc(packed_bytes ? packed_bytes : 1);
@@ -346,7 +496,7 @@ int hawker_paged_prefill_attention(const void *q, const void *k_cache, const voi
     for (int64_t c = 0; c < num_chunks && !failed; ++c)
         for (int64_t tile = round_up(chunk_lens[c], TILE_QUERIES) / TILE_QUERIES - 1; tile >= 0; --tile)
             for (int64_t h = 0; h < num_kv_heads; ++h) work[items++] = (Item){c, h, tile};
-    const int64_t padded = round_up(longest, KEYS), rows = TILE_QUERIES * group;
+    const int64_t padded = round_up(longest, KEY_SPAN), rows = TILE_QUERIES * group;
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
         char *queries = failed ? NULL : malloc((size_t)(rows * dim) * sizeof(float));
@@ -355,6 +505,9 @@ int hawker_paged_prefill_attention(const void *q, const void *k_cache, const voi
         const int ready = queries && scores && probs;
         float *outs = ready ? scores + rows * padded : NULL;
         const Scratch scratch = {queries, scores, probs, outs, ready ? outs + rows * dim : NULL};
+#if HAVE_AMX
+        if (args.amx) configure_tiles(); /* a thread's tile registers are its own */
+#endif
         /* Every thread must reach both work-sharing loops, so failures only mark the call. */
 #pragma omp for schedule(dynamic, 4)
         for (int64_t i = 0; i < blocks * num_kv_heads; ++i) {
@@ -378,6 +531,9 @@ int hawker_paged_prefill_attention(const void *q, const void *k_cache, const voi
             const Packed packed = {packed_keys + offset, packed_values + offset};
             attend_tile(&args, &scratch, &packed, item->chunk, item->kv_head, item->tile);
         }
+#if HAVE_AMX
+        if (args.amx) _tile_release();
+#endif
         free(queries), free(scores), free(probs);
     }
     free(packed_keys), free(packed_values), free(work), free(first_key);
