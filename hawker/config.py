@@ -246,6 +246,9 @@ class MatmulOptions:
     # bfloat16 weights in panels for a C kernel (hawker/kernels/panel_linear.py): None = measured where
     # the CPU has AVX512-BF16; False = never.
     panel: bool | None = None
+    # bfloat16 weights by AMX tile multiplies in a C kernel (hawker/kernels/amx_linear.py): None = measured
+    # where the CPU has AMX; False = never.
+    amx: bool | None = None
     # 4/8-bit checkpoint weights by 8-bit integer dot products, activations quantised per group of 32
     # (hawker/kernels/int8_dot_linear.py): None = measured for half-precision models on a CPU with
     # AVX512-VNNI; True = float32 models too; False = never.

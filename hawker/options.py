@@ -89,6 +89,12 @@ class EngineOptions:
         "(float32 sums, half the bytes of a float32 copy; hawker/kernels/panel_linear.py) (default: on "
         "CPUs with AVX512-BF16, wherever the measured plan finds it faster)",
     )
+    amx_matmul: bool | None = option(
+        None,
+        "multiply bfloat16 weights by Hawker's C kernel of AMX tile multiplies over the panel-packed weight "
+        "(each row's sums in a fixed order: consistent numerics uses it untiled; hawker/kernels/amx_linear.py) "
+        "(default: on CPUs with AMX, wherever the measured plan finds it faster)",
+    )
     int8_dot_matmul: bool | None = option(
         None,
         "multiply weights that are 4/8-bit in the checkpoint (GGUF Q4_1, Q8_0) by 8-bit integer dot "

@@ -25,6 +25,7 @@ from hawker.config import (
 )
 from hawker.engine.compiled_decode import DEFAULT_COMPILE_DECODE_MAX_ROWS, can_compile_on_cpu
 from hawker.kernels import (
+    amx_linear,
     cpu_decode_attention,
     cpu_prefill_attention,
     int8_dot_linear,
@@ -79,6 +80,10 @@ def _matmul_options(options: EngineOptions, dtype: torch.dtype, consistent: bool
         raise ValueError(f"panel_matmul is a CPU path; it must be off on device {options.device!r}")
     if options.panel_matmul and not (dtype == torch.bfloat16 and panel_linear.available()):
         raise ValueError("panel_matmul needs bfloat16 weights and a CPU with AVX512-BF16 (and a C compiler)")
+    if options.amx_matmul and not on_cpu:
+        raise ValueError(f"amx_matmul is a CPU path; it must be off on device {options.device!r}")
+    if options.amx_matmul and not (dtype == torch.bfloat16 and amx_linear.available()):
+        raise ValueError("amx_matmul needs bfloat16 weights and a CPU with AMX (and a C compiler)")
     if options.int8_dot_matmul and not on_cpu:
         raise ValueError(f"int8_dot_matmul is a CPU path; it must be off on device {options.device!r}")
     if options.int8_dot_matmul and not int8_dot_linear.supports(dtype, explicit=True):
@@ -92,6 +97,7 @@ def _matmul_options(options: EngineOptions, dtype: torch.dtype, consistent: bool
         fp32_min_rows=options.fp32_matmul_min_rows,
         packed=options.packed_matmul,
         panel=options.panel_matmul,
+        amx=options.amx_matmul,
         int8_dot=options.int8_dot_matmul,
         consistent=consistent,
         max_rows=options.max_num_batched_tokens,
@@ -227,6 +233,7 @@ _SHAPE_DEPENDENT_OPTIONS = (
     "fp32_matmul_min_rows",
     "packed_matmul",
     "panel_matmul",
+    "amx_matmul",
     "int8_dot_matmul",
     "compile_decode_max_rows",
     "cuda_graph_max_batch_size",

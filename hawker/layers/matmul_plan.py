@@ -46,8 +46,19 @@ from dataclasses import dataclass
 import torch
 
 from hawker.config import MatmulOptions
-from hawker.kernels import int8_dot_linear, panel_linear
-from hawker.layers.weight_copies import BUILDERS, DENSE, FP32, INT4, INT8DOT, INT8PAIR, PACKED, PANEL, WeightCopy
+from hawker.kernels import amx_linear, int8_dot_linear, panel_linear
+from hawker.layers.weight_copies import (
+    AMX,
+    BUILDERS,
+    DENSE,
+    FP32,
+    INT4,
+    INT8DOT,
+    INT8PAIR,
+    PACKED,
+    PANEL,
+    WeightCopy,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +74,7 @@ CONSISTENT_DECODE_ROWS = 16
 # Tile sizes of the tiled (consistent by construction) candidates.
 TILES = (16, 32, 64, 128)
 # Ties and near-ties go to the first of these that the layer has.
-PREFERENCE = (PACKED, DENSE, PANEL, INT4, INT8PAIR, INT8DOT, FP32)
+PREFERENCE = (PACKED, DENSE, PANEL, AMX, INT4, INT8PAIR, INT8DOT, FP32)
 # Another copy replaces the preferred one only when at least this much faster.
 MIN_GAIN = 0.05
 # Copies worth timing at few rows only (they lose to the dense forms beyond) and many rows only.
@@ -302,6 +313,8 @@ def allowed_kernels(dtype: torch.dtype, options: MatmulOptions) -> list[str]:
         kernels.append(PACKED)
     if options.panel is not False and dtype == torch.bfloat16 and panel_linear.available():
         kernels.append(PANEL)
+    if options.amx is not False and dtype == torch.bfloat16 and amx_linear.available():
+        kernels.append(AMX)
     if options.int4_max_rows != 0 and (dtype != torch.float32 or options.int4_max_rows):
         # torch's int4 kernel is 30-50x slower with float32 activations: only when asked for.
         kernels += [INT4, INT8PAIR]

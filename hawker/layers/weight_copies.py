@@ -11,6 +11,10 @@ step, so a layer keeps the copies its measured plan uses
   float32 sums (hawker/kernels/panel_linear.py): half the bytes of ``fp32``
   at its arithmetic speed where oneDNN's bfloat16 matmul is slow (AVX-512
   without AMX); each row's bits independent of the other rows;
+- ``amx``: the same panels for a C kernel of AMX tile multiplies
+  (hawker/kernels/amx_linear.py): near oneDNN's bfloat16 speed on many rows,
+  with each row's bits independent of the other rows, so consistent numerics
+  can use it untiled;
 - ``fp32``: a float32 copy of a half-precision weight, for CPUs whose
   half-precision matmul is slower than float32's (no AVX512-BF16, no AMX):
   inputs widen exactly, and the product is rounded back once, which is what a
@@ -35,10 +39,11 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from hawker.kernels import int8_dot_linear, packed_linear, panel_linear
+from hawker.kernels import amx_linear, int8_dot_linear, packed_linear, panel_linear
 from hawker.layers.quant import Grid, int4_grid, int8_grid, quantize_int4, quantize_int8_as_int4_pair
 
 DENSE, PACKED, PANEL, FP32, INT4, INT8PAIR, INT8DOT = "dense", "packed", "panel", "fp32", "int4", "int8pair", "int8dot"
+AMX = "amx"
 # float16 (the kernel's scales) keeps 11 significant bits: a scale it moves by more than this is out of its range.
 _FLOAT16_RELATIVE_TOLERANCE = 2**-10
 
@@ -119,6 +124,27 @@ class PanelWeight:
 
 
 @dataclass(frozen=True)
+class AmxWeight:
+    panel: torch.Tensor  # [ceil(out / 32), in / 2, 32, 2] bfloat16, as PanelWeight's
+    out_features: int
+
+    @staticmethod
+    def build(weight: torch.Tensor) -> AmxWeight | None:
+        if not amx_linear.supports(weight):
+            return None
+        return AmxWeight(amx_linear.pack(weight), weight.shape[0])
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return amx_linear.amx_linear(x, self.panel, self.out_features)
+
+    def refresh(self, weight: torch.Tensor) -> None:
+        amx_linear.repack_into(self.panel, weight)
+
+    def nbytes(self) -> int:
+        return self.panel.numel() * self.panel.element_size()
+
+
+@dataclass(frozen=True)
 class Fp32Weight:
     weight: torch.Tensor  # float32 [out, in]
 
@@ -193,6 +219,7 @@ BUILDERS: dict[str, Callable[[torch.Tensor], WeightCopy | None]] = {
     DENSE: DenseWeight,
     PACKED: PackedWeight.build,
     PANEL: PanelWeight.build,
+    AMX: AmxWeight.build,
     FP32: Fp32Weight.build,
     INT4: _int4,
     INT8PAIR: _int8pair,

@@ -122,7 +122,9 @@ def test_bf16_model_on_panels_is_as_accurate(
     checkpoint = str(tiny_checkpoints["llama"])
     prompts = make_prompts(seed=12)
     reference = prompt_logprobs(LLM(checkpoint, dtype="float32"), prompts)
-    dense = prompt_logprobs(LLM(checkpoint, dtype="bfloat16", fp32_matmul_min_rows=0, panel_matmul=False), prompts)
+    dense = prompt_logprobs(
+        LLM(checkpoint, dtype="bfloat16", fp32_matmul_min_rows=0, panel_matmul=False, amx_matmul=False), prompts
+    )
     llm = LLM(checkpoint, dtype="bfloat16", compile_decode_max_rows=0)
     projections = [m for m in llm.engine.runner.model.modules() if isinstance(m, ProjectionCopies)]
     for layer in projections:

@@ -29,7 +29,7 @@ def bf16_layer(generator: torch.Generator) -> ColumnParallelLinear:
 def test_row_threshold_picks_the_path(rows: int) -> None:
     generator = torch.Generator().manual_seed(rows)
     layer = bf16_layer(generator)
-    plan_projections(layer, MatmulOptions(fp32_min_rows=4, int4_max_rows=0, packed=False, panel=False))
+    plan_projections(layer, MatmulOptions(fp32_min_rows=4, int4_max_rows=0, packed=False, panel=False, amx=False))
     assert layer.plan is not None and layer.plan.change_rows == [4]
     x = torch.randn(rows, 64, generator=generator).to(torch.bfloat16)
     got = layer(x)
@@ -54,7 +54,9 @@ def test_bf16_model_with_fp32_copies_is_as_accurate(
     checkpoint = str(tiny_checkpoints["llama"])
     prompts = make_prompts(seed=11)
     reference = prompt_logprobs(LLM(checkpoint, dtype="float32"), prompts)
-    dense = prompt_logprobs(LLM(checkpoint, dtype="bfloat16", fp32_matmul_min_rows=0, panel_matmul=False), prompts)
+    dense = prompt_logprobs(
+        LLM(checkpoint, dtype="bfloat16", fp32_matmul_min_rows=0, panel_matmul=False, amx_matmul=False), prompts
+    )
 
     calls = count_calls(monkeypatch, Fp32Weight, "matmul")
     wide = prompt_logprobs(LLM(checkpoint, dtype="bfloat16", fp32_matmul_min_rows=16), prompts)

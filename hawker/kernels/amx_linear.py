@@ -1,0 +1,96 @@
+"""A bfloat16 linear by AMX tile multiplies over the panel-packed weight (``csrc/amx_linear.c``).
+
+oneDNN's bfloat16 matmul on an AMX CPU is fast, but the sums of a row depend
+on how many rows the call has, so consistent numerics may only use it on fixed
+zero-padded tiles, at 2-2.5x its untiled cost on prompt-sized steps. This
+kernel computes each row on its own in a fixed order (32 inputs a tile
+multiply, float32 sums, one rounding), so a plan can use it untiled at every
+row count. It reads the weight in the panel kernel's layout
+(hawker/kernels/panel_linear.py), packed once.
+
+Inside a ``torch.compile``'d step the call goes through the plain operator
+``hawker::amx_linear`` (one opaque node); eager calls run it directly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from hawker.kernels import panel_linear
+from hawker.kernels.native import CFunction, built_kernel, define_cpu_op
+
+_LIBRARY = "amx_linear"
+INPUTS_PER_STEP = 32  # inputs one tile multiply takes (csrc/amx_linear.c)
+
+
+@functools.cache
+def _kernel() -> CFunction | None:
+    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
+    return built_kernel(_LIBRARY, [pointer, i64, pointer, pointer, i64, i64, i64, i64, ctypes.c_int])
+
+
+def available() -> bool:
+    """This CPU has AMX, this process may use it, and the kernel was built for it."""
+    return _kernel() is not None
+
+
+def supports(weight: torch.Tensor) -> bool:
+    """A 2-D bfloat16 CPU weight whose inputs come in whole tile steps of 32."""
+    return (
+        weight.dim() == 2
+        and weight.dtype == torch.bfloat16
+        and weight.device.type == "cpu"
+        and weight.shape[1] % INPUTS_PER_STEP == 0
+        and available()
+    )
+
+
+pack = panel_linear.pack
+repack_into = panel_linear.repack_into
+
+
+def amx_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """``x @ W^T`` for 2-D bfloat16 ``x``; ``packed`` is ``pack(W)``."""
+    if torch.compiler.is_compiling():
+        return torch.ops.hawker.amx_linear(x, packed, out_features)
+    return _run(x, packed, out_features)
+
+
+def _run(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    kernel = _kernel()
+    if kernel is None:
+        raise RuntimeError("the AMX linear kernel is not built; check available() first")
+    if x.dtype != torch.bfloat16 or x.dim() != 2:
+        raise ValueError(f"expected 2-D bfloat16 rows, got {x.dtype} {tuple(x.shape)}")
+    in_features = packed.shape[1] * 2
+    if x.shape[1] != in_features:
+        raise ValueError(f"rows have {x.shape[1]} inputs, the weight takes {in_features}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    rows = x.shape[0]
+    out = torch.empty((rows, out_features), dtype=torch.bfloat16)
+    if rows:
+        status = kernel(
+            x.data_ptr(),
+            x.stride(0),
+            packed.data_ptr(),
+            out.data_ptr(),
+            out_features,
+            rows,
+            in_features,
+            out_features,
+            torch.get_num_threads(),
+        )
+        if status != 0:
+            raise MemoryError("the AMX linear kernel could not allocate its scratch rows")
+    return out
+
+
+def _fake(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], out_features))
+
+
+define_cpu_op("hawker::amx_linear", "(Tensor x, Tensor packed, SymInt out_features) -> Tensor", _run, _fake)

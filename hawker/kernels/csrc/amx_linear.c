@@ -1,0 +1,158 @@
+/*
+ * y = x @ W^T for bfloat16 x and W by AMX tile multiplies, float32 sums (CPU).
+ *
+ * W is packed once, as for the panel kernel (hawker/kernels/panel_linear.py):
+ * [out / 32][in / 2][32][2]. Sixteen input pairs of a panel's first or last
+ * 16 outputs are then one AMX B tile as they lie (rows 128 bytes apart), and
+ * 16 rows of x by 32 inputs are an A tile read in place. A work item is a
+ * panel of 32 outputs for a block of up to BLOCK_ROWS rows; it holds 32 rows
+ * by 32 outputs in four float32 tiles over the whole input (two A tiles and
+ * two B tiles a step), then rounds them to bfloat16. The items run
+ * row-block-major, so a thread's rows stay in its cache while it passes over
+ * the panels.
+ *
+ * Why not oneDNN's packed matmul, which runs at 2.4-3.0 TFLOP/s on 2,048
+ * rows here: its sums for a row depend on how many rows the call has (it
+ * picks its algorithm by that count), so under consistent numerics it may
+ * only run on fixed zero-padded tiles, and 64-row tiles and their copies
+ * cost it 2-2.5x (benchmarks/NOTES.md, session 15).
+ *
+ * Numerics: each output is its row's products summed over the inputs in
+ * order, 32 at a time by tdpbf16ps into float32, rounded once to bfloat16
+ * (round to nearest even). A row's result depends only on that row and W:
+ * the same bits whatever the number of rows, their order or the thread.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+enum { PANEL = 32, TILE_ROWS = 16, PAIRS_PER_STEP = 16, BLOCK_ROWS = 128 };
+
+typedef struct {
+    uint8_t palette;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} TileConfig;
+
+/* Every tile register: 16 rows of 64 bytes (32 bfloat16 or 16 float32). */
+static void configure_tiles(void) {
+    TileConfig config = {.palette = 1};
+    for (int t = 0; t < 8; ++t) config.bytes_per_row[t] = 64, config.rows[t] = TILE_ROWS;
+    _tile_loadconfig(&config);
+}
+
+static int amx_permitted(void) {
+    const long request_permission = 0x1023, tile_data = 18; /* ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA */
+    return syscall(SYS_arch_prctl, request_permission, tile_data) == 0;
+}
+
+static __mmask16 lane_mask(int64_t valid) {
+    if (valid <= 0) return 0;
+    return valid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1);
+}
+
+/* 16 x 16 float32 sums into `rows` output rows of bfloat16 (the first `valid` outputs of each). */
+static void store_tile(const float *sums, uint16_t *out, int64_t out_stride, int64_t rows, __mmask16 valid) {
+    for (int64_t r = 0; r < rows; ++r)
+        _mm256_mask_storeu_epi16(out + r * out_stride, valid, (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(sums + r * 16)));
+}
+
+/* One panel for 32 rows of x (row stride x_stride elements; the caller pads a short block): tmm0-3 the sums
+ * (rows 0-15 / 16-31 by outputs 0-15 / 16-31), tmm4-5 the rows, tmm6-7 the panel's two halves. */
+static void panel_block(const uint16_t *x, int64_t x_stride, const uint16_t *panel, int64_t pairs, float sums[4][256]) {
+    const int64_t x_bytes = x_stride * 2, panel_bytes = PANEL * 2 * 2; /* a pair row of the panel: 128 bytes */
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t p = 0; p < pairs; p += PAIRS_PER_STEP) {
+        const uint16_t *weights = panel + p * PANEL * 2;
+        _tile_loadd(4, x + 2 * p, x_bytes);
+        _tile_loadd(5, x + TILE_ROWS * x_stride + 2 * p, x_bytes);
+        _tile_loadd(6, weights, panel_bytes);
+        _tile_loadd(7, weights + 32, panel_bytes);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, sums[0], 64);
+    _tile_stored(1, sums[1], 64);
+    _tile_stored(2, sums[2], 64);
+    _tile_stored(3, sums[3], 64);
+}
+
+/*
+ * x: [rows, in] bfloat16, row stride x_stride (elements); packed: [out / 32 (rounded up), in / 2, 32, 2];
+ * out: [rows, out_features] bfloat16, row stride out_stride. in must be a multiple of 32.
+ * Returns 0; -1 if this process may not use AMX or scratch memory was short.
+ */
+int hawker_amx_linear(const uint16_t *x, int64_t x_stride, const uint16_t *packed, uint16_t *out, int64_t out_stride,
+                      int64_t rows, int64_t in_features, int64_t out_features, int threads) {
+    if (!amx_permitted()) return -1;
+    const int64_t pairs = in_features / 2, panels = (out_features + PANEL - 1) / PANEL;
+    const int64_t blocks = (rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        /* 32 zero-padded rows for a block's last, short group of rows. */
+        uint16_t *padded = calloc((size_t)(2 * TILE_ROWS * in_features), sizeof(uint16_t));
+        float sums[4][256];
+        if (padded) configure_tiles();
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < blocks * panels; ++item) {
+            if (!padded) {
+                failed = 1;
+                continue;
+            }
+            const int64_t block = item / panels, j = item % panels;
+            const int64_t first_row = block * BLOCK_ROWS;
+            const int64_t end_row = first_row + BLOCK_ROWS < rows ? first_row + BLOCK_ROWS : rows;
+            const uint16_t *panel = packed + j * pairs * 2 * PANEL;
+            const __mmask16 low = lane_mask(out_features - j * PANEL), high = lane_mask(out_features - j * PANEL - 16);
+            for (int64_t r = first_row; r < end_row; r += 2 * TILE_ROWS) {
+                const int64_t count = end_row - r < 2 * TILE_ROWS ? end_row - r : 2 * TILE_ROWS;
+                const uint16_t *source = x + r * x_stride;
+                int64_t stride = x_stride;
+                if (count < 2 * TILE_ROWS) {
+                    for (int64_t i = 0; i < count; ++i)
+                        memcpy(padded + i * in_features, x + (r + i) * x_stride, (size_t)in_features * 2);
+                    memset(padded + count * in_features, 0, (size_t)((2 * TILE_ROWS - count) * in_features) * 2);
+                    source = padded, stride = in_features;
+                }
+                panel_block(source, stride, panel, pairs, sums);
+                uint16_t *target = out + r * out_stride + j * PANEL;
+                const int64_t upper = count < TILE_ROWS ? count : TILE_ROWS, lower = count - upper;
+                store_tile(sums[0], target, out_stride, upper, low);
+                store_tile(sums[1], target + 16, out_stride, upper, high);
+                store_tile(sums[2], target + TILE_ROWS * out_stride, out_stride, lower, low);
+                store_tile(sums[3], target + TILE_ROWS * out_stride + 16, out_stride, lower, high);
+            }
+        }
+        if (padded) _tile_release();
+        free(padded);
+    }
+    return failed ? -1 : 0;
+}
+
+int hawker_amx_linear_built(void) { return amx_permitted(); }
+
+#else
+
+int hawker_amx_linear(const uint16_t *x, int64_t x_stride, const uint16_t *packed, uint16_t *out, int64_t out_stride,
+                      int64_t rows, int64_t in_features, int64_t out_features, int threads) {
+    (void)x, (void)x_stride, (void)packed, (void)out, (void)out_stride, (void)rows, (void)in_features,
+        (void)out_features, (void)threads;
+    return -1;
+}
+
+int hawker_amx_linear_built(void) { return 0; }
+
+#endif
