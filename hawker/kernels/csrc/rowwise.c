@@ -1,0 +1,98 @@
+/*
+ * Row-wise pieces of a decoder layer in one pass each over bfloat16 rows (CPU): RMSNorm and
+ * SiLU-and-multiply. An eager prompt step otherwise runs each as six or three torch ops, every one a
+ * pass over memory with its own conversions (benchmarks/NOTES.md, session 15); a compiled step has
+ * inductor fuse them instead.
+ *
+ * Numerics follow hawker/layers (norm.py, activation.py) rounding for rounding: RMSNorm squares and sums
+ * in float32, scales in float32, rounds to bfloat16, then multiplies by the weight and rounds again;
+ * SiLU rounds to bfloat16 before the product with the up projection, which rounds again. Only the order of
+ * the float32 sum of squares (16 lanes, then across them) and exp's last bit differ from torch's, so a
+ * result may differ from the torch path's in the last bit; a row's result depends on that row alone.
+ */
+#include "attention_common.h"
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define HAVE_VECTORS 1
+#else
+#define HAVE_VECTORS 0
+#endif
+
+#if HAVE_VECTORS
+static inline __m512 load16_bf16(const uint16_t *src, __mmask16 lanes) {
+    const __m256i bits = _mm256_maskz_loadu_epi16(lanes, src);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+/* Round to bfloat16, to nearest even (vcvtneps2bf16, as float_to_bf16 and torch round). */
+static inline __m512 round16_bf16(__m512 value) {
+    const __m256i bits = (__m256i)_mm512_cvtneps_pbh(value);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+static inline void store16_bf16(uint16_t *dst, __m512 value, __mmask16 lanes) {
+    _mm256_mask_storeu_epi16(dst, lanes, (__m256i)_mm512_cvtneps_pbh(value));
+}
+
+static void rms_norm_row(const uint16_t *x, const uint16_t *weight, uint16_t *out, int64_t size, float eps) {
+    __m512 squares = _mm512_setzero_ps();
+    for (int64_t i = 0; i < size; i += 16) {
+        const __m512 value = load16_bf16(x + i, lanes_below(size - i));
+        squares = _mm512_fmadd_ps(value, value, squares);
+    }
+    const float scale = 1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)size + eps);
+    const __m512 factor = _mm512_set1_ps(scale);
+    for (int64_t i = 0; i < size; i += 16) {
+        const __mmask16 lanes = lanes_below(size - i);
+        const __m512 normed = round16_bf16(_mm512_mul_ps(load16_bf16(x + i, lanes), factor));
+        store16_bf16(out + i, _mm512_mul_ps(normed, load16_bf16(weight + i, lanes)), lanes);
+    }
+}
+
+/* silu(g) = g * sigmoid(g), sigmoid from exp(-|g|) <= 1 (exp16_nonpositive's range). */
+static void silu_and_mul_row(const uint16_t *gate, const uint16_t *up, uint16_t *out, int64_t size) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int64_t i = 0; i < size; i += 16) {
+        const __mmask16 lanes = lanes_below(size - i);
+        const __m512 g = load16_bf16(gate + i, lanes);
+        const __m512 e = exp16_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
+        const __m512 numerator = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_GE_OQ), e, one);
+        const __m512 silu = round16_bf16(_mm512_mul_ps(g, _mm512_div_ps(numerator, _mm512_add_ps(one, e))));
+        store16_bf16(out + i, _mm512_mul_ps(silu, load16_bf16(up + i, lanes)), lanes);
+    }
+}
+#else
+static inline float round_bf16(float value) { return bf16_to_float(float_to_bf16(value)); }
+
+static void rms_norm_row(const uint16_t *x, const uint16_t *weight, uint16_t *out, int64_t size, float eps) {
+    float squares = 0.0f;
+    for (int64_t i = 0; i < size; ++i) squares += bf16_to_float(x[i]) * bf16_to_float(x[i]);
+    const float scale = 1.0f / sqrtf(squares / (float)size + eps);
+    for (int64_t i = 0; i < size; ++i)
+        out[i] = float_to_bf16(round_bf16(bf16_to_float(x[i]) * scale) * bf16_to_float(weight[i]));
+}
+
+static void silu_and_mul_row(const uint16_t *gate, const uint16_t *up, uint16_t *out, int64_t size) {
+    for (int64_t i = 0; i < size; ++i) {
+        const float g = bf16_to_float(gate[i]), e = exp_nonpositive(-fabsf(g));
+        const float silu = round_bf16(g * ((g >= 0.0f ? 1.0f : e) / (1.0f + e)));
+        out[i] = float_to_bf16(silu * bf16_to_float(up[i]));
+    }
+}
+#endif
+
+/* x: [rows, size] bfloat16, rows x_stride elements apart; out: [rows, size] contiguous. */
+int hawker_rms_norm(const uint16_t *x, int64_t x_stride, const uint16_t *weight, uint16_t *out, int64_t rows,
+                    int64_t size, float eps, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * size >= 65536)
+    for (int64_t r = 0; r < rows; ++r) rms_norm_row(x + r * x_stride, weight, out + r * size, size, eps);
+    return 0;
+}
+
+/* gate_up: [rows, 2 * size] bfloat16 (gate | up), rows stride elements apart; out: [rows, size] contiguous. */
+int hawker_silu_and_mul(const uint16_t *gate_up, int64_t stride, uint16_t *out, int64_t rows, int64_t size,
+                        int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * size >= 65536)
+    for (int64_t r = 0; r < rows; ++r) silu_and_mul_row(gate_up + r * stride, gate_up + r * stride + size, out + r * size, size);
+    return 0;
+}

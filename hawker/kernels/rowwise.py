@@ -1,0 +1,90 @@
+"""RMSNorm and SiLU-and-multiply in one pass each over bfloat16 rows on a CPU (``csrc/rowwise.c``).
+
+An eager prompt step runs RMSNorm as six torch ops and SiLU-and-multiply as
+three, each a pass over memory with its own conversions: on a 2,048-token
+step of the default model they took about a fifth of the step once the
+matmuls and attention ran on AMX (benchmarks/NOTES.md, session 15). These
+kernels round where the torch code in hawker/layers does, so a result
+differs from it at most in the last bit (the order of a float32 sum, exp's
+last bit); each row's result depends on that row alone. Compiled steps keep
+the torch code, which inductor fuses.
+
+``HAWKER_ROWWISE_KERNELS=0`` keeps the torch ops everywhere, the off switch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+import torch
+
+from hawker.kernels.native import CFunction, load_kernel_library
+
+SWITCH_VARIABLE = "HAWKER_ROWWISE_KERNELS"
+
+
+@functools.cache
+def _kernels() -> tuple[CFunction, CFunction] | None:
+    library = load_kernel_library("rowwise")
+    if library is None:
+        return None
+    pointer, i64, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    norm, silu = library.hawker_rms_norm, library.hawker_silu_and_mul
+    norm.argtypes = [pointer, i64, pointer, pointer, i64, i64, ctypes.c_float, threads]
+    silu.argtypes = [pointer, i64, pointer, i64, i64, threads]
+    norm.restype = silu.restype = ctypes.c_int
+    return norm, silu
+
+
+def switched_on() -> bool:
+    """``HAWKER_ROWWISE_KERNELS``: 1 (the default) or 0; another value is a ValueError."""
+    value = os.environ.get(SWITCH_VARIABLE, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{SWITCH_VARIABLE}={value!r}: expected 1 or 0")
+    return value == "1"
+
+
+def serves(x: torch.Tensor) -> bool:
+    """Whether the kernels take ``x``: eager bfloat16 CPU rows, the kernels built and switched on."""
+    return (
+        x.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and x.dim() >= 1
+        and x.stride(-1) == 1
+        and not torch.compiler.is_compiling()
+        and switched_on()
+        and _kernels() is not None
+    )
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as 2-D rows with unit stride inside a row (a copy only where no such view exists)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of ``x``'s last dimension times ``weight`` (both bfloat16; ``serves(x)`` first)."""
+    kernels = _kernels()
+    assert kernels is not None
+    rows = _rows(x)
+    out = torch.empty(rows.shape, dtype=x.dtype)
+    weight = weight.contiguous()
+    kernels[0](
+        rows.data_ptr(), rows.stride(0), weight.data_ptr(), out.data_ptr(), rows.shape[0], rows.shape[1], eps,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out.view(x.shape)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up of a fused [gate | up] last dimension (bfloat16; ``serves(gate_up)`` first)."""
+    kernels = _kernels()
+    assert kernels is not None
+    rows = _rows(gate_up)
+    size = rows.shape[1] // 2
+    out = torch.empty((rows.shape[0], size), dtype=gate_up.dtype)
+    kernels[1](rows.data_ptr(), rows.stride(0), out.data_ptr(), rows.shape[0], size, torch.get_num_threads())
+    return out.view(*gate_up.shape[:-1], size)
