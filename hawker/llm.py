@@ -17,6 +17,10 @@ from hawker.options import EngineOptions
 from hawker.outputs import RequestOutput
 from hawker.sampling_params import SamplingParams
 
+# Offline runs submit whole batches at once: like vLLM's LLM class (256 on a CPU and most GPUs, against 128
+# for its CPU server, vllm/engine/arg_utils.py), more sequences decode together than the server's default.
+OFFLINE_MAX_NUM_SEQS = 256
+
 Prompt = str | list[int] | dict[str, Any]
 Message = dict[str, Any]
 
@@ -30,7 +34,8 @@ class LLM:
     enable_prefix_caching, max_num_batched_tokens, max_num_seqs, seed, device,
     tensor_parallel_size, pipeline_parallel_size, ...). With more than one
     rank, call ``close()`` (or use ``with LLM(...) as llm``) to stop the
-    worker processes; they also exit when this process does.
+    worker processes; they also exit when this process does. ``max_num_seqs``
+    defaults to ``OFFLINE_MAX_NUM_SEQS`` here (the server's default is 128).
     """
 
     def __init__(self, model: str | None = None, **options: Any) -> None:
@@ -38,6 +43,7 @@ class LLM:
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(f"unknown LLM option(s): {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+        options.setdefault("max_num_seqs", OFFLINE_MAX_NUM_SEQS)
         self.engine = Engine.from_options(EngineOptions(model=model, **options))
         self._ids = itertools.count()
 

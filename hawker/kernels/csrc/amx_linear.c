@@ -5,7 +5,7 @@
  * [out / 32][in / 2][32][2]. Sixteen input pairs of a panel's first or last
  * 16 outputs are then one AMX B tile as they lie (rows 128 bytes apart), and
  * 16 rows of x by 32 inputs are an A tile read in place. A work item is a
- * panel of 32 outputs for a block of up to BLOCK_ROWS rows; it holds 32 rows
+ * panel of 32 outputs for a block of rows (about BLOCK_BYTES of them); it holds 32 rows
  * by 32 outputs in four float32 tiles over the whole input (two A tiles and
  * two B tiles a step), then rounds them to bfloat16. The items run
  * row-block-major, so a thread's rows stay in its cache while it passes over
@@ -31,7 +31,10 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-enum { PANEL = 32, TILE_ROWS = 16, PAIRS_PER_STEP = 16, BLOCK_ROWS = 128 };
+enum { PANEL = 32, TILE_ROWS = 16, PAIRS_PER_STEP = 16 };
+
+/* A block's rows take about this many bytes, so they stay in L2 while the panels pass over them. */
+#define BLOCK_BYTES (512 * 1024)
 
 typedef struct {
     uint8_t palette;
@@ -64,9 +67,9 @@ static void store_tile(const float *sums, uint16_t *out, int64_t out_stride, int
         _mm256_mask_storeu_epi16(out + r * out_stride, valid, (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(sums + r * 16)));
 }
 
-/* One panel for 32 rows of x (row stride x_stride elements; the caller pads a short block): tmm0-3 the sums
+/* One panel for 32 rows of x (row stride x_stride elements; the caller pads a short group): tmm0-3 the sums
  * (rows 0-15 / 16-31 by outputs 0-15 / 16-31), tmm4-5 the rows, tmm6-7 the panel's two halves. */
-static void panel_block(const uint16_t *x, int64_t x_stride, const uint16_t *panel, int64_t pairs, float sums[4][256]) {
+static void panel_rows32(const uint16_t *x, int64_t x_stride, const uint16_t *panel, int64_t pairs, float sums[4][256]) {
     const int64_t x_bytes = x_stride * 2, panel_bytes = PANEL * 2 * 2; /* a pair row of the panel: 128 bytes */
     _tile_zero(0);
     _tile_zero(1);
@@ -89,6 +92,24 @@ static void panel_block(const uint16_t *x, int64_t x_stride, const uint16_t *pan
     _tile_stored(3, sums[3], 64);
 }
 
+/* The same for 16 rows (tmm0-1 the sums): a group of up to 16 rows does half the tile multiplies. Each
+ * output gets the same sequence of tdpbf16ps over the same inputs as in panel_rows32, so the same bits. */
+static void panel_rows16(const uint16_t *x, int64_t x_stride, const uint16_t *panel, int64_t pairs, float sums[4][256]) {
+    const int64_t x_bytes = x_stride * 2, panel_bytes = PANEL * 2 * 2;
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int64_t p = 0; p < pairs; p += PAIRS_PER_STEP) {
+        const uint16_t *weights = panel + p * PANEL * 2;
+        _tile_loadd(4, x + 2 * p, x_bytes);
+        _tile_loadd(6, weights, panel_bytes);
+        _tile_loadd(7, weights + 32, panel_bytes);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+    }
+    _tile_stored(0, sums[0], 64);
+    _tile_stored(1, sums[1], 64);
+}
+
 /*
  * x: [rows, in] bfloat16, row stride x_stride (elements); packed: [out / 32 (rounded up), in / 2, 32, 2];
  * out: [rows, out_features] bfloat16, row stride out_stride. in must be a multiple of 32.
@@ -98,12 +119,17 @@ int hawker_amx_linear(const uint16_t *x, int64_t x_stride, const uint16_t *packe
                       int64_t rows, int64_t in_features, int64_t out_features, int threads) {
     if (!amx_permitted()) return -1;
     const int64_t pairs = in_features / 2, panels = (out_features + PANEL - 1) / PANEL;
-    const int64_t blocks = (rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    /* Rows per block: a multiple of 32 that fits BLOCK_BYTES, at least 32 and at most 128 (larger blocks
+     * measured slower at 2,048 rows: 256 ran at 0.92-0.95x of 128). */
+    int64_t block_rows = BLOCK_BYTES / (in_features * 2) / (2 * TILE_ROWS) * (2 * TILE_ROWS);
+    block_rows = block_rows < 2 * TILE_ROWS ? 2 * TILE_ROWS : block_rows > 128 ? 128 : block_rows;
+    const int64_t blocks = (rows + block_rows - 1) / block_rows;
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        /* 32 zero-padded rows for a block's last, short group of rows. */
+        /* 32 zero-padded rows for a block's last, short group of rows, copied once per block a thread meets. */
         uint16_t *padded = calloc((size_t)(2 * TILE_ROWS * in_features), sizeof(uint16_t));
+        int64_t padded_rows_from = -1; /* the first row of the group now in `padded` */
         float sums[4][256];
         if (padded) configure_tiles();
 #pragma omp for schedule(static)
@@ -113,21 +139,27 @@ int hawker_amx_linear(const uint16_t *x, int64_t x_stride, const uint16_t *packe
                 continue;
             }
             const int64_t block = item / panels, j = item % panels;
-            const int64_t first_row = block * BLOCK_ROWS;
-            const int64_t end_row = first_row + BLOCK_ROWS < rows ? first_row + BLOCK_ROWS : rows;
+            const int64_t first_row = block * block_rows;
+            const int64_t end_row = first_row + block_rows < rows ? first_row + block_rows : rows;
             const uint16_t *panel = packed + j * pairs * 2 * PANEL;
             const __mmask16 low = lane_mask(out_features - j * PANEL), high = lane_mask(out_features - j * PANEL - 16);
             for (int64_t r = first_row; r < end_row; r += 2 * TILE_ROWS) {
                 const int64_t count = end_row - r < 2 * TILE_ROWS ? end_row - r : 2 * TILE_ROWS;
                 const uint16_t *source = x + r * x_stride;
                 int64_t stride = x_stride;
-                if (count < 2 * TILE_ROWS) {
-                    for (int64_t i = 0; i < count; ++i)
-                        memcpy(padded + i * in_features, x + (r + i) * x_stride, (size_t)in_features * 2);
-                    memset(padded + count * in_features, 0, (size_t)((2 * TILE_ROWS - count) * in_features) * 2);
+                if (count % TILE_ROWS) {
+                    if (padded_rows_from != r) {
+                        for (int64_t i = 0; i < count; ++i)
+                            memcpy(padded + i * in_features, x + (r + i) * x_stride, (size_t)in_features * 2);
+                        memset(padded + count * in_features, 0, (size_t)((2 * TILE_ROWS - count) * in_features) * 2);
+                        padded_rows_from = r;
+                    }
                     source = padded, stride = in_features;
                 }
-                panel_block(source, stride, panel, pairs, sums);
+                if (count <= TILE_ROWS)
+                    panel_rows16(source, stride, panel, pairs, sums);
+                else
+                    panel_rows32(source, stride, panel, pairs, sums);
                 uint16_t *target = out + r * out_stride + j * PANEL;
                 const int64_t upper = count < TILE_ROWS ? count : TILE_ROWS, lower = count - upper;
                 store_tile(sums[0], target, out_stride, upper, low);
