@@ -8,8 +8,9 @@ multiply, float32 sums, one rounding), so a plan can use it untiled at every
 row count. It reads the weight in the panel kernel's layout
 (hawker/kernels/panel_linear.py), packed once.
 
-Inside a ``torch.compile``'d step the call goes through the plain operator
-``hawker::amx_linear`` (one opaque node); eager calls run it directly.
+Every call goes through the operator ``hawker::amx_linear`` (one opaque node
+in a ``torch.compile``'d step), whose CPU kernel is C++
+(``csrc/amx_linear_op.cpp``) where it builds, else ``_run`` through ctypes.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import functools
 import torch
 
 from hawker.kernels import panel_linear
-from hawker.kernels.native import CFunction, built_kernel, define_cpu_op
+from hawker.kernels.native import CFunction, built_kernel, define_op, load_kernel_library, load_op_library
 
 _LIBRARY = "amx_linear"
+OP = "hawker::amx_linear"
 INPUTS_PER_STEP = 32  # inputs one tile multiply takes (csrc/amx_linear.c)
 
 
@@ -32,9 +34,20 @@ def _kernel() -> CFunction | None:
     return built_kernel(_LIBRARY, [pointer, i64, pointer, pointer, i64, i64, i64, i64, ctypes.c_int])
 
 
+@functools.cache
+def _operator_kernel() -> bool:
+    """Registers the operator's CPU kernel once: the C++ one where it builds, else ``_run``. False without
+    the C kernel (no AMX here, or no compiler)."""
+    if _kernel() is None:
+        return False
+    if load_op_library(f"{_LIBRARY}_op", load_kernel_library(_LIBRARY)) is None:
+        torch.library.impl(OP, "cpu", _run)
+    return True
+
+
 def available() -> bool:
     """This CPU has AMX, this process may use it, and the kernel was built for it."""
-    return _kernel() is not None
+    return _operator_kernel()
 
 
 def supports(weight: torch.Tensor) -> bool:
@@ -54,9 +67,9 @@ repack_into = panel_linear.repack_into
 
 def amx_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """``x @ W^T`` for 2-D bfloat16 ``x``; ``packed`` is ``pack(W)``."""
-    if torch.compiler.is_compiling():
-        return torch.ops.hawker.amx_linear(x, packed, out_features)
-    return _run(x, packed, out_features)
+    if not torch.compiler.is_compiling() and not _operator_kernel():
+        raise RuntimeError("the AMX linear kernel is not built; check available() first")
+    return torch.ops.hawker.amx_linear.default(x, packed, out_features)
 
 
 def _run(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -93,4 +106,4 @@ def _fake(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Ten
     return x.new_empty((x.shape[0], out_features))
 
 
-define_cpu_op("hawker::amx_linear", "(Tensor x, Tensor packed, SymInt out_features) -> Tensor", _run, _fake)
+define_op(OP, "(Tensor x, Tensor packed, SymInt out_features) -> Tensor", _fake)

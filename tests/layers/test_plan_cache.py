@@ -140,7 +140,8 @@ def test_prepare_measures_what_a_later_start_reuses(
     assert "prepared in" in capsys.readouterr().out
     prepared = len(measurements)
     assert prepared > 0 and len(list(plan_cache.plan_dir().glob("*.json"))) == prepared
-    # Serve's defaults (prefix caching on: consistent numerics) as prepare had them: nothing measured again.
-    llm = LLM(checkpoint, dtype="bfloat16", kv_cache_memory_gb=0.05, compile_decode_max_rows=0)
+    # Serve's defaults (prefix caching on: consistent numerics; 128 sequences, where the offline LLM's default
+    # is 256) as prepare had them: nothing measured again.
+    llm = LLM(checkpoint, dtype="bfloat16", kv_cache_memory_gb=0.05, compile_decode_max_rows=0, max_num_seqs=128)
     assert len(measurements) == prepared
     llm.close()
