@@ -257,10 +257,11 @@ static void configure_tiles(void) {
     _tile_loadconfig(&config);
 }
 
-/* scores[row][key] (rows of `padded` floats) for `row_tiles` x 16 query rows of bfloat16 ([row][dim])
- * against `padded` / KEYS packed key blocks: tmm0 the scores, tmm1 a block's dims, tmm2.. the queries. */
+/* scores[row][key] (rows of `padded` floats, not yet scaled) for `row_tiles` x 16 query rows of bfloat16
+ * ([row][dim]) against `padded` / KEYS packed key blocks: tmm0 the scores, tmm1 a block's dims, tmm2.. the
+ * queries. */
 static void scores_amx(const Packed *packed, const uint16_t *queries, int64_t row_tiles, int64_t padded, int64_t dim,
-                       float *scores, float scale) {
+                       float *scores) {
     const int64_t query_stride = dim * 2, block_words = dim / 2 * KEYS; /* a key block's uint32 pairs */
     for (int64_t tile = 0; tile < row_tiles; ++tile) {
         const uint16_t *rows = queries + tile * TILE_ROWS * dim;
@@ -288,9 +289,33 @@ static void scores_amx(const Packed *packed, const uint16_t *queries, int64_t ro
             _tile_stored(0, out + b * KEYS, padded * (int64_t)sizeof(float));
         }
     }
+}
+
+/* softmax_row of scale x the row's scores (the same numbers: each score scaled, then rounded, as the vector
+ * path stores it), its weights written as bfloat16 into `probs` (zeros from `valid` to `padded`, a multiple
+ * of 16): one pass for the maximum and one for the weights over the row, where scaling, softmax_row and
+ * round_to_bf16 take five. Returns the float32 sum of the weights. */
+static float softmax_row_bf16(const float *scores, float scale, int64_t valid, int64_t padded, uint16_t *probs) {
     const __m512 factor = _mm512_set1_ps(scale);
-    for (int64_t i = 0; i < row_tiles * TILE_ROWS * padded; i += 16)
-        _mm512_storeu_ps(scores + i, _mm512_mul_ps(_mm512_loadu_ps(scores + i), factor));
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < valid; t += 16) {
+        const __mmask16 mask = lanes_below(valid - t);
+        top = _mm512_mask_max_ps(top, mask, top, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, scores + t), factor));
+    }
+    const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    __m512 total = _mm512_setzero_ps();
+    int64_t t = 0;
+    for (; t < valid; t += 16) {
+        const __mmask16 mask = lanes_below(valid - t);
+        __m512 scaled = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, scores + t), factor);
+        /* The product rounded, as the maximum saw it: the compiler may not fuse it into the subtraction. */
+        __asm__("" : "+v"(scaled));
+        const __m512 weights = _mm512_maskz_mov_ps(mask, exp16_nonpositive(_mm512_sub_ps(scaled, shift)));
+        _mm256_storeu_si256((__m256i *)(probs + t), (__m256i)_mm512_cvtneps_pbh(weights));
+        total = _mm512_add_ps(total, weights);
+    }
+    for (; t < padded; t += 16) _mm256_storeu_si256((__m256i *)(probs + t), _mm256_setzero_si256());
+    return _mm512_reduce_add_ps(total);
 }
 
 /* outs[row][dim] = probs[row][key] (bfloat16, rows of `padded`, a multiple of KEY_SPAN) times the packed
@@ -424,12 +449,18 @@ static void attend_tile(const PrefillArgs *a, const Scratch *s, const Packed *pa
     const int64_t row_tiles = round_up(rows, TILE_ROWS) / TILE_ROWS;
     if (a->amx) {
         memset((uint16_t *)s->queries + rows * dim, 0, (size_t)((row_tiles * TILE_ROWS - rows) * dim) * sizeof(uint16_t));
-        scores_amx(packed, (const uint16_t *)s->queries, row_tiles, padded, dim, s->scores, a->scale);
+        scores_amx(packed, (const uint16_t *)s->queries, row_tiles, padded, dim, s->scores);
     } else
 #endif
         tile_scores_vectors(a, s, packed, rows, padded);
     for (int64_t r = 0; r < rows; ++r) {
         float *scores = s->scores + r * padded;
+#if HAVE_AMX
+        if (a->amx) {
+            s->sums[r] = softmax_row_bf16(scores, a->scale, first_position + r / group + 1, padded, s->probs + r * padded);
+            continue;
+        }
+#endif
         s->sums[r] = softmax_row(scores, first_position + r / group + 1, padded);
         if (a->pairs) round_to_bf16(scores, s->probs + r * padded, padded);
     }
