@@ -12,11 +12,9 @@ import torch
 from hawker import LLM
 from hawker.config import MatmulOptions
 from hawker.kernels import amx_linear
-from hawker.layers.matmul_plan import ANY_ROWS, LayerPlan, PlanStep, allowed_kernels, rows_invariant
-from hawker.layers.projection import ProjectionCopies
+from hawker.layers.matmul_plan import allowed_kernels, rows_invariant
 from hawker.layers.weight_copies import AMX, AmxWeight
-from tests.support.matmul import count_calls, prompt_logprobs
-from tests.support.parity import make_prompts
+from tests.support.matmul import assert_bf16_model_on_copy_is_as_accurate
 
 needs_kernel = pytest.mark.skipif(not amx_linear.available(), reason="the CPU has no AMX (or no C compiler)")
 
@@ -109,21 +107,4 @@ def test_weights_it_cannot_take_and_the_off_switch() -> None:
 def test_bf16_model_on_amx_tiles_is_as_accurate(
     tiny_checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Prompt logprobs of a bf16 model with every projection on the AMX kernel, against float32, no worse
-    than the dense bf16 path (both are bf16 models; the tiles change the order of the sums only)."""
-    checkpoint = str(tiny_checkpoints["llama"])
-    prompts = make_prompts(seed=13)
-    reference = prompt_logprobs(LLM(checkpoint, dtype="float32"), prompts)
-    dense = prompt_logprobs(
-        LLM(checkpoint, dtype="bfloat16", fp32_matmul_min_rows=0, panel_matmul=False, amx_matmul=False), prompts
-    )
-    llm = LLM(checkpoint, dtype="bfloat16", compile_decode_max_rows=0)
-    projections = [m for m in llm.engine.runner.model.modules() if isinstance(m, ProjectionCopies)]
-    for layer in projections:
-        layer.set_plan(LayerPlan((PlanStep(ANY_ROWS, AMX),)), {})
-    calls = count_calls(monkeypatch, AmxWeight, "matmul")
-    tiles = prompt_logprobs(llm, prompts)
-    assert calls() >= len(projections)
-    dense_error = (dense - reference).abs().max().item()
-    amx_error = (tiles - reference).abs().max().item()
-    assert amx_error <= 1.5 * dense_error + 1e-3, (amx_error, dense_error)
+    assert_bf16_model_on_copy_is_as_accurate(str(tiny_checkpoints["llama"]), AMX, AmxWeight, 13, monkeypatch)

@@ -11,11 +11,9 @@ import torch
 from hawker import LLM
 from hawker.config import MatmulOptions
 from hawker.kernels import panel_linear
-from hawker.layers.matmul_plan import ANY_ROWS, LayerPlan, PlanStep, allowed_kernels
-from hawker.layers.projection import ProjectionCopies
+from hawker.layers.matmul_plan import allowed_kernels
 from hawker.layers.weight_copies import BUILDERS, PACKED, PANEL, PanelWeight
-from tests.support.matmul import count_calls, prompt_logprobs
-from tests.support.parity import make_prompts
+from tests.support.matmul import assert_bf16_model_on_copy_is_as_accurate
 
 needs_kernel = pytest.mark.skipif(not panel_linear.available(), reason="the CPU has no AVX512-BF16")
 
@@ -117,24 +115,7 @@ def test_weights_it_cannot_take_and_the_off_switch() -> None:
 def test_bf16_model_on_panels_is_as_accurate(
     tiny_checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Prompt logprobs of a bf16 model with every projection on the panel kernel, against float32, no worse
-    than the dense bf16 path (both are bf16 models; the panels change the order of the sums only)."""
-    checkpoint = str(tiny_checkpoints["llama"])
-    prompts = make_prompts(seed=12)
-    reference = prompt_logprobs(LLM(checkpoint, dtype="float32"), prompts)
-    dense = prompt_logprobs(
-        LLM(checkpoint, dtype="bfloat16", fp32_matmul_min_rows=0, panel_matmul=False, amx_matmul=False), prompts
-    )
-    llm = LLM(checkpoint, dtype="bfloat16", compile_decode_max_rows=0)
-    projections = [m for m in llm.engine.runner.model.modules() if isinstance(m, ProjectionCopies)]
-    for layer in projections:
-        layer.set_plan(LayerPlan((PlanStep(ANY_ROWS, PANEL),)), {})
-    calls = count_calls(monkeypatch, PanelWeight, "matmul")
-    panels = prompt_logprobs(llm, prompts)
-    assert calls() >= len(projections)
-    dense_error = (dense - reference).abs().max().item()
-    panel_error = (panels - reference).abs().max().item()
-    assert panel_error <= 1.5 * dense_error + 1e-3, (panel_error, dense_error)
+    assert_bf16_model_on_copy_is_as_accurate(str(tiny_checkpoints["llama"]), PANEL, PanelWeight, 12, monkeypatch)
 
 
 def test_panel_option_is_validated() -> None:

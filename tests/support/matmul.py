@@ -1,4 +1,5 @@
-"""Helpers of the matmul tests: weights on GGUF's grids, call counting, prompt logprobs, a two-projection model."""
+"""Helpers of the matmul tests: weights on GGUF's grids, call counting, prompt logprobs, a bf16 model on one
+copy against dense weights, a two-projection model."""
 
 from __future__ import annotations
 
@@ -25,6 +26,32 @@ def prompt_logprobs(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
             assert position is not None
             values.append(position[token].logprob)
     return torch.tensor(values, dtype=torch.float64)
+
+
+def assert_bf16_model_on_copy_is_as_accurate(
+    checkpoint: str, kernel: str, copy_type: type, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prompt logprobs of a bf16 model with every projection on ``kernel``'s copy (of ``copy_type``), against
+    float32, no worse than the dense bf16 path (both are bf16 models; the copy changes the order of the sums)."""
+    from hawker.layers.matmul_plan import ANY_ROWS, LayerPlan, PlanStep
+    from hawker.layers.projection import ProjectionCopies
+    from tests.support.parity import make_prompts
+
+    prompts = make_prompts(seed=seed)
+    reference = prompt_logprobs(LLM(checkpoint, dtype="float32"), prompts)
+    dense = prompt_logprobs(
+        LLM(checkpoint, dtype="bfloat16", fp32_matmul_min_rows=0, panel_matmul=False, amx_matmul=False), prompts
+    )
+    llm = LLM(checkpoint, dtype="bfloat16", compile_decode_max_rows=0)
+    projections = [m for m in llm.engine.runner.model.modules() if isinstance(m, ProjectionCopies)]
+    for layer in projections:
+        layer.set_plan(LayerPlan((PlanStep(ANY_ROWS, kernel),)), {})
+    calls = count_calls(monkeypatch, copy_type, "matmul")
+    on_copy = prompt_logprobs(llm, prompts)
+    assert calls() >= len(projections)
+    dense_error = (dense - reference).abs().max().item()
+    copy_error = (on_copy - reference).abs().max().item()
+    assert copy_error <= 1.5 * dense_error + 1e-3, (copy_error, dense_error)
 
 
 def count_calls(monkeypatch: pytest.MonkeyPatch, owner: type, name: str) -> Callable[[], int]:

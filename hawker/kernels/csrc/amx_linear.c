@@ -28,33 +28,13 @@
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
-enum { PANEL = 32, TILE_ROWS = 16, PAIRS_PER_STEP = 16 };
+#include "amx_tiles.h"
+
+enum { PANEL = 32, TILE_ROWS = AMX_TILE_ROWS, PAIRS_PER_STEP = 16 };
 
 /* A block's rows take about this many bytes, so they stay in L2 while the panels pass over them. */
 #define BLOCK_BYTES (512 * 1024)
-
-typedef struct {
-    uint8_t palette;
-    uint8_t start_row;
-    uint8_t reserved[14];
-    uint16_t bytes_per_row[16];
-    uint8_t rows[16];
-} TileConfig;
-
-/* Every tile register: 16 rows of 64 bytes (32 bfloat16 or 16 float32). */
-static void configure_tiles(void) {
-    TileConfig config = {.palette = 1};
-    for (int t = 0; t < 8; ++t) config.bytes_per_row[t] = 64, config.rows[t] = TILE_ROWS;
-    _tile_loadconfig(&config);
-}
-
-static int amx_permitted(void) {
-    const long request_permission = 0x1023, tile_data = 18; /* ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA */
-    return syscall(SYS_arch_prctl, request_permission, tile_data) == 0;
-}
 
 static __mmask16 lane_mask(int64_t valid) {
     if (valid <= 0) return 0;
@@ -131,7 +111,7 @@ int hawker_amx_linear(const uint16_t *x, int64_t x_stride, const uint16_t *packe
         uint16_t *padded = calloc((size_t)(2 * TILE_ROWS * in_features), sizeof(uint16_t));
         int64_t padded_rows_from = -1; /* the first row of the group now in `padded` */
         float sums[4][256];
-        if (padded) configure_tiles();
+        if (padded) amx_configure_tiles();
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < blocks * panels; ++item) {
             if (!padded) {

@@ -41,8 +41,7 @@
 
 #if HAVE_BF16_PAIRS && defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #define HAVE_AMX 1
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "amx_tiles.h"
 #else
 #define HAVE_AMX 0
 #endif
@@ -50,7 +49,6 @@
 /* Packed keys of a (chunk, KV head) reach a multiple of KEY_SPAN positions: a
  * tile multiply of the values takes 16 key pairs at a time. */
 #define KEY_SPAN 32
-#define TILE_ROWS 16 /* rows of an AMX tile */
 
 typedef struct {
     const char *q;
@@ -242,20 +240,7 @@ static void values_floats(const Packed *packed, int64_t padded, int64_t dim, con
 /* ------------------------------------------------ AMX: both products */
 
 #if HAVE_AMX
-/* Every tile register configured as 16 rows of 64 bytes: 32 bfloat16 or 16 float32. */
-typedef struct {
-    uint8_t palette;
-    uint8_t start_row;
-    uint8_t reserved[14];
-    uint16_t bytes_per_row[16];
-    uint8_t rows[16];
-} TileConfig;
-
-static void configure_tiles(void) {
-    TileConfig config = {.palette = 1};
-    for (int t = 0; t < 8; ++t) config.bytes_per_row[t] = 64, config.rows[t] = TILE_ROWS;
-    _tile_loadconfig(&config);
-}
+#define TILE_ROWS AMX_TILE_ROWS
 
 /* scores[row][key] (rows of `padded` floats, not yet scaled) for `row_tiles` x 16 query rows of bfloat16
  * ([row][dim]) against `padded` / KEYS packed key blocks: tmm0 the scores, tmm1 a block's dims, tmm2.. the
@@ -350,18 +335,14 @@ static void values_amx(const Packed *packed, const uint16_t *probs, int64_t row_
 }
 #endif
 
-/* Whether this process may use the AMX tile registers (Linux grants them on request). */
-static int amx_permitted(void) {
+/* 1 where the kernel was built with AMX and this process may use it. */
+int hawker_paged_prefill_attention_amx(void) {
 #if HAVE_AMX
-    const long request_permission = 0x1023, tile_data = 18; /* ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA */
-    return syscall(SYS_arch_prctl, request_permission, tile_data) == 0;
+    return amx_permitted();
 #else
     return 0;
 #endif
 }
-
-/* 1 where the kernel was built with AMX and this process may use it. */
-int hawker_paged_prefill_attention_amx(void) { return amx_permitted(); }
 
 /* ------------------------------------------------------------ one tile */
 
@@ -503,7 +484,7 @@ int hawker_paged_prefill_attention(const void *q, const void *k_cache, const voi
     const PrefillArgs args = {q,          k_cache,      v_cache,      out,          block_tables,
                               chunk_rows, chunk_lens,   chunk_starts, table_stride, q_row_stride,
                               num_heads,  num_kv_heads, head_dim,     block_size,   scale,
-                              dtype,      cache_dtype,  pairs,        pairs && amx && amx_permitted()};
+                              dtype,      cache_dtype,  pairs,        pairs && amx && hawker_paged_prefill_attention_amx()};
     const int64_t dim = head_dim, group = num_heads / num_kv_heads;
     const size_t packed_elem = args.pairs ? 2 : 4; /* bytes a packed element takes */
     /* Each (chunk, KV head)'s packed keys start at first_key[c] * num_kv_heads + h * padded(c) positions. */
@@ -537,7 +518,7 @@ int hawker_paged_prefill_attention(const void *q, const void *k_cache, const voi
         float *outs = ready ? scores + rows * padded : NULL;
         const Scratch scratch = {queries, scores, probs, outs, ready ? outs + rows * dim : NULL};
 #if HAVE_AMX
-        if (args.amx) configure_tiles(); /* a thread's tile registers are its own */
+        if (args.amx) amx_configure_tiles(); /* a thread's tile registers are its own */
 #endif
         /* Every thread must reach both work-sharing loops, so failures only mark the call. */
 #pragma omp for schedule(dynamic, 4)
