@@ -62,7 +62,6 @@ def supports(weight: torch.Tensor) -> bool:
 
 
 pack = panel_linear.pack
-repack_into = panel_linear.repack_into
 
 
 def amx_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -76,11 +75,7 @@ def _run(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tens
     kernel = _kernel()
     if kernel is None:
         raise RuntimeError("the AMX linear kernel is not built; check available() first")
-    if x.dtype != torch.bfloat16 or x.dim() != 2:
-        raise ValueError(f"expected 2-D bfloat16 rows, got {x.dtype} {tuple(x.shape)}")
-    in_features = packed.shape[1] * 2
-    if x.shape[1] != in_features:
-        raise ValueError(f"rows have {x.shape[1]} inputs, the weight takes {in_features}")
+    in_features = panel_linear.checked_inputs(x, packed)
     if x.stride(1) != 1:
         x = x.contiguous()
     rows = x.shape[0]

@@ -69,15 +69,22 @@ def panel_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> to
     return _run(x, packed, out_features)
 
 
-def _run(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    kernel = _kernel()
-    if kernel is None:
-        raise RuntimeError("the panel linear kernel is not built; check available() first")
+def checked_inputs(x: torch.Tensor, packed: torch.Tensor) -> int:
+    """The weight's inputs, after checking that ``x`` is 2-D bfloat16 rows of that many (ValueError else);
+    for every kernel over this packing (this one, hawker/kernels/amx_linear.py)."""
     if x.dtype != torch.bfloat16 or x.dim() != 2:
         raise ValueError(f"expected 2-D bfloat16 rows, got {x.dtype} {tuple(x.shape)}")
     in_features = packed.shape[1] * 2
     if x.shape[1] != in_features:
         raise ValueError(f"rows have {x.shape[1]} inputs, the weight takes {in_features}")
+    return in_features
+
+
+def _run(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    kernel = _kernel()
+    if kernel is None:
+        raise RuntimeError("the panel linear kernel is not built; check available() first")
+    in_features = checked_inputs(x, packed)
     rows = x.shape[0]
     x = x.to(torch.float32).contiguous()  # widened exactly; the kernel broadcasts float32 values
     out = torch.empty((rows, out_features), dtype=torch.bfloat16)

@@ -124,9 +124,8 @@ class PanelWeight:
 
 
 @dataclass(frozen=True)
-class AmxWeight:
-    panel: torch.Tensor  # [ceil(out / 32), in / 2, 32, 2] bfloat16, as PanelWeight's
-    out_features: int
+class AmxWeight(PanelWeight):
+    """The same panels (refreshed and sized alike), multiplied by AMX tiles."""
 
     @staticmethod
     def build(weight: torch.Tensor) -> AmxWeight | None:
@@ -136,12 +135,6 @@ class AmxWeight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return amx_linear.amx_linear(x, self.panel, self.out_features)
-
-    def refresh(self, weight: torch.Tensor) -> None:
-        amx_linear.repack_into(self.panel, weight)
-
-    def nbytes(self) -> int:
-        return self.panel.numel() * self.panel.element_size()
 
 
 @dataclass(frozen=True)
