@@ -1,12 +1,14 @@
-"""RMSNorm and SiLU-and-multiply in one pass each over bfloat16 rows on a CPU (``csrc/rowwise.c``).
+"""RMSNorm, SiLU-and-multiply and the rotary embedding in one pass each over bfloat16 rows on a CPU
+(``csrc/rowwise.c``).
 
-An eager prompt step runs RMSNorm as six torch ops and SiLU-and-multiply as
-three, each a pass over memory with its own conversions: on a 2,048-token
-step of the default model they took about a fifth of the step once the
-matmuls and attention ran on AMX (benchmarks/NOTES.md, session 15). These
-kernels round where the torch code in hawker/layers does, so a result
-differs from it at most in the last bit (the order of a float32 sum, exp's
-last bit); each row's result depends on that row alone. Compiled steps keep
+An eager prompt step runs RMSNorm as six torch ops, SiLU-and-multiply as
+three and the rotation as four, each a pass over memory with its own
+conversions: on a 2,048-token step of the default model they took about a
+fifth of the step once the matmuls and attention ran on AMX
+(benchmarks/NOTES.md, sessions 15 and 16). These kernels round where the
+torch code in hawker/layers does, so a result differs from it at most in
+the last bit (the order of a float32 sum, exp's last bit; the rotation not
+at all); each row's result depends on that row alone. Compiled steps keep
 the torch code, which inductor fuses.
 
 ``HAWKER_ROWWISE_KERNELS=0`` keeps the torch ops everywhere, the off switch.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -25,17 +28,25 @@ from hawker.kernels.native import CFunction, load_kernel_library
 SWITCH_VARIABLE = "HAWKER_ROWWISE_KERNELS"
 
 
+class _Kernels(NamedTuple):
+    rms_norm: CFunction
+    silu_and_mul: CFunction
+    rotary: CFunction
+
+
 @functools.cache
-def _kernels() -> tuple[CFunction, CFunction] | None:
+def _kernels() -> _Kernels | None:
     library = load_kernel_library("rowwise")
     if library is None:
         return None
     pointer, i64, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    norm, silu = library.hawker_rms_norm, library.hawker_silu_and_mul
-    norm.argtypes = [pointer, i64, pointer, pointer, i64, i64, ctypes.c_float, threads]
-    silu.argtypes = [pointer, i64, pointer, i64, i64, threads]
-    norm.restype = silu.restype = ctypes.c_int
-    return norm, silu
+    kernels = _Kernels(library.hawker_rms_norm, library.hawker_silu_and_mul, library.hawker_rotary)
+    kernels.rms_norm.argtypes = [pointer, i64, pointer, pointer, i64, i64, ctypes.c_float, threads]
+    kernels.silu_and_mul.argtypes = [pointer, i64, pointer, i64, i64, threads]
+    kernels.rotary.argtypes = [pointer, i64, pointer, pointer, pointer, i64, i64, i64, threads]
+    for kernel in kernels:
+        kernel.restype = ctypes.c_int
+    return kernels
 
 
 def switched_on() -> bool:
@@ -72,7 +83,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     rows = _rows(x)
     out = torch.empty(rows.shape, dtype=x.dtype)
     weight = weight.contiguous()
-    kernels[0](
+    kernels.rms_norm(
         rows.data_ptr(), rows.stride(0), weight.data_ptr(), out.data_ptr(), rows.shape[0], rows.shape[1], eps,
         torch.get_num_threads(),
     )  # fmt: skip
@@ -86,5 +97,23 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     rows = _rows(gate_up)
     size = rows.shape[1] // 2
     out = torch.empty((rows.shape[0], size), dtype=gate_up.dtype)
-    kernels[1](rows.data_ptr(), rows.stride(0), out.data_ptr(), rows.shape[0], size, torch.get_num_threads())
+    kernels.silu_and_mul(rows.data_ptr(), rows.stride(0), out.data_ptr(), rows.shape[0], size, torch.get_num_threads())
     return out.view(*gate_up.shape[:-1], size)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor | None:
+    """``x * cos + swap_halves(x) * signed_sin`` for x [T, heads, D] (heads contiguous within a token) and
+    angles [T, 1, D], all bfloat16, the same bits as those three torch ops; None where the layout is
+    another (``serves(x)`` first)."""
+    kernels = _kernels()
+    assert kernels is not None
+    tokens, heads, dim = x.shape
+    if dim % 2 or x.stride(1) != dim or cos.dtype != x.dtype or signed_sin.dtype != x.dtype:
+        return None
+    cos, signed_sin = cos.reshape(tokens, dim).contiguous(), signed_sin.reshape(tokens, dim).contiguous()
+    out = torch.empty((tokens, heads, dim), dtype=x.dtype)
+    kernels.rotary(
+        x.data_ptr(), x.stride(0), cos.data_ptr(), signed_sin.data_ptr(), out.data_ptr(), tokens, heads, dim,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out

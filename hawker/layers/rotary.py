@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from hawker.config import RopeScaling
+from hawker.kernels import rowwise
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -48,7 +49,12 @@ class RotaryAngles:
     signed_sin: torch.Tensor
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, heads, D] rotated (neox / rotate-half layout), e.g. queries and keys stacked on dim 1."""
+        """x: [T, heads, D] rotated (neox / rotate-half layout), e.g. queries and keys stacked on dim 1.
+        Eager bfloat16 CPU rows in one pass (hawker/kernels/rowwise.py, the same bits)."""
+        if x.dim() == 3 and rowwise.serves(x):
+            rotated = rowwise.rotate(x, self.cos, self.signed_sin)
+            if rotated is not None:
+                return rotated
         half = x.shape[-1] // 2
         swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
         return x * self.cos + swapped * self.signed_sin

@@ -1,15 +1,17 @@
-"""The one-pass RMSNorm and SiLU-and-multiply kernels for eager bfloat16 CPU rows, against the torch code in
-hawker/layers that they replace (same roundings: at most a last-bit difference), on rows of every length
-class, views with strides, and the off switch."""
+"""The one-pass RMSNorm, SiLU-and-multiply and rotary kernels for eager bfloat16 CPU rows, against the torch
+code in hawker/layers that they replace (same roundings: at most a last-bit difference, none for the
+rotation), on rows of every length class, views with strides, and the off switch."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from hawker.config import RopeScaling
 from hawker.kernels import rowwise
 from hawker.layers.activation import silu_and_mul
 from hawker.layers.norm import RMSNorm
+from hawker.layers.rotary import RotaryAngles, RotaryEmbedding
 
 pytestmark = pytest.mark.skipif(rowwise._kernels() is None, reason="no C compiler: the kernels cannot be built")
 
@@ -47,6 +49,23 @@ def test_silu_and_mul_matches_the_torch_code(size: int, rows: int, monkeypatch: 
     gate_up = (torch.randn(rows, 2 * size, generator=generator) * 6).bfloat16()
     gate_up[:, :3] = torch.tensor([0.0, -90.0, 90.0]).bfloat16()
     _assert_within_a_last_bit(silu_and_mul(gate_up), _torch_path(monkeypatch, silu_and_mul, gate_up))
+
+
+@pytest.mark.parametrize(("tokens", "heads", "dim"), [(300, 12, 64), (5, 3, 64), (33, 2, 80), (7, 4, 128), (1, 1, 2)])
+def test_the_rotation_gives_the_bits_of_the_torch_ops(
+    tokens: int, heads: int, dim: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generator = torch.Generator().manual_seed(tokens * heads + dim)
+    angles = RotaryEmbedding(dim, 4096, 10000.0, RopeScaling())(
+        torch.randint(0, 4096, (tokens,), generator=generator), torch.bfloat16
+    )
+    fused = (torch.randn(tokens, heads + 3, dim, generator=generator) * 3).bfloat16()
+    x = fused[:, 1 : 1 + heads]  # queries and keys as a view of the fused projection
+    rotated = angles.apply(x)
+    assert rowwise.rotate(x, angles.cos, angles.signed_sin) is not None
+    assert torch.equal(rotated, _torch_path(monkeypatch, angles.apply, x))
+    half = RotaryAngles(angles.cos[tokens // 2 :], angles.signed_sin[tokens // 2 :])
+    assert torch.equal(half.apply(x[tokens // 2 :]), rotated[tokens // 2 :])  # tokens on their own
 
 
 def test_strided_views_and_rows_on_their_own(monkeypatch: pytest.MonkeyPatch) -> None:

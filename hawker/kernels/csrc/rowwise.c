@@ -1,14 +1,16 @@
 /*
- * Row-wise pieces of a decoder layer in one pass each over bfloat16 rows (CPU): RMSNorm and
- * SiLU-and-multiply. An eager prompt step otherwise runs each as six or three torch ops, every one a
- * pass over memory with its own conversions (benchmarks/NOTES.md, session 15); a compiled step has
- * inductor fuse them instead.
+ * Row-wise pieces of a decoder layer in one pass each over bfloat16 rows (CPU): RMSNorm,
+ * SiLU-and-multiply and the rotary embedding of queries and keys. An eager prompt step otherwise runs
+ * each as six, three or four torch ops, every one a pass over memory with its own conversions
+ * (benchmarks/NOTES.md, sessions 15 and 16); a compiled step has inductor fuse them instead.
  *
  * Numerics follow hawker/layers (norm.py, activation.py) rounding for rounding: RMSNorm squares and sums
  * in float32, scales in float32, rounds to bfloat16, then multiplies by the weight and rounds again;
  * SiLU rounds to bfloat16 before the product with the up projection, which rounds again. Only the order of
  * the float32 sum of squares (16 lanes, then across them) and exp's last bit differ from torch's, so a
  * result may differ from the torch path's in the last bit; a row's result depends on that row alone.
+ * The rotation rounds both products and their sum to bfloat16, as hawker/layers/rotary.py's three ops
+ * do, so it gives exactly their bits.
  */
 #include "attention_common.h"
 
@@ -61,8 +63,36 @@ static void silu_and_mul_row(const uint16_t *gate, const uint16_t *up, uint16_t 
         store16_bf16(out + i, _mm512_mul_ps(silu, load16_bf16(up + i, lanes)), lanes);
     }
 }
+
+/* One head of rotate-half rotary: out = x * cos + swap_halves(x) * signed_sin, each product and the sum
+ * rounded to bfloat16. */
+static void rotate_head(const uint16_t *x, const uint16_t *cos, const uint16_t *signed_sin, uint16_t *out,
+                        int64_t dim) {
+    const int64_t half = dim / 2;
+    for (int64_t i = 0; i < half; i += 16) {
+        const __mmask16 lanes = lanes_below(half - i);
+        const __m512 low = load16_bf16(x + i, lanes), high = load16_bf16(x + half + i, lanes);
+        const __m512 low_out = _mm512_add_ps(round16_bf16(_mm512_mul_ps(low, load16_bf16(cos + i, lanes))),
+                                             round16_bf16(_mm512_mul_ps(high, load16_bf16(signed_sin + i, lanes))));
+        const __m512 high_out =
+            _mm512_add_ps(round16_bf16(_mm512_mul_ps(high, load16_bf16(cos + half + i, lanes))),
+                          round16_bf16(_mm512_mul_ps(low, load16_bf16(signed_sin + half + i, lanes))));
+        store16_bf16(out + i, low_out, lanes);
+        store16_bf16(out + half + i, high_out, lanes);
+    }
+}
 #else
 static inline float round_bf16(float value) { return bf16_to_float(float_to_bf16(value)); }
+
+static void rotate_head(const uint16_t *x, const uint16_t *cos, const uint16_t *signed_sin, uint16_t *out,
+                        int64_t dim) {
+    const int64_t half = dim / 2;
+    for (int64_t i = 0; i < dim; ++i) {
+        const float swapped = bf16_to_float(x[i < half ? i + half : i - half]);
+        out[i] = float_to_bf16(round_bf16(bf16_to_float(x[i]) * bf16_to_float(cos[i])) +
+                               round_bf16(swapped * bf16_to_float(signed_sin[i])));
+    }
+}
 
 static void rms_norm_row(const uint16_t *x, const uint16_t *weight, uint16_t *out, int64_t size, float eps) {
     float squares = 0.0f;
@@ -94,5 +124,16 @@ int hawker_silu_and_mul(const uint16_t *gate_up, int64_t stride, uint16_t *out, 
                         int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (rows * size >= 65536)
     for (int64_t r = 0; r < rows; ++r) silu_and_mul_row(gate_up + r * stride, gate_up + r * stride + size, out + r * size, size);
+    return 0;
+}
+
+/* x: [tokens, heads, dim] bfloat16, tokens x_stride elements apart, heads contiguous; cos, signed_sin:
+ * [tokens, dim] bfloat16; out: [tokens, heads, dim] contiguous. dim is even. */
+int hawker_rotary(const uint16_t *x, int64_t x_stride, const uint16_t *cos, const uint16_t *signed_sin, uint16_t *out,
+                  int64_t tokens, int64_t heads, int64_t dim, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (tokens * heads * dim >= 65536)
+    for (int64_t t = 0; t < tokens; ++t)
+        for (int64_t h = 0; h < heads; ++h)
+            rotate_head(x + t * x_stride + h * dim, cos + t * dim, signed_sin + t * dim, out + (t * heads + h) * dim, dim);
     return 0;
 }
