@@ -58,7 +58,7 @@ def _cpu_model() -> str:
 def _machine_and_code() -> tuple[str, ...]:
     """What any plan measured here depends on besides its group: the CPU, the software, the plan's code."""
     modules = [Path(module.__file__ or "") for module in (matmul_plan, weight_copies)]
-    kernels = [native.SOURCE_DIR / name for name in ("panel_linear.c", "int8_dot_linear.c")]
+    kernels = [native.SOURCE_DIR / name for name in ("panel_linear.c", "int8_dot_linear.c", "amx_linear.c")]
     sources = [path.read_bytes() for path in [*modules, *kernels]]
     code = hashlib.sha256(b"".join(sources)).hexdigest()
     return (_cpu_model(), native.cpu_features(), torch.__version__, code)
