@@ -11,7 +11,6 @@ prompt has been prefilled, ``--steps`` decode steps are timed plain, then as man
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import time
 from pathlib import Path
@@ -21,24 +20,22 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hawker import LLM, SamplingParams
+from hawker.bench.workload import WorkloadSpec, make_workload
 from hawker.engine.engine import Engine
 
-REQUESTS, SHORTEST, LONGEST, NEW_TOKENS, SEED = 48, 32, 336, 64, 0
+NEW_TOKENS = 64
+WORKLOAD = WorkloadSpec(num_prompts=48, min_input=32, max_input=336, min_output=NEW_TOKENS, max_output=NEW_TOKENS)
 ATTENTION_OP = "hawker::paged_decode_attention"
 
 
 def add_requests(engine: Engine) -> int:
     """The prompts, queued; returns their tokens."""
-    rng = random.Random(SEED)
-    special = set(engine.tokenizer.all_special_ids)
-    ordinary = [token for token in range(len(engine.tokenizer)) if token not in special]
+    tokenizer = engine.tokenizer
+    items = make_workload(WORKLOAD, len(tokenizer), set(tokenizer.all_special_ids))
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    total = 0
-    for index in range(REQUESTS):
-        prompt = [rng.choice(ordinary) for _ in range(rng.randint(SHORTEST, LONGEST))]
-        engine.add_request(f"r{index}", prompt, params)
-        total += len(prompt)
-    return total
+    for index, item in enumerate(items):
+        engine.add_request(f"r{index}", item.prompt_token_ids, params)
+    return sum(len(item.prompt_token_ids) for item in items)
 
 
 def timed_steps(engine: Engine, steps: int) -> float:

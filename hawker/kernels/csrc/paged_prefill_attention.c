@@ -292,43 +292,28 @@ static inline __m512 exp2_16(__m512 y) {
 
 /* The unnormalised softmax of scale x one row's scores, its weights written as bfloat16 into `probs` (zeros
  * from `valid` to `padded`, a multiple of 16); returns the float32 sum of the weights. Two passes: the
- * largest raw score (the smallest for a negative scale), whose scaled value is the largest scaled score
- * since rounding is monotonic; then exp(scale s - top) as 2^(s log2(e) scale - top log2(e)), one fused
+ * largest and smallest raw scores, of which the one that scaling makes largest (rounding is monotonic) is
+ * the top scaled score; then exp(scale s - top) as 2^(s log2(e) scale - top log2(e)), one fused
  * multiply-add and exp2_16 a vector. A function of the row's own scores alone, so a query's weights are the
  * same in any chunk or tile. */
 static float softmax_row_bf16(const float *scores, float scale, int64_t valid, int64_t padded, uint16_t *probs) {
-    const int64_t whole = valid / 16 * 16;
-    __m512 top;
-    float largest;
-    if (scale > 0.0f) {
-        top = _mm512_set1_ps(-INFINITY);
-        for (int64_t t = 0; t < whole; t += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(scores + t));
-        if (whole < valid)
-            top = _mm512_mask_max_ps(top, lanes_below(valid - whole), top, _mm512_loadu_ps(scores + whole));
-        largest = _mm512_reduce_max_ps(top);
-    } else {
-        top = _mm512_set1_ps(INFINITY);
-        for (int64_t t = 0; t < whole; t += 16) top = _mm512_min_ps(top, _mm512_loadu_ps(scores + t));
-        if (whole < valid)
-            top = _mm512_mask_min_ps(top, lanes_below(valid - whole), top, _mm512_loadu_ps(scores + whole));
-        largest = _mm512_reduce_min_ps(top);
+    __m512 high = _mm512_set1_ps(-INFINITY), low = _mm512_set1_ps(INFINITY);
+    for (int64_t t = 0; t < valid; t += 16) {
+        const __mmask16 mask = lanes_below(valid - t);
+        const __m512 row = _mm512_loadu_ps(scores + t);
+        high = _mm512_mask_max_ps(high, mask, high, row);
+        low = _mm512_mask_min_ps(low, mask, low, row);
     }
+    const float top = scale > 0.0f ? _mm512_reduce_max_ps(high) : _mm512_reduce_min_ps(low);
     const float factor = scale * 1.44269504088896341f;
-    const __m512 multiplier = _mm512_set1_ps(factor), shift = _mm512_set1_ps(largest * factor);
+    const __m512 multiplier = _mm512_set1_ps(factor), shift = _mm512_set1_ps(top * factor);
     __m512 total = _mm512_setzero_ps();
     int64_t t = 0;
-    for (; t < whole; t += 16) {
-        const __m512 weights = exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(scores + t), multiplier, shift));
+    for (; t < valid; t += 16) {
+        const __m512 exponent = _mm512_fmsub_ps(_mm512_loadu_ps(scores + t), multiplier, shift);
+        const __m512 weights = _mm512_maskz_mov_ps(lanes_below(valid - t), exp2_16(exponent));
         _mm256_storeu_si256((__m256i *)(probs + t), (__m256i)_mm512_cvtneps_pbh(weights));
         total = _mm512_add_ps(total, weights);
-    }
-    if (t < valid) {
-        const __mmask16 mask = lanes_below(valid - t);
-        const __m512 weights =
-            _mm512_maskz_mov_ps(mask, exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(scores + t), multiplier, shift)));
-        _mm256_storeu_si256((__m256i *)(probs + t), (__m256i)_mm512_cvtneps_pbh(weights));
-        total = _mm512_add_ps(total, weights);
-        t += 16;
     }
     for (; t < padded; t += 16) _mm256_storeu_si256((__m256i *)(probs + t), _mm256_setzero_si256());
     return _mm512_reduce_add_ps(total);
