@@ -12,7 +12,9 @@ It is a torch custom op, so a compiled step calls it as one opaque kernel.
 
 Where the CPU has AMX, both products run as tile multiplies (16 query rows
 by 32 keys or dims a step), which keeps that property and is several times
-faster on long prompts (benchmarks/NOTES.md, session 15);
+faster on long prompts (benchmarks/NOTES.md, session 15); for 64-dim heads
+in one sweep over the keys with a running largest score per row, flash
+attention's order (session 17);
 ``HAWKER_PREFILL_ATTENTION_AMX=0`` keeps the vector dot products instead,
 the off switch.
 """

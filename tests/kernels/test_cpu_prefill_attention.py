@@ -117,6 +117,30 @@ def test_tile_multiplies_and_vector_dot_products_agree_on_a_long_prompt(monkeypa
     torch.testing.assert_close(outs["1"], _reference(case, 0.125), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("amx", AMX_SETTINGS)
+@pytest.mark.parametrize("scale", [0.125, -0.125])
+def test_scores_that_keep_rising_match_sdpa_and_keep_their_bits_in_any_chunk(
+    scale: float, amx: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every key scores about half a unit above the one before (a unit below for a negative scale), so each row's
+    # largest score moves on at almost every step of keys: the AMX path's rescaling of its running sums.
+    monkeypatch.setenv(cpu_prefill_attention.AMX_VARIABLE, amx)
+    q, k_cache, v_cache, tables, *_ = _paged_case([(300, 0)], 9, 3, 64, 16, torch.bfloat16, seed=11)
+    positions = torch.arange(300)
+    slots = tables[0, positions // 16] * 16 + positions % 16
+    rising = torch.sign(torch.tensor(scale)) * positions[:, None, None] / 128.0
+    k_cache.view(-1, 3, 64)[slots] = (rising + 0.05 * k_cache.view(-1, 3, 64)[slots].float()).to(torch.bfloat16)
+    q.copy_(torch.ones_like(q))
+    case = (q, k_cache, v_cache, tables, *map(torch.tensor, ([0], [300], [0])))
+    whole = paged_prefill_attention(*case, scale)
+    torch.testing.assert_close(whole.float(), _reference(case, scale), atol=2e-2, rtol=2e-2)
+    for start in (1, 31, 32, 33, 250):
+        tail = paged_prefill_attention(
+            q[start:], k_cache, v_cache, tables, *map(torch.tensor, ([0], [300 - start], [start])), scale
+        )
+        assert torch.equal(tail, whole[start:]), start
+
+
 def test_an_unknown_amx_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(cpu_prefill_attention.AMX_VARIABLE, "yes")
     case = _paged_case([(3, 0)], 4, 2, 64, 16, torch.bfloat16, seed=0)

@@ -23,7 +23,9 @@
  * tile multiplies of 16 rows: a tile's row depends on its own query row alone
  * and its sums run over dims and keys in a fixed order, so it keeps the
  * property above (its bits differ from the vdpbf16ps path's, not between
- * chunks).
+ * chunks). For 64-dim heads the AMX path runs the three passes in one sweep
+ * over the keys, 32 at a time, with a running largest score per row (flash
+ * attention's order, attend_amx_64), so scores and weights stay in L1.
  *
  * Built at run time by hawker/kernels/native.py (-O3 -march=native -fopenmp).
  */
@@ -349,6 +351,142 @@ static void values_amx(const Packed *packed, const uint16_t *probs, int64_t row_
             _tile_stored(3, out + 48, out_stride);
         }
 }
+
+/* ------------------------------------- AMX, 64-dim heads: one sweep a pass */
+
+/* Keys a fused step takes: two key blocks of scores, one tile multiply of the values. */
+#define FUSED_KEYS KEY_SPAN
+
+/* Raw scores of 16 query rows (tmm5-6) against keys [first, first + FUSED_KEYS) into scores[16][FUSED_KEYS]
+ * (the same tile multiplies, in the same order, as scores_amx: the same bits). */
+static inline __attribute__((always_inline)) void fused_scores(const Packed *packed, int64_t first, float *scores) {
+    const int64_t block_words = 32 * KEYS; /* 64 dims: 32 pairs of 16 keys */
+    for (int64_t i = 0; i < FUSED_KEYS / KEYS; ++i) {
+        const uint32_t *keys = (const uint32_t *)packed->keys + (first / KEYS + i) * block_words;
+        _tile_zero(4);
+        _tile_loadd(7, keys, 64);
+        _tile_dpbf16ps(4, 5, 7);
+        _tile_loadd(7, keys + 16 * KEYS, 64);
+        _tile_dpbf16ps(4, 6, 7);
+        _tile_stored(4, scores + i * KEYS, FUSED_KEYS * (int64_t)sizeof(float));
+    }
+}
+
+/* A row's weights are taken against a running largest score that moves only when a weight would pass
+ * 2^RESCALE_LOG2, so the weights stay under it and the sums rarely need rescaling. */
+#define RESCALE_LOG2 2.0f
+
+/* The first `count` lanes (none for count <= 0). */
+static inline __mmask16 lanes_upto(int64_t count) { return count <= 0 ? 0 : lanes_below(count); }
+
+/* The largest of the masked lanes of a and b for a positive scale, the smallest for a negative one. */
+static inline float step_top(__m512 a, __m512 b, __mmask16 a_lanes, __mmask16 b_lanes, float scale) {
+    const __m512 fill = _mm512_set1_ps(scale > 0.0f ? -INFINITY : INFINITY);
+    a = _mm512_mask_mov_ps(fill, a_lanes, a), b = _mm512_mask_mov_ps(fill, b_lanes, b);
+    return scale > 0.0f ? _mm512_reduce_max_ps(_mm512_max_ps(a, b)) : _mm512_reduce_min_ps(_mm512_min_ps(a, b));
+}
+
+/*
+ * The three passes of attend_tile for 64-dim heads in one sweep over the keys, FUSED_KEYS keys a step for 16
+ * rows, so that no row's scores or weights leave L1 (flash attention's order). A row's weights are
+ * 2^(s log2(e) scale - shift), shift its first step's top score scaled; when a later weight would pass
+ * 2^RESCALE_LOG2 the shift moves to that step's top and the row's sum of weights and weighted values so far
+ * are multiplied by 2^(old shift - new shift). Every choice depends on the row's own scores in key order
+ * alone, so a query gets the same bits in any chunk or tile. Tiles: tmm0-3 the weighted sums (64 dims), tmm4
+ * scores then weights, tmm5-6 the queries, tmm7 keys and values.
+ */
+static void attend_amx_64(const Packed *packed, const uint16_t *queries, int64_t rows, int64_t first_position,
+                          int64_t group, int64_t padded, float scale, float *outs, float *sums, float *scores,
+                          uint16_t *probs) {
+    const float factor = scale * 1.44269504088896341f;
+    const __m512 multiplier = _mm512_set1_ps(factor), limit = _mm512_set1_ps(RESCALE_LOG2);
+    for (int64_t first_row = 0; first_row < rows; first_row += TILE_ROWS) {
+        const int64_t count = rows - first_row < TILE_ROWS ? rows - first_row : TILE_ROWS;
+        int64_t valid[TILE_ROWS];
+        __m512 totals[TILE_ROWS];
+        float shift[TILE_ROWS];
+        for (int64_t r = 0; r < count; ++r) {
+            valid[r] = first_position + (first_row + r) / group + 1;
+            totals[r] = _mm512_setzero_ps();
+        }
+        float *out = outs + first_row * 64;
+        /* Rows past the last are zero weights (their sums unused). */
+        memset(probs + count * FUSED_KEYS, 0, (size_t)((TILE_ROWS - count) * FUSED_KEYS) * sizeof(uint16_t));
+        _tile_loadd(5, queries + first_row * 64, 128);
+        _tile_loadd(6, queries + first_row * 64 + 32, 128);
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        /* The next step's scores are multiplied (scores[] alternates between two halves) before this step's
+         * weights are taken, so the tile unit works while the vector units do. */
+        fused_scores(packed, 0, scores);
+        for (int64_t first = 0; first < padded; first += FUSED_KEYS) {
+            float *step_scores = scores + (first / FUSED_KEYS % 2) * TILE_ROWS * FUSED_KEYS;
+            if (first + FUSED_KEYS < padded)
+                fused_scores(packed, first + FUSED_KEYS, scores + ((first / FUSED_KEYS + 1) % 2) * TILE_ROWS * FUSED_KEYS);
+            float rescale[TILE_ROWS];
+            int moved = 0;
+            for (int64_t r = 0; r < count; ++r) {
+                uint16_t *weights_out = probs + r * FUSED_KEYS;
+                const int64_t left = valid[r] - first;
+                rescale[r] = 1.0f;
+                if (left <= 0) {
+                    _mm512_storeu_si512(weights_out, _mm512_setzero_si512());
+                    continue;
+                }
+                const __mmask16 low = lanes_upto(left), high = lanes_upto(left - 16);
+                const __m512 a = _mm512_loadu_ps(step_scores + r * FUSED_KEYS), b = _mm512_loadu_ps(step_scores + r * FUSED_KEYS + 16);
+                if (first == 0) shift[r] = step_top(a, b, low, high, scale) * factor;
+                __m512 shifted = _mm512_set1_ps(shift[r]);
+                __m512 ea = _mm512_fmsub_ps(a, multiplier, shifted), eb = _mm512_fmsub_ps(b, multiplier, shifted);
+                if (_mm512_mask_cmp_ps_mask(low, ea, limit, _CMP_GT_OQ) | _mm512_mask_cmp_ps_mask(high, eb, limit, _CMP_GT_OQ)) {
+                    const float moved_shift = step_top(a, b, low, high, scale) * factor;
+                    rescale[r] = exp2f(shift[r] - moved_shift);
+                    totals[r] = _mm512_mul_ps(totals[r], _mm512_set1_ps(rescale[r]));
+                    shift[r] = moved_shift, moved = 1;
+                    shifted = _mm512_set1_ps(moved_shift);
+                    ea = _mm512_fmsub_ps(a, multiplier, shifted), eb = _mm512_fmsub_ps(b, multiplier, shifted);
+                }
+                const __m512 wa = _mm512_maskz_mov_ps(low, exp2_16(ea)), wb = _mm512_maskz_mov_ps(high, exp2_16(eb));
+                _mm256_storeu_si256((__m256i *)weights_out, (__m256i)_mm512_cvtneps_pbh(wa));
+                _mm256_storeu_si256((__m256i *)(weights_out + 16), (__m256i)_mm512_cvtneps_pbh(wb));
+                totals[r] = _mm512_add_ps(_mm512_add_ps(totals[r], wa), wb);
+            }
+            if (moved) { /* the tiles pass through `out` to rescale the rows whose shift moved */
+                _tile_stored(0, out, 256);
+                _tile_stored(1, out + 16, 256);
+                _tile_stored(2, out + 32, 256);
+                _tile_stored(3, out + 48, 256);
+                for (int64_t r = 0; r < count; ++r) {
+                    if (rescale[r] == 1.0f) continue;
+                    const __m512 by = _mm512_set1_ps(rescale[r]);
+                    for (int64_t d = 0; d < 64; d += 16)
+                        _mm512_storeu_ps(out + r * 64 + d, _mm512_mul_ps(_mm512_loadu_ps(out + r * 64 + d), by));
+                }
+                _tile_loadd(0, out, 256);
+                _tile_loadd(1, out + 16, 256);
+                _tile_loadd(2, out + 32, 256);
+                _tile_loadd(3, out + 48, 256);
+            }
+            const uint32_t *values = (const uint32_t *)packed->values + first / 2 * 64;
+            _tile_loadd(4, probs, FUSED_KEYS * 2);
+            _tile_loadd(7, values, 256);
+            _tile_dpbf16ps(0, 4, 7);
+            _tile_loadd(7, values + 16, 256);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_loadd(7, values + 32, 256);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_loadd(7, values + 48, 256);
+            _tile_dpbf16ps(3, 4, 7);
+        }
+        _tile_stored(0, out, 256);
+        _tile_stored(1, out + 16, 256);
+        _tile_stored(2, out + 32, 256);
+        _tile_stored(3, out + 48, 256);
+        for (int64_t r = 0; r < count; ++r) sums[first_row + r] = _mm512_reduce_add_ps(totals[r]);
+    }
+}
 #endif
 
 /* 1 where the kernel was built with AMX and this process may use it. */
@@ -444,6 +582,12 @@ static void attend_tile(const PrefillArgs *a, const Scratch *s, const Packed *pa
 #if HAVE_AMX
     /* Tiles of 16 rows: the rows past the tile's last are zero queries, their results unused. */
     const int64_t row_tiles = round_up(rows, TILE_ROWS) / TILE_ROWS;
+    if (a->amx && dim == 64) {
+        memset((uint16_t *)s->queries + rows * dim, 0, (size_t)((row_tiles * TILE_ROWS - rows) * dim) * sizeof(uint16_t));
+        attend_amx_64(packed, (const uint16_t *)s->queries, rows, first_position, group, padded, a->scale, s->outs,
+                      s->sums, s->scores, s->probs);
+        goto store;
+    }
     if (a->amx) {
         memset((uint16_t *)s->queries + rows * dim, 0, (size_t)((row_tiles * TILE_ROWS - rows) * dim) * sizeof(uint16_t));
         scores_amx(packed, (const uint16_t *)s->queries, row_tiles, padded, dim, s->scores);
@@ -467,6 +611,9 @@ static void attend_tile(const PrefillArgs *a, const Scratch *s, const Packed *pa
     else
 #endif
         tile_values_vectors(a, s, packed, rows, padded);
+#if HAVE_AMX
+store:
+#endif
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t token = a->chunk_rows[chunk] + first_query + r / group;
         const int64_t head = kv_head * group + r % group;
@@ -525,13 +672,15 @@ int hawker_paged_prefill_attention(const void *q, const void *k_cache, const voi
         for (int64_t tile = round_up(chunk_lens[c], TILE_QUERIES) / TILE_QUERIES - 1; tile >= 0; --tile)
             for (int64_t h = 0; h < num_kv_heads; ++h) work[items++] = (Item){c, h, tile};
     const int64_t padded = round_up(longest, KEY_SPAN), rows = TILE_QUERIES * group;
+    /* Scores of a tile's rows, at least two steps of 16 rows by KEY_SPAN keys (attend_amx_64). */
+    const int64_t score_floats = rows * padded > 2 * 16 * KEY_SPAN ? rows * padded : 2 * 16 * KEY_SPAN;
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
         char *queries = failed ? NULL : malloc((size_t)(rows * dim) * sizeof(float));
-        float *scores = failed ? NULL : malloc((size_t)(rows * padded + rows * dim + rows) * sizeof(float));
+        float *scores = failed ? NULL : malloc((size_t)(score_floats + rows * dim + rows) * sizeof(float));
         uint16_t *probs = failed ? NULL : malloc((size_t)(rows * padded) * sizeof(uint16_t));
         const int ready = queries && scores && probs;
-        float *outs = ready ? scores + rows * padded : NULL;
+        float *outs = ready ? scores + score_floats : NULL;
         const Scratch scratch = {queries, scores, probs, outs, ready ? outs + rows * dim : NULL};
 #if HAVE_AMX
         if (args.amx) amx_configure_tiles(); /* a thread's tile registers are its own */
