@@ -368,7 +368,9 @@ class ModelRunner:
         pending = None
         if sampled:
             rows = upload([row for _, row in sampled], torch.long, self.device)
-            logits = self.model.compute_logits(hidden[rows]).float()
+            logits = self.model.compute_logits(hidden[rows])
+            if self.logits_observer is not None or masks is not None:
+                logits = logits.float()  # else the sampler widens them only where a row needs more than argmax
             if self.logits_observer is not None:
                 self.logits_observer([seq.request_id for seq, _ in sampled], logits)
             if masks is not None:  # structured outputs: only the tokens their constraints allow

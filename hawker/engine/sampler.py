@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from hawker.host_transfer import HostCopy, upload
+from hawker.kernels import rowwise
 from hawker.outputs import Logprob, PositionLogprobs
 from hawker.sampling_params import SamplingParams
 
@@ -110,6 +111,8 @@ class Sampler:
         return JoinedSample([self._launch_rows(logits[i : i + 1].clone(), [row]) for i, row in enumerate(rows)])
 
     def _launch_rows(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> PendingSample:
+        if all(self._argmax_only(row) for row in rows):
+            return PendingSample(greedy_tokens(logits), ())
         logits = logits.float()
         wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         raw = any(rows[i].params.logprobs_mode == "raw" for i in wanted)
@@ -129,6 +132,17 @@ class Sampler:
             tensors = logprob_tensors(source[index], token_ids[index], top)
             groups.append(_LogprobGroup(tuple(group), tuple(rows[i].params.logprobs or 0 for i in group), tensors))
         return PendingSample(token_ids, tuple(groups))
+
+    def _argmax_only(self, row: SampleRow) -> bool:
+        """Greedy with nothing that changes or reports the logits: its token is the first largest logit."""
+        params = row.params
+        return (
+            params.greedy
+            and params.logprobs is None
+            and not params.uses_penalties
+            and not params.logit_bias
+            and not (row.output_index < params.min_tokens and self._stop_ids(params))
+        )
 
     # ------------------------------------------------------------ processors
     def _apply_penalties(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
@@ -218,6 +232,17 @@ class Sampler:
                 gen = seeded_generator(row.params.seed, row.sample_index, row.output_index, self.device)
                 uniforms[j] = torch.rand(1, generator=gen, dtype=torch.float64, device=self.device)
         return uniforms
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """The first index of each row's largest logit, in the logits' own dtype: widening bfloat16 is exact, so the
+    index is the float32 one's. Eager bfloat16 CPU rows take one C pass (hawker/kernels/rowwise.py): widening a
+    step's 128 x 49,152 logits and torch's max took ~3 ms against ~0.4 (benchmarks/NOTES.md, session 17)."""
+    if logits.dim() == 2 and rowwise.serves(logits):
+        tokens = rowwise.argmax(logits)
+        if tokens is not None:  # None: a NaN, which torch's max reports as it does
+            return tokens
+    return logits.max(dim=-1).indices
 
 
 def _inverse_cdf_draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""RMSNorm, SiLU-and-multiply and the rotary embedding in one pass each over bfloat16 rows on a CPU
-(``csrc/rowwise.c``).
+"""RMSNorm, SiLU-and-multiply, the rotary embedding and greedy argmax in one pass each over bfloat16 rows
+on a CPU (``csrc/rowwise.c``).
 
 An eager prompt step runs RMSNorm as six torch ops, SiLU-and-multiply as
 three and the rotation as four, each a pass over memory with its own
@@ -32,6 +32,7 @@ class _Kernels(NamedTuple):
     rms_norm: CFunction
     silu_and_mul: CFunction
     rotary: CFunction
+    argmax: CFunction
 
 
 @functools.cache
@@ -40,10 +41,13 @@ def _kernels() -> _Kernels | None:
     if library is None:
         return None
     pointer, i64, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    kernels = _Kernels(library.hawker_rms_norm, library.hawker_silu_and_mul, library.hawker_rotary)
+    kernels = _Kernels(
+        library.hawker_rms_norm, library.hawker_silu_and_mul, library.hawker_rotary, library.hawker_argmax_rows
+    )
     kernels.rms_norm.argtypes = [pointer, i64, pointer, pointer, i64, i64, ctypes.c_float, threads]
     kernels.silu_and_mul.argtypes = [pointer, i64, pointer, i64, i64, threads]
     kernels.rotary.argtypes = [pointer, i64, pointer, pointer, pointer, i64, i64, i64, threads]
+    kernels.argmax.argtypes = [pointer, i64, pointer, i64, i64, threads]
     for kernel in kernels:
         kernel.restype = ctypes.c_int
     return kernels
@@ -117,3 +121,18 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
         torch.get_num_threads(),
     )  # fmt: skip
     return out
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor | None:
+    """The first index of each row's largest value of 2-D bfloat16 ``x`` (``torch.max(dim=-1).indices``), in
+    one pass without widening the rows to float32; None where a row holds NaN (``serves(x)`` first)."""
+    kernels = _kernels()
+    assert kernels is not None
+    rows = _rows(x)
+    out = torch.empty(rows.shape[0], dtype=torch.long)
+    if rows.shape[0] == 0 or rows.shape[1] == 0:
+        return None
+    found_nan = kernels.argmax(
+        rows.data_ptr(), rows.stride(0), out.data_ptr(), rows.shape[0], rows.shape[1], torch.get_num_threads()
+    )
+    return None if found_nan else out

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hawker import LLM, SamplingParams
-from hawker.engine.sampler import Sampler, SampleRow, _top_k_top_p
+from hawker.engine.sampler import Sampler, SampleRow, _top_k_top_p, greedy_tokens
 from tests.support.tiny_models import VOCAB_SIZE
 
 
@@ -190,3 +190,20 @@ def test_stop_strings_and_token_ids(llm: LLM) -> None:
     assert by_text.finish_reason == "stop" and by_text.stop_reason == stop_text
     assert stop_text not in by_text.text
     assert full.text.startswith(by_text.text) and len(by_text.text) < len(full.text)
+
+
+def test_plain_greedy_rows_take_the_first_largest_bfloat16_logit() -> None:
+    # Logits in the model's dtype: rows that only need argmax are sampled without widening them; the tokens are
+    # the float32 path's (a greedy row with logprobs takes that path in the same batch).
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 1000, generator=generator).bfloat16()
+    logits[1, 10] = logits[1, 20] = logits[1].max() + 1  # a tie: the first index wins
+    plain = SamplingParams(temperature=0.0)
+    rows = [SampleRow(plain, 0, 0, (), 4) for _ in range(6)]
+    sampler = Sampler(eos_token_id=None)
+    expected = logits.float().max(dim=-1).indices
+    assert sampler(logits, rows).token_ids == expected.tolist()
+    assert greedy_tokens(logits).tolist() == expected.tolist() and expected[1] == 10
+    with_logprobs = [*rows[:5], SampleRow(SamplingParams(temperature=0.0, logprobs=2), 0, 0, (), 4)]
+    result = sampler(logits, with_logprobs)
+    assert result.token_ids == expected.tolist() and result.logprobs[5] is not None

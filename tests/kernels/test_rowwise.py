@@ -90,3 +90,19 @@ def test_the_switch_and_what_the_kernels_do_not_take(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv(rowwise.SWITCH_VARIABLE, "on")
     with pytest.raises(ValueError, match=rowwise.SWITCH_VARIABLE):
         rowwise.serves(x)
+
+
+@pytest.mark.parametrize("shape", [(128, 49152), (3, 17), (5, 1), (7, 33), (2, 16)])
+def test_argmax_is_torch_max_first_index(shape: tuple[int, int]) -> None:
+    generator = torch.Generator().manual_seed(shape[1])
+    distinct = torch.randn(*shape, generator=generator).bfloat16()
+    ties = torch.randint(0, 3, shape, generator=generator).bfloat16()  # the top value many times in a row
+    lowest = torch.full(shape, float("-inf")).bfloat16()
+    for x in (distinct, ties, lowest, distinct[:, : max(1, shape[1] - 1)]):
+        assert torch.equal(rowwise.argmax(x), x.max(dim=-1).indices)
+
+
+def test_argmax_leaves_a_row_with_nan_to_torch() -> None:
+    x = torch.randn(4, 100).bfloat16()
+    x[2, 50] = float("nan")
+    assert rowwise.argmax(x) is None

@@ -81,6 +81,27 @@ static void rotate_head(const uint16_t *x, const uint16_t *cos, const uint16_t *
         store16_bf16(out + half + i, high_out, lanes);
     }
 }
+/* The index of the first largest of `size` (>= 1) bfloat16 values, or -1 if one of them is NaN. Each lane keeps
+ * the first index of its own largest; the answer is the smallest index among the lanes holding the top. */
+static int64_t argmax_row(const uint16_t *x, int64_t size) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 none = _mm512_set1_ps(-INFINITY);
+    __m512 best = _mm512_mask_mov_ps(none, lanes_below(size), load16_bf16(x, lanes_below(size)));
+    __m512i index = lane;
+    __mmask16 nan = _mm512_cmp_ps_mask(best, best, _CMP_UNORD_Q);
+    for (int64_t i = 16; i < size; i += 16) {
+        const __mmask16 lanes = lanes_below(size - i);
+        const __m512 value = _mm512_mask_mov_ps(none, lanes, load16_bf16(x + i, lanes));
+        const __mmask16 above = _mm512_cmp_ps_mask(value, best, _CMP_GT_OQ);
+        best = _mm512_mask_mov_ps(best, above, value);
+        index = _mm512_mask_mov_epi32(index, above, _mm512_add_epi32(lane, _mm512_set1_epi32((int)i)));
+        nan |= _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q);
+    }
+    if (nan) return -1;
+    const __mmask16 top = _mm512_cmp_ps_mask(best, _mm512_set1_ps(_mm512_reduce_max_ps(best)), _CMP_EQ_OQ);
+    return _mm512_mask_reduce_min_epi32(top, index);
+}
+
 #else
 static inline float round_bf16(float value) { return bf16_to_float(float_to_bf16(value)); }
 
@@ -109,6 +130,17 @@ static void silu_and_mul_row(const uint16_t *gate, const uint16_t *up, uint16_t 
         out[i] = float_to_bf16(silu * bf16_to_float(up[i]));
     }
 }
+
+static int64_t argmax_row(const uint16_t *x, int64_t size) {
+    int64_t found = 0;
+    float best = bf16_to_float(x[0]);
+    for (int64_t i = 0; i < size; ++i) {
+        const float value = bf16_to_float(x[i]);
+        if (value != value) return -1;
+        if (value > best) best = value, found = i;
+    }
+    return found;
+}
 #endif
 
 /* x: [rows, size] bfloat16, rows x_stride elements apart; out: [rows, size] contiguous. */
@@ -136,4 +168,16 @@ int hawker_rotary(const uint16_t *x, int64_t x_stride, const uint16_t *cos, cons
         for (int64_t h = 0; h < heads; ++h)
             rotate_head(x + t * x_stride + h * dim, cos + t * dim, signed_sin + t * dim, out + (t * heads + h) * dim, dim);
     return 0;
+}
+
+/* x: [rows, size] bfloat16 (size >= 1), rows x_stride elements apart; out[r]: the first index of row r's largest
+ * value, as torch.max(dim=-1).indices gives it. Returns 1 (out unfinished) if a value is NaN, else 0. */
+int hawker_argmax_rows(const uint16_t *x, int64_t x_stride, int64_t *out, int64_t rows, int64_t size, int threads) {
+    int nan = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : nan) if (rows * size >= 65536)
+    for (int64_t r = 0; r < rows; ++r) {
+        out[r] = argmax_row(x + r * x_stride, size);
+        nan |= out[r] < 0;
+    }
+    return nan;
 }
