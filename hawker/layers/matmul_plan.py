@@ -42,6 +42,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -84,6 +85,13 @@ LARGE_ROW_KERNELS = (FP32,)
 LARGE_ROW_FLOOR = 32
 # Any number of rows.
 ANY_ROWS = sys.maxsize
+# A weight at least this large that a step reads once, after every layer's weights and the KV cache have passed
+# through the caches (the LM head: 57 MB for the default model), is timed with the last-level cache emptied
+# before each pass: timed warm, its oneDNN copy on 64-row tiles won, though it is 1.4-1.6x slower than the AMX
+# copy from memory at 32-128 rows (benchmarks/NOTES.md, session 17).
+COLD_WEIGHT_BYTES = 16 * 2**20
+# Bytes read to empty the last-level cache where the CPU does not report its size.
+DEFAULT_LAST_LEVEL_CACHE = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -166,12 +174,17 @@ class Timings:
         return math.ceil(rows / tile) * self.at(kernel, tile)
 
 
-def _time_products(copies: Sequence[WeightCopy], x: torch.Tensor, repeats: int) -> float:
-    """Seconds per product of ``x`` with each of ``copies`` in turn (the best of ``repeats`` passes)."""
+def _time_products(
+    copies: Sequence[WeightCopy], x: torch.Tensor, repeats: int, evict: Callable[[], object] | None = None
+) -> float:
+    """Seconds per product of ``x`` with each of ``copies`` in turn (the best of ``repeats`` passes), ``evict``
+    called before each pass."""
     for copy in copies:  # warm-up: oneDNN and MKL build their kernels on the first call of a shape
         copy.matmul(x)
     best = math.inf
     for _ in range(repeats):
+        if evict is not None:
+            evict()
         start = time.perf_counter()
         for copy in copies:
             copy.matmul(x)
@@ -188,17 +201,34 @@ def _row_counts(kernel: str, limit: int) -> list[int]:
     return counts
 
 
-def measure(weight: torch.Tensor, copies: dict[str, list[WeightCopy]], limit: int, repeats: int) -> Timings:
-    """Time each kernel's copies (the layers of one group, shaped as ``weight``) at the row counts up to ``limit``."""
+def measure(
+    weight: torch.Tensor, copies: dict[str, list[WeightCopy]], limit: int, repeats: int, read_once: bool = False
+) -> Timings:
+    """Time each kernel's copies (the layers of one group, shaped as ``weight``) at the row counts up to ``limit``;
+    ``read_once``: a step reads this weight once, long after its previous step (``COLD_WEIGHT_BYTES``)."""
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(max(ROW_COUNTS), weight.shape[1], generator=generator).to(weight.dtype)
+    cold = read_once and weight.numel() * weight.element_size() >= COLD_WEIGHT_BYTES
+    filler = torch.ones(_last_level_cache_bytes() // 4) if cold else None
+    evict = None if filler is None else filler.sum
     seconds: dict[str, dict[int, float]] = {}
     for kernel, layer_copies in copies.items():
         seconds[kernel] = {}
         for rows in _row_counts(kernel, limit):
             used = layer_copies if rows <= COLD_ROWS else layer_copies[:WARM_LAYERS]
-            seconds[kernel][rows] = _time_products(used, inputs[:rows], repeats)
+            seconds[kernel][rows] = _time_products(used, inputs[:rows], repeats, evict)
     return Timings(seconds)
+
+
+def _last_level_cache_bytes() -> int:
+    """The largest CPU cache Linux reports (sysfs), else ``DEFAULT_LAST_LEVEL_CACHE``."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip() if entry.is_file() else ""
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        if text[:-1].isdigit() and text[-1] in units:
+            sizes.append(int(text[:-1]) * units[text[-1]])
+    return max(sizes, default=DEFAULT_LAST_LEVEL_CACHE)
 
 
 def rows_invariant(copy: WeightCopy, x: torch.Tensor, counts: Iterable[int]) -> bool:

@@ -162,7 +162,7 @@ def _timed_copies(group: _Group) -> dict[str, list[WeightCopy]]:
 
 def _measured_plan(group: _Group, options: MatmulOptions, limit: int) -> LayerPlan:
     weight = group.layers[0].weight.data
-    timings = measure(weight, _timed_copies(group), limit, options.repeats)
+    timings = measure(weight, _timed_copies(group), limit, options.repeats, read_once=group.is_head)
     if options.consistent:
         return consistent_plan(weight, group.kernels, timings, options, limit)
     return speed_plan(timings, group.kernels, options, limit)

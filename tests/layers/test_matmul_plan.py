@@ -132,3 +132,31 @@ def test_measured_plans_compute_the_same_products(consistent: bool) -> None:
             x = torch.randn(rows, layer.weight.shape[1]).bfloat16()
             expected = F.linear(x.float(), layer.weight.float())
             torch.testing.assert_close(layer.project(x).float(), expected, atol=0.1, rtol=0.02)
+
+
+def test_a_weight_read_once_a_step_is_timed_with_the_caches_emptied(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The LM head (read once a step, after everything else): every timed pass reads a last-level-cache-sized
+    # buffer first; the layers' weights, and a head smaller than COLD_WEIGHT_BYTES, are timed without.
+    reads: list[int] = []
+    real_sum = torch.Tensor.sum
+
+    def counting_sum(self: torch.Tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
+        reads.append(self.numel() * self.element_size())
+        return real_sum(self, *args, **kwargs)
+
+    monkeypatch.setattr(matmul_plan, "_last_level_cache_bytes", lambda: 2**20)
+    monkeypatch.setattr(torch.Tensor, "sum", counting_sum)
+    weight = torch.randn(64, 32)
+    copies = {DENSE: [matmul_plan.BUILDERS[DENSE](weight)]}
+    monkeypatch.setattr(matmul_plan, "COLD_WEIGHT_BYTES", weight.numel() * weight.element_size())
+    timings = matmul_plan.measure(weight, copies, 4, repeats=2, read_once=True)
+    assert reads == [2**20] * 2 * 3 and set(timings.seconds[DENSE]) == {1, 2, 4}  # 2 passes x 3 row counts
+    reads.clear()
+    matmul_plan.measure(weight, copies, 4, repeats=2, read_once=False)
+    monkeypatch.setattr(matmul_plan, "COLD_WEIGHT_BYTES", weight.numel() * weight.element_size() + 1)
+    matmul_plan.measure(weight, copies, 4, repeats=2, read_once=True)
+    assert reads == []
+
+
+def test_the_last_level_cache_size_is_read_or_defaulted() -> None:
+    assert matmul_plan._last_level_cache_bytes() >= 2**20
