@@ -129,9 +129,9 @@ def argmax(x: torch.Tensor) -> torch.Tensor | None:
     kernels = _kernels()
     assert kernels is not None
     rows = _rows(x)
-    out = torch.empty(rows.shape[0], dtype=torch.long)
     if rows.shape[0] == 0 or rows.shape[1] == 0:
         return None
+    out = torch.empty(rows.shape[0], dtype=torch.long)
     found_nan = kernels.argmax(
         rows.data_ptr(), rows.stride(0), out.data_ptr(), rows.shape[0], rows.shape[1], torch.get_num_threads()
     )

@@ -90,8 +90,9 @@ ANY_ROWS = sys.maxsize
 # before each pass: timed warm, its oneDNN copy on 64-row tiles won, though it is 1.4-1.6x slower than the AMX
 # copy from memory at 32-128 rows (benchmarks/NOTES.md, session 17).
 COLD_WEIGHT_BYTES = 16 * 2**20
-# Bytes read to empty the last-level cache where the CPU does not report its size.
+# Bytes read to empty the last-level cache where the CPU does not report its size, and at most.
 DEFAULT_LAST_LEVEL_CACHE = 64 * 2**20
+MAX_LAST_LEVEL_CACHE = 2**30
 
 
 @dataclass(frozen=True)
@@ -221,14 +222,15 @@ def measure(
 
 
 def _last_level_cache_bytes() -> int:
-    """The largest CPU cache Linux reports (sysfs), else ``DEFAULT_LAST_LEVEL_CACHE``."""
+    """The largest CPU cache Linux reports (sysfs; at most ``MAX_LAST_LEVEL_CACHE``), else
+    ``DEFAULT_LAST_LEVEL_CACHE``."""
     sizes = []
     for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
         text = entry.read_text().strip() if entry.is_file() else ""
         units = {"K": 2**10, "M": 2**20, "G": 2**30}
         if text[:-1].isdigit() and text[-1] in units:
             sizes.append(int(text[:-1]) * units[text[-1]])
-    return max(sizes, default=DEFAULT_LAST_LEVEL_CACHE)
+    return min(max(sizes, default=DEFAULT_LAST_LEVEL_CACHE), MAX_LAST_LEVEL_CACHE)
 
 
 def rows_invariant(copy: WeightCopy, x: torch.Tensor, counts: Iterable[int]) -> bool:
