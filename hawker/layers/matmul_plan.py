@@ -210,8 +210,7 @@ def measure(
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(max(ROW_COUNTS), weight.shape[1], generator=generator).to(weight.dtype)
     cold = read_once and weight.numel() * weight.element_size() >= COLD_WEIGHT_BYTES
-    filler = torch.ones(_last_level_cache_bytes() // 4) if cold else None
-    evict = None if filler is None else filler.sum
+    evict = torch.ones(_last_level_cache_bytes() // 4).sum if cold else None
     seconds: dict[str, dict[int, float]] = {}
     for kernel, layer_copies in copies.items():
         seconds[kernel] = {}
@@ -224,10 +223,10 @@ def measure(
 def _last_level_cache_bytes() -> int:
     """The largest CPU cache Linux reports (sysfs; at most ``MAX_LAST_LEVEL_CACHE``), else
     ``DEFAULT_LAST_LEVEL_CACHE``."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
     sizes = []
     for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
         text = entry.read_text().strip() if entry.is_file() else ""
-        units = {"K": 2**10, "M": 2**20, "G": 2**30}
         if text[:-1].isdigit() and text[-1] in units:
             sizes.append(int(text[:-1]) * units[text[-1]])
     return min(max(sizes, default=DEFAULT_LAST_LEVEL_CACHE), MAX_LAST_LEVEL_CACHE)

@@ -372,6 +372,21 @@ static inline __attribute__((always_inline)) void fused_scores(const Packed *pac
     }
 }
 
+/* The weighted sums of 16 rows by 64 dims (tmm0-3) to and from `out` (rows of 64 floats), exactly. */
+static inline __attribute__((always_inline)) void store_sums(float *out) {
+    _tile_stored(0, out, 256);
+    _tile_stored(1, out + 16, 256);
+    _tile_stored(2, out + 32, 256);
+    _tile_stored(3, out + 48, 256);
+}
+
+static inline __attribute__((always_inline)) void load_sums(const float *out) {
+    _tile_loadd(0, out, 256);
+    _tile_loadd(1, out + 16, 256);
+    _tile_loadd(2, out + 32, 256);
+    _tile_loadd(3, out + 48, 256);
+}
+
 /* A row's weights are taken against a running largest score that moves only when a weight would pass
  * 2^RESCALE_LOG2, so the weights stay under it and the sums rarely need rescaling. */
 #define RESCALE_LOG2 2.0f
@@ -454,20 +469,14 @@ static void attend_amx_64(const Packed *packed, const uint16_t *queries, int64_t
                 totals[r] = _mm512_add_ps(_mm512_add_ps(totals[r], wa), wb);
             }
             if (moved) { /* the tiles pass through `out` to rescale the rows whose shift moved */
-                _tile_stored(0, out, 256);
-                _tile_stored(1, out + 16, 256);
-                _tile_stored(2, out + 32, 256);
-                _tile_stored(3, out + 48, 256);
+                store_sums(out);
                 for (int64_t r = 0; r < count; ++r) {
                     if (rescale[r] == 1.0f) continue;
                     const __m512 by = _mm512_set1_ps(rescale[r]);
                     for (int64_t d = 0; d < 64; d += 16)
                         _mm512_storeu_ps(out + r * 64 + d, _mm512_mul_ps(_mm512_loadu_ps(out + r * 64 + d), by));
                 }
-                _tile_loadd(0, out, 256);
-                _tile_loadd(1, out + 16, 256);
-                _tile_loadd(2, out + 32, 256);
-                _tile_loadd(3, out + 48, 256);
+                load_sums(out);
             }
             const uint32_t *values = (const uint32_t *)packed->values + first / 2 * 64;
             _tile_loadd(4, probs, FUSED_KEYS * 2);
@@ -480,10 +489,7 @@ static void attend_amx_64(const Packed *packed, const uint16_t *queries, int64_t
             _tile_loadd(7, values + 48, 256);
             _tile_dpbf16ps(3, 4, 7);
         }
-        _tile_stored(0, out, 256);
-        _tile_stored(1, out + 16, 256);
-        _tile_stored(2, out + 32, 256);
-        _tile_stored(3, out + 48, 256);
+        store_sums(out);
         for (int64_t r = 0; r < count; ++r) sums[first_row + r] = _mm512_reduce_add_ps(totals[r]);
     }
 }
@@ -582,14 +588,13 @@ static void attend_tile(const PrefillArgs *a, const Scratch *s, const Packed *pa
 #if HAVE_AMX
     /* Tiles of 16 rows: the rows past the tile's last are zero queries, their results unused. */
     const int64_t row_tiles = round_up(rows, TILE_ROWS) / TILE_ROWS;
-    if (a->amx && dim == 64) {
-        memset((uint16_t *)s->queries + rows * dim, 0, (size_t)((row_tiles * TILE_ROWS - rows) * dim) * sizeof(uint16_t));
-        attend_amx_64(packed, (const uint16_t *)s->queries, rows, first_position, group, padded, a->scale, s->outs,
-                      s->sums, s->scores, s->probs);
-        goto store;
-    }
     if (a->amx) {
         memset((uint16_t *)s->queries + rows * dim, 0, (size_t)((row_tiles * TILE_ROWS - rows) * dim) * sizeof(uint16_t));
+        if (dim == 64) {
+            attend_amx_64(packed, (const uint16_t *)s->queries, rows, first_position, group, padded, a->scale, s->outs,
+                          s->sums, s->scores, s->probs);
+            goto store;
+        }
         scores_amx(packed, (const uint16_t *)s->queries, row_tiles, padded, dim, s->scores);
     } else
 #endif

@@ -81,6 +81,7 @@ static void rotate_head(const uint16_t *x, const uint16_t *cos, const uint16_t *
         store16_bf16(out + half + i, high_out, lanes);
     }
 }
+
 /* The index of the first largest of `size` (>= 1) bfloat16 values, or -1 if one of them is NaN. Each lane keeps
  * the first index of its own largest; the answer is the smallest index among the lanes holding the top. */
 static int64_t argmax_row(const uint16_t *x, int64_t size) {
