@@ -9,7 +9,12 @@
  * by 32 outputs in four float32 tiles over the whole input (two A tiles and
  * two B tiles a step), then rounds them to bfloat16. The items run
  * row-block-major, so a thread's rows stay in its cache while it passes over
- * the panels.
+ * the panels. The rows' tiles are loaded with the streaming hint
+ * (tileloaddt1): a group of 32 rows and a panel take 36 KB each at 576
+ * inputs, which L1 (48 KB) cannot hold together, and with plain loads each
+ * pushed the other out; hinted, the panel stays in L1 for the block's next
+ * groups of rows and only the rows come from L2 (12-13 % faster over a
+ * model's projections at 128-2,048 rows, benchmarks/NOTES.md session 18).
  *
  * Why not oneDNN's packed matmul, which runs at 2.4-3.0 TFLOP/s on 2,048
  * rows here: its sums for a row depend on how many rows the call has (it
@@ -34,7 +39,9 @@
 enum { PANEL = 32, TILE_ROWS = AMX_TILE_ROWS, PAIRS_PER_STEP = 16 };
 
 /* A block's rows take about this many bytes, so they stay in L2 while the panels pass over them. */
-#define BLOCK_BYTES (512 * 1024)
+#define BLOCK_BYTES (1024 * 1024)
+/* At most this many rows a block: each panel read from memory serves them all (512 measured slower). */
+#define MAX_BLOCK_ROWS 256
 
 static __mmask16 lane_mask(int64_t valid) {
     if (valid <= 0) return 0;
@@ -57,8 +64,8 @@ static void panel_rows32(const uint16_t *x, int64_t x_stride, const uint16_t *pa
     _tile_zero(3);
     for (int64_t p = 0; p < pairs; p += PAIRS_PER_STEP) {
         const uint16_t *weights = panel + p * PANEL * 2;
-        _tile_loadd(4, x + 2 * p, x_bytes);
-        _tile_loadd(5, x + TILE_ROWS * x_stride + 2 * p, x_bytes);
+        _tile_stream_loadd(4, x + 2 * p, x_bytes);
+        _tile_stream_loadd(5, x + TILE_ROWS * x_stride + 2 * p, x_bytes);
         _tile_loadd(6, weights, panel_bytes);
         _tile_loadd(7, weights + 32, panel_bytes);
         _tile_dpbf16ps(0, 4, 6);
@@ -80,7 +87,7 @@ static void panel_rows16(const uint16_t *x, int64_t x_stride, const uint16_t *pa
     _tile_zero(1);
     for (int64_t p = 0; p < pairs; p += PAIRS_PER_STEP) {
         const uint16_t *weights = panel + p * PANEL * 2;
-        _tile_loadd(4, x + 2 * p, x_bytes);
+        _tile_stream_loadd(4, x + 2 * p, x_bytes);
         _tile_loadd(6, weights, panel_bytes);
         _tile_loadd(7, weights + 32, panel_bytes);
         _tile_dpbf16ps(0, 4, 6);
@@ -99,11 +106,12 @@ int hawker_amx_linear(const uint16_t *x, int64_t x_stride, const uint16_t *packe
                       int64_t rows, int64_t in_features, int64_t out_features, int threads) {
     if (!amx_permitted()) return -1;
     const int64_t pairs = in_features / 2, panels = (out_features + PANEL - 1) / PANEL;
-    /* Rows per block: a multiple of 32 that fits BLOCK_BYTES, at least 32 and at most 128 (larger blocks
-     * measured slower at 2,048 rows: 256 ran at 0.92-0.95x of 128). */
+    /* Rows per block: a multiple of 32 that fits BLOCK_BYTES, at least 32 and at most MAX_BLOCK_ROWS; then
+     * the rows shared evenly between that many blocks (a short last block left one thread idle). */
     int64_t block_rows = BLOCK_BYTES / (in_features * 2) / (2 * TILE_ROWS) * (2 * TILE_ROWS);
-    block_rows = block_rows < 2 * TILE_ROWS ? 2 * TILE_ROWS : block_rows > 128 ? 128 : block_rows;
+    block_rows = block_rows < 2 * TILE_ROWS ? 2 * TILE_ROWS : block_rows > MAX_BLOCK_ROWS ? MAX_BLOCK_ROWS : block_rows;
     const int64_t blocks = (rows + block_rows - 1) / block_rows;
+    block_rows = ((rows + blocks - 1) / blocks + 2 * TILE_ROWS - 1) / (2 * TILE_ROWS) * (2 * TILE_ROWS);
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
