@@ -13,7 +13,9 @@ headers and a C++ compiler are at hand, else ``_run`` here through ctypes:
 Its bfloat16 loops take a whole sequence (every KV head) as a work item, so
 that each block's rows are read whole, front to back (benchmarks/NOTES.md,
 session 14); ``HAWKER_DECODE_ATTENTION_ITEMS=kv-head`` builds the earlier
-(sequence, KV head) items instead, the off switch.
+(sequence, KV head) items instead, the off switch. With 64-dim heads and a
+bfloat16 cache those items multiply on AMX tiles where the CPU has them
+(session 18); ``HAWKER_DECODE_ATTENTION_AMX=0`` builds without that path.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 
 from hawker.kernels.native import (
     DTYPE_CODES,
+    FLOAT8_CACHE_CODES,
     CFunction,
     attention_inputs,
     define_op,
@@ -50,18 +53,39 @@ def whole_sequence_items() -> bool:
     return items == ITEMS_CHOICES[0]
 
 
-def _kernel(group: int, head_dim: int, whole_sequences: bool | None = None) -> CFunction | None:
+AMX_VARIABLE = "HAWKER_DECODE_ATTENTION_AMX"
+
+
+def amx_tiles() -> bool:
+    """Whether whole-sequence items of 64-dim heads multiply on AMX tiles where the CPU has them (the default;
+    ``HAWKER_DECODE_ATTENTION_AMX=0`` builds the vector loops alone, the off switch)."""
+    return os.environ.get(AMX_VARIABLE, "1") != "0"
+
+
+def _kernel(
+    group: int, head_dim: int, whole_sequences: bool | None = None, amx: bool | None = None
+) -> CFunction | None:
     """The kernel built for ``group`` query heads per KV head of ``head_dim`` dims (its vector loops' shape), its
-    work items as ``HAWKER_DECODE_ATTENTION_ITEMS`` says unless ``whole_sequences`` is given."""
+    work items as ``HAWKER_DECODE_ATTENTION_ITEMS`` says unless ``whole_sequences`` is given, AMX tiles as
+    ``HAWKER_DECODE_ATTENTION_AMX`` says unless ``amx`` is given."""
     items = whole_sequence_items() if whole_sequences is None else whole_sequences
-    return _build_kernel(group, head_dim, items)
+    return _build_kernel(group, head_dim, items, amx_tiles() if amx is None else amx)
+
+
+def _defines(group: int, head_dim: int, whole_sequences: bool, amx: bool) -> tuple[tuple[str, int], ...]:
+    return (
+        ("HAWKER_GROUP", group),
+        ("HAWKER_HEAD_DIM", head_dim),
+        ("HAWKER_SEQUENCE_ITEMS", int(whole_sequences)),
+        ("HAWKER_DECODE_AMX", int(amx)),
+    )
 
 
 @functools.cache
-def _build_kernel(group: int, head_dim: int, whole_sequences: bool) -> CFunction | None:
-    """The kernel for this shape of heads, its work items whole sequences or (sequence, KV head) pairs."""
-    defines = (("HAWKER_GROUP", group), ("HAWKER_HEAD_DIM", head_dim), ("HAWKER_SEQUENCE_ITEMS", int(whole_sequences)))
-    library = load_kernel_library(_LIBRARY, defines)
+def _build_kernel(group: int, head_dim: int, whole_sequences: bool, amx: bool) -> CFunction | None:
+    """The kernel for this shape of heads, its work items whole sequences or (sequence, KV head) pairs, with or
+    without its AMX path."""
+    library = load_kernel_library(_LIBRARY, _defines(group, head_dim, whole_sequences, amx))
     if library is None:
         return None
     function = library.hawker_paged_decode_attention
@@ -69,6 +93,20 @@ def _build_kernel(group: int, head_dim: int, whole_sequences: bool) -> CFunction
     function.argtypes = [pointer] * 6 + [i64] * 7 + [ctypes.c_float] + [ctypes.c_int] * 3
     function.restype = ctypes.c_int
     return function
+
+
+def multiplies_on_tiles(
+    heads: int, kv_heads: int, head_dim: int, block_size: int, cache_dtype: torch.dtype = torch.bfloat16
+) -> bool:
+    """Whether bfloat16 decodes with these heads and cache blocks take the kernel's AMX path on this machine
+    (as the settings build it)."""
+    library = load_kernel_library(_LIBRARY, _defines(heads // kv_heads, head_dim, whole_sequence_items(), amx_tiles()))
+    code = FLOAT8_CACHE_CODES.get(cache_dtype, DTYPE_CODES.get(cache_dtype))
+    if library is None or code is None:
+        return False
+    tiles = library.hawker_paged_decode_attention_tiles
+    tiles.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_int]
+    return bool(tiles(heads, kv_heads, block_size, code))
 
 
 OP = "hawker::paged_decode_attention"
@@ -129,9 +167,10 @@ def _run(
     context_lens: torch.Tensor,
     scale: float,
     whole_sequences: bool | None = None,
+    amx: bool | None = None,
 ) -> torch.Tensor:
-    """The operator through ctypes; ``whole_sequences`` picks a build's work items (default: the setting's)."""
-    kernel = _kernel(q.shape[1] // k_cache.shape[2], q.shape[2], whole_sequences)
+    """The operator through ctypes; ``whole_sequences`` and ``amx`` pick a build (default: the settings')."""
+    kernel = _kernel(q.shape[1] // k_cache.shape[2], q.shape[2], whole_sequences, amx)
     if kernel is None:
         raise RuntimeError("the paged decode attention kernel is not built; check available() first")
     q, cache_dtype = attention_inputs(q, k_cache, v_cache)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from hawker import LLM
 from hawker.attention.torch_metadata import TorchAttentionBackend
-from hawker.kernels import cpu_decode_attention
+from hawker.kernels import amx_linear, cpu_decode_attention
 from hawker.kernels.cpu_decode_attention import paged_decode_attention
 from tests.support.paged_caches import scattered_caches
 
@@ -136,7 +136,7 @@ def test_whole_sequence_items_give_the_bits_of_kv_head_items(
     k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
     q = torch.randn(len(lens), heads, dim).bfloat16()
     outputs = [
-        cpu_decode_attention._run(q, k_cache, v_cache, tables, context_lens, dim**-0.5, whole_sequences)
+        cpu_decode_attention._run(q, k_cache, v_cache, tables, context_lens, dim**-0.5, whole_sequences, amx=False)
         for whole_sequences in (True, False)
     ]
     assert torch.equal(outputs[0], outputs[1])
@@ -150,3 +150,68 @@ def test_an_unknown_work_item_setting_is_refused(monkeypatch: pytest.MonkeyPatch
         cpu_decode_attention.whole_sequence_items()
     monkeypatch.setenv(cpu_decode_attention.ITEMS_VARIABLE, "kv-head")
     assert not cpu_decode_attention.whole_sequence_items()
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "block_size"), [(9, 3, 16), (16, 4, 32), (6, 6, 48), (3, 1, 16)])
+def test_amx_items_match_sdpa_and_the_vector_loops(heads: int, kv_heads: int, block_size: int) -> None:
+    """Where the CPU has AMX, whole sequences of 64-dim heads in a bfloat16 cache multiply on tiles (keys and
+    values read as they lie, every query head in one tile): each head attends to its own KV head only, short
+    last runs and runs cut at block ends included; the vector loops and SDPA agree to bfloat16's rounding.
+    (On a CPU without AMX both builds are the vector loops, and the comparison still holds.)"""
+    lens = [1, 2, 15, 16, 17, block_size + 1, 37, 300, 401]
+    k_cache, v_cache, tables, context_lens = _paged_case(lens, kv_heads, 64, block_size, torch.bfloat16, seed=9)
+    q = torch.randn(len(lens), heads, 64, generator=torch.Generator().manual_seed(9)).bfloat16()
+    on, off = (
+        cpu_decode_attention._run(q, k_cache, v_cache, tables, context_lens, 0.125, True, amx=amx)
+        for amx in (True, False)
+    )
+    expected = _reference(q, k_cache, v_cache, tables, context_lens)
+    torch.testing.assert_close(on.float(), expected, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(on.float(), off.float(), atol=1e-2, rtol=1e-2)
+    # The tiles serve these calls wherever the CPU has AMX (the matmul's probe asks the same of Linux).
+    assert cpu_decode_attention.multiplies_on_tiles(heads, kv_heads, 64, block_size) == amx_linear.available()
+
+
+def test_amx_items_give_a_sequence_the_same_bits_in_any_batch() -> None:
+    """The tile path sums a sequence's rows in an order fixed by its own length: alone or beside others, first
+    or last, it gets the same bits (what consistent numerics needs of decode attention)."""
+    lens = [5, 33, 250, 64, 129]
+    k_cache, v_cache, tables, context_lens = _paged_case(lens, 3, 64, 16, torch.bfloat16, seed=11)
+    q = torch.randn(len(lens), 9, 64).bfloat16()
+    together = cpu_decode_attention._run(q, k_cache, v_cache, tables, context_lens, 0.125, True, amx=True)
+    for seq in range(len(lens)):
+        alone = cpu_decode_attention._run(
+            q[seq : seq + 1],
+            k_cache,
+            v_cache,
+            tables[seq : seq + 1],
+            context_lens[seq : seq + 1],
+            0.125,
+            True,
+            amx=True,
+        )
+        assert torch.equal(alone[0], together[seq])
+    flipped = cpu_decode_attention._run(
+        q.flip(0), k_cache, v_cache, tables.flip(0), context_lens.flip(0), 0.125, True, amx=True
+    )
+    assert torch.equal(flipped.flip(0), together)
+
+
+def test_the_amx_switch_and_what_the_tiles_do_not_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off by HAWKER_DECODE_ATTENTION_AMX=0; 8-bit caches, blocks not a multiple of 16 positions, more than 16
+    query heads, 128-dim heads and kv-head items take the vector loops."""
+    monkeypatch.delenv(cpu_decode_attention.AMX_VARIABLE, raising=False)
+    assert cpu_decode_attention.amx_tiles()
+    for heads, kv_heads, dim, block_size, dtype in [
+        (9, 3, 64, 16, torch.float8_e5m2),
+        (9, 3, 64, 24, torch.bfloat16),
+        (32, 8, 64, 16, torch.bfloat16),
+        (8, 1, 128, 32, torch.bfloat16),
+    ]:
+        assert not cpu_decode_attention.multiplies_on_tiles(heads, kv_heads, dim, block_size, dtype)
+    monkeypatch.setenv(cpu_decode_attention.ITEMS_VARIABLE, "kv-head")
+    assert not cpu_decode_attention.multiplies_on_tiles(9, 3, 64, 16)
+    monkeypatch.setenv(cpu_decode_attention.ITEMS_VARIABLE, "sequence")
+    monkeypatch.setenv(cpu_decode_attention.AMX_VARIABLE, "0")
+    assert not cpu_decode_attention.amx_tiles()
+    assert not cpu_decode_attention.multiplies_on_tiles(9, 3, 64, 16)

@@ -616,6 +616,164 @@ static void attend_sequence(const DecodeArgs *a, const Scratch *s, int64_t seq) 
     }
 }
 
+#ifndef HAWKER_DECODE_AMX
+#define HAWKER_DECODE_AMX 1
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && HAWKER_DECODE_AMX && HAWKER_HEAD_DIM == 64
+#define AMX_PATH 1
+#include "amx_tiles.h"
+/*
+ * Whole-sequence items on AMX tiles (64-dim heads, up to 16 query heads, a bfloat16 cache in blocks of a
+ * multiple of 16 positions). vdpbf16ps retires one every two cycles here, which held the vector loops to about
+ * half the bandwidth the cache is read at; a tile multiply does 16 of them. Both passes read the cache rows
+ * in place, 16 positions a run:
+ *  - key scores: the run's keys of one KV head (16 positions x 32 dims, rows row_bytes apart) are an A tile;
+ *    the queries a B tile whose columns are the query heads, only the KV head's own group's columns non-zero,
+ *    so one float32 tile sums every head's scores for the run (each from its own KV head alone); its columns
+ *    are then gathered into `scores` (head-major, as the vector loops leave them);
+ *  - weighted values: the run's values of one KV head are a B tile as they lie, 16 positions by 16 pairs of
+ *    dims; an A tile with row m holding head m's weights in the even halves of its pairs (odd halves zero)
+ *    picks out the even dims, one with them in the odd halves the odd dims, so no value is repacked. Rows of
+ *    the other KV heads' query heads are zero, so four tiles (even and odd dims of the two 32-dim halves)
+ *    sum every head's values.
+ * A sequence's sums still depend only on its own rows, in a fixed order, so its output is the same whatever
+ * else is in the batch; the tile unit orders each 32-dim product's sums its own way, so the bits differ from
+ * the vector loops' (HAWKER_DECODE_ATTENTION_AMX=0 builds without this path).
+ */
+enum { AMX_RUN = 16, AMX_HEADS = 16, TILE_BYTES = 1024 };
+
+/* A thread's tiles and rows for the AMX path, 64-byte aligned. */
+typedef struct {
+    uint32_t *queries; /* [kv_heads][2] B tiles: [16 dim pairs][16 query heads] bfloat16 pairs */
+    uint32_t *weights; /* [kv_heads][2] A tiles (even, odd): [16 query heads][16 positions] */
+    float *sums;       /* two 16 x 16 tiles of float32 */
+    char *padded;      /* a short run's 16 rows (every KV head), zero past its end */
+} AmxScratch;
+
+static int amx_path(const DecodeArgs *a) {
+    return a->cache_dtype == DTYPE_BFLOAT16 && a->num_heads <= AMX_HEADS && a->block_size % AMX_RUN == 0;
+}
+
+static size_t amx_scratch_bytes(const DecodeArgs *a) {
+    return (size_t)a->num_kv_heads * 4 * TILE_BYTES + 2 * TILE_BYTES + AMX_RUN * (size_t)(a->num_kv_heads * 64 * 2);
+}
+
+static AmxScratch amx_scratch(const DecodeArgs *a, char *memory) {
+    memset(memory, 0, amx_scratch_bytes(a)); /* the columns and rows of other KV heads stay zero */
+    const size_t tiles = (size_t)a->num_kv_heads * 2 * TILE_BYTES;
+    const AmxScratch scratch = {(uint32_t *)memory, (uint32_t *)(memory + tiles), (float *)(memory + 2 * tiles),
+                                memory + 2 * tiles + 2 * TILE_BYTES};
+    return scratch;
+}
+
+/* The sequence's queries into the B tiles: tile (h, c) row p column n = dims 32c + 2p, +1 of head n. */
+static void amx_query_tiles(const DecodeArgs *a, const AmxScratch *x, const uint16_t *q) {
+    const int64_t group = a->num_heads / a->num_kv_heads;
+    for (int64_t h = 0; h < a->num_kv_heads; ++h)
+        for (int64_t c = 0; c < 2; ++c) {
+            uint32_t *tile = x->queries + (h * 2 + c) * (TILE_BYTES / 4);
+            for (int64_t n = h * group; n < (h + 1) * group; ++n) {
+                const uint32_t *pairs = (const uint32_t *)(q + n * 64) + c * 16;
+                for (int64_t p = 0; p < 16; ++p) tile[p * 16 + n] = pairs[p];
+            }
+        }
+}
+
+/* The run's rows where a tile may read 16 of them: in place, or copied with zeros after a short run's end. */
+static inline const char *amx_run_rows(const AmxScratch *x, const SequenceRows *r, const char *rows, int64_t count) {
+    if (count == AMX_RUN) return rows;
+    memcpy(x->padded, rows, (size_t)count * r->row_bytes);
+    memset(x->padded + (size_t)count * r->row_bytes, 0, (size_t)(AMX_RUN - count) * r->row_bytes);
+    return x->padded;
+}
+
+/* scores[n, t] = scale * q_n . k_t: tmm0 the run's sums, tmm1 a KV head's keys, tmm2 its queries. */
+static void amx_key_scores(const DecodeArgs *a, const Scratch *s, const AmxScratch *x, const SequenceRows *r) {
+    const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32(16));
+    const __m512 scale = _mm512_set1_ps(a->scale);
+    FOR_EACH_RUN(a, a->k_cache, *r, rows, first, count, {
+        const char *keys = amx_run_rows(x, r, rows, count);
+        _tile_zero(0);
+        for (int64_t h = 0; h < a->num_kv_heads; ++h) {
+            _tile_loadd(1, keys + h * 128, (int64_t)r->row_bytes);
+            _tile_loadd(2, x->queries + (h * 2) * (TILE_BYTES / 4), 64);
+            _tile_dpbf16ps(0, 1, 2);
+            _tile_loadd(1, keys + h * 128 + 64, (int64_t)r->row_bytes);
+            _tile_loadd(2, x->queries + (h * 2 + 1) * (TILE_BYTES / 4), 64);
+            _tile_dpbf16ps(0, 1, 2);
+        }
+        _tile_stored(0, x->sums, 64);
+        for (int64_t n = 0; n < a->num_heads; ++n)
+            _mm512_mask_storeu_ps(s->scores + n * r->len + first, lanes_below(count),
+                                  _mm512_mul_ps(_mm512_i32gather_ps(column, x->sums + n, 4), scale));
+    })
+}
+
+/* head_acc[n] = sum_t weight[n, t] v_t in dimension order: tmm0-3 the sums (even, odd dims of each 32-dim
+ * half), tmm4-5 a KV head's weights (even, odd), tmm6 its values. */
+static void amx_weighted_values(const DecodeArgs *a, const Scratch *s, const AmxScratch *x, const SequenceRows *r) {
+    const int64_t group = a->num_heads / a->num_kv_heads;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    FOR_EACH_RUN(a, a->v_cache, *r, rows, first, count, {
+        const char *values = amx_run_rows(x, r, rows, count);
+        for (int64_t h = 0; h < a->num_kv_heads; ++h) {
+            uint32_t *even = x->weights + (h * 2) * (TILE_BYTES / 4);
+            uint32_t *odd = even + TILE_BYTES / 4;
+            for (int64_t n = h * group; n < (h + 1) * group; ++n) {
+                const __m512 weights = _mm512_maskz_loadu_ps(lanes_below(count), s->scores + n * r->len + first);
+                const __m512i low = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(weights));
+                _mm512_storeu_si512(even + n * 16, low);
+                _mm512_storeu_si512(odd + n * 16, _mm512_slli_epi32(low, 16));
+            }
+            _tile_loadd(4, even, 64);
+            _tile_loadd(5, odd, 64);
+            _tile_loadd(6, values + h * 128, (int64_t)r->row_bytes);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 5, 6);
+            _tile_loadd(6, values + h * 128 + 64, (int64_t)r->row_bytes);
+            _tile_dpbf16ps(2, 4, 6);
+            _tile_dpbf16ps(3, 5, 6);
+        }
+    })
+    /* Even and odd dims interleaved back into dimension order. */
+    const __m512i low_half = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i high_half = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    for (int c = 0; c < 2; ++c) {
+        float *even = x->sums, *odd = x->sums + TILE_BYTES / 4;
+        if (c == 0) {
+            _tile_stored(0, even, 64);
+            _tile_stored(1, odd, 64);
+        } else {
+            _tile_stored(2, even, 64);
+            _tile_stored(3, odd, 64);
+        }
+        for (int64_t n = 0; n < a->num_heads; ++n) {
+            const __m512 e = _mm512_loadu_ps(even + n * 16), o = _mm512_loadu_ps(odd + n * 16);
+            _mm512_storeu_ps(s->head_acc + n * 64 + c * 32, _mm512_permutex2var_ps(e, low_half, o));
+            _mm512_storeu_ps(s->head_acc + n * 64 + c * 32 + 16, _mm512_permutex2var_ps(e, high_half, o));
+        }
+    }
+}
+
+static void amx_attend_sequence(const DecodeArgs *a, const Scratch *s, const AmxScratch *x, int64_t seq) {
+    const SequenceRows rows = sequence_rows(a, seq);
+    amx_query_tiles(a, x, (const uint16_t *)a->q + seq * a->q_row_stride);
+    amx_key_scores(a, s, x, &rows);
+    float sums[a->num_heads];
+    softmax_weights(s->scores, rows.len, a->num_heads, sums);
+    amx_weighted_values(a, s, x, &rows);
+    for (int64_t head = 0; head < a->num_heads; ++head)
+        store_row(a->out + (size_t)((seq * a->num_heads + head) * 64) * element_size(a->dtype), a->dtype, 64,
+                  s->head_acc + head * 64, 1.0f / sums[head]);
+}
+#else
+#define AMX_PATH 0
+#endif
+
 /* The whole-sequence items apply: the bfloat16-pairs path at this build's shape. */
 static int sequence_path(const DecodeArgs *a) {
     return a->dtype == DTYPE_BFLOAT16 && (a->cache_dtype == DTYPE_BFLOAT16 || is_float8(a->cache_dtype)) &&
@@ -623,12 +781,26 @@ static int sequence_path(const DecodeArgs *a) {
 }
 #else
 #define SEQUENCE_PATH 0
+#define AMX_PATH 0
 static int sequence_path(const DecodeArgs *a) {
     (void)a;
     return 0;
 }
 static void attend_sequence(const DecodeArgs *a, const Scratch *s, int64_t seq) { (void)a, (void)s, (void)seq; }
 #endif
+
+/* 1 where a bfloat16 call of this build with these heads and blocks takes the AMX path (a whole sequence
+ * per item, multiplied on tiles), else 0. */
+int hawker_paged_decode_attention_tiles(int64_t num_heads, int64_t num_kv_heads, int64_t block_size, int cache_dtype) {
+#if AMX_PATH
+    const DecodeArgs args = {.num_heads = num_heads, .num_kv_heads = num_kv_heads, .head_dim = HAWKER_HEAD_DIM,
+                             .block_size = block_size, .dtype = DTYPE_BFLOAT16, .cache_dtype = cache_dtype};
+    return sequence_path(&args) && amx_path(&args) && amx_permitted();
+#else
+    (void)num_heads, (void)num_kv_heads, (void)block_size, (void)cache_dtype;
+    return 0;
+#endif
+}
 
 /*
  * q: queries, sequence `i` head `h` at q[i * q_row_stride + h * head_dim];
@@ -651,6 +823,9 @@ int hawker_paged_decode_attention(const void *q, const void *k_cache, const void
     /* Heads scored at once by an item: all of them for whole sequences, one KV head's group otherwise. */
     const int64_t group = num_heads / num_kv_heads, item_heads = whole_sequences ? num_heads : group;
     const int64_t items = whole_sequences ? num_seqs : num_seqs * num_kv_heads;
+#if AMX_PATH
+    const int amx = whole_sequences && amx_path(&args) && amx_permitted();
+#endif
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
@@ -663,16 +838,35 @@ int hawker_paged_decode_attention(const void *q, const void *k_cache, const void
         float *widened = scores + item_heads * max_len;
         const Scratch scratch = {memory, memory + group * head_dim, memory + 2 * group * head_dim, scores,
                                  (uint16_t *)widened, widened + 8 * head_dim};
+#if AMX_PATH
+        char *amx_memory = amx ? aligned_alloc(64, (amx_scratch_bytes(&args) + 63) / 64 * 64) : NULL;
+        AmxScratch amx_scratch_ = {0};
+        if (amx_memory) {
+            amx_scratch_ = amx_scratch(&args, amx_memory);
+            amx_configure_tiles(); /* a thread's tile registers are its own */
+        }
+        const int ready = memory != NULL && (!amx || amx_memory != NULL);
+#else
+        const int ready = memory != NULL;
+#endif
         /* Every thread must reach the work-sharing loop, so a failed allocation only marks its items. */
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < items; ++item) {
-            if (memory == NULL)
+            if (!ready)
                 failed = 1;
+#if AMX_PATH
+            else if (amx)
+                amx_attend_sequence(&args, &scratch, &amx_scratch_, item);
+#endif
             else if (whole_sequences)
                 attend_sequence(&args, &scratch, item);
             else
                 attend_one(&args, &scratch, item / num_kv_heads, item % num_kv_heads);
         }
+#if AMX_PATH
+        if (amx_memory) _tile_release();
+        free(amx_memory);
+#endif
         free(memory);
     }
     return failed ? -1 : 0;
