@@ -97,6 +97,50 @@ def _run(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tens
     return out
 
 
+@functools.cache
+def _silu_mul_kernel() -> CFunction | None:
+    library = load_kernel_library(_LIBRARY) if _kernel() is not None else None
+    if library is None:
+        return None
+    function = library.hawker_amx_linear_silu_mul
+    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
+    function.argtypes = [pointer, i64, pointer, pointer, i64, i64, i64, i64, ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+def fuses_silu_mul(x: torch.Tensor, out_features: int) -> bool:
+    """``silu_mul`` serves these rows: eager (a compiled step fuses its own), 2-D bfloat16 rows read in place,
+    a [gate | up] width that comes in whole panels of 32 (csrc/amx_linear.c), the kernel built."""
+    return (
+        not torch.compiler.is_compiling()
+        and x.dim() == 2
+        and x.dtype == torch.bfloat16
+        and x.stride(1) == 1
+        and out_features % 64 == 0
+        and _silu_mul_kernel() is not None
+    )
+
+
+def silu_mul(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """``silu(gate) * up`` where ``[gate | up] = x @ W^T`` (``packed`` is ``pack(W)``, W [out_features, in]),
+    without the [rows, out_features] product ever going to memory; the bits of ``amx_linear`` followed by
+    hawker/kernels/rowwise.py's ``silu_and_mul``. Check ``fuses_silu_mul`` first."""
+    kernel = _silu_mul_kernel()
+    assert kernel is not None
+    in_features = panel_linear.checked_inputs(x, packed)
+    rows, size = x.shape[0], out_features // 2
+    out = torch.empty((rows, size), dtype=torch.bfloat16)
+    if rows:
+        status = kernel(
+            x.data_ptr(), x.stride(0), packed.data_ptr(), out.data_ptr(), size, rows, in_features, out_features,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError("the AMX SwiGLU kernel could not allocate its scratch rows")
+    return out
+
+
 def _fake(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
     return x.new_empty((x.shape[0], out_features))
 

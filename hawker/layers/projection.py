@@ -10,6 +10,7 @@ Without a plan (a GPU, batch-invariant mode) a projection is ``F.linear``.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hawker.config import MatmulOptions
+from hawker.kernels import amx_linear, rowwise
 from hawker.layers import plan_cache
 from hawker.layers.matmul_plan import (
     CONSISTENT_DECODE_ROWS,
@@ -27,9 +29,20 @@ from hawker.layers.matmul_plan import (
     measure,
     speed_plan,
 )
-from hawker.layers.weight_copies import BUILDERS, FP32, INT4, INT8DOT, INT8PAIR, DenseWeight, WeightCopy
+from hawker.layers.weight_copies import BUILDERS, FP32, INT4, INT8DOT, INT8PAIR, AmxWeight, DenseWeight, WeightCopy
 
 logger = logging.getLogger(__name__)
+
+
+FUSED_SWIGLU_VARIABLE = "HAWKER_FUSED_SWIGLU"
+
+
+def fused_swiglu_on() -> bool:
+    """``HAWKER_FUSED_SWIGLU``: 1 (the default) or 0; another value is a ValueError."""
+    value = os.environ.get(FUSED_SWIGLU_VARIABLE, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{FUSED_SWIGLU_VARIABLE}={value!r}: expected 1 or 0")
+    return value == "1"
 
 
 class ProjectionCopies:
@@ -47,6 +60,20 @@ class ProjectionCopies:
         copy = self.copies[step.kernel]
         out = _tiled(copy, x, step.tile) if step.tile else copy.matmul(x)
         return out if bias is None else out + bias
+
+    def project_silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``silu(gate) * up`` of this fused [gate | up] projection (no bias) in one pass, where the plan
+        multiplies these rows on AMX tiles untiled and the fused kernel takes them (the same bits as the
+        projection followed by hawker/layers/activation.py's ``silu_and_mul``, without the [rows, 2 x size]
+        product going to memory: hawker/kernels/amx_linear.py); None elsewhere, or with
+        ``HAWKER_FUSED_SWIGLU=0`` (the off switch)."""
+        if self.plan is None or x.dim() != 2 or not fused_swiglu_on() or not rowwise.switched_on():
+            return None
+        step = self.plan.choose(x.shape[0])
+        copy = self.copies.get(step.kernel)
+        if step.tile or not isinstance(copy, AmxWeight) or not amx_linear.fuses_silu_mul(x, copy.out_features):
+            return None
+        return amx_linear.silu_mul(x, copy.panel, copy.out_features)
 
     def set_plan(self, plan: LayerPlan, built: dict[str, WeightCopy]) -> None:
         """Use ``plan``, with the copies it needs (taken from ``built`` where there, else made now)."""

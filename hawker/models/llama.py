@@ -15,7 +15,7 @@ from torch import nn
 
 from hawker.attention.backend import StepAttention
 from hawker.config import ModelConfig
-from hawker.layers.activation import silu_and_mul
+from hawker.layers.activation import swiglu
 from hawker.layers.attention import PagedAttention
 from hawker.layers.batch_invariant import RowTiler
 from hawker.layers.linear import ColumnParallelLinear, RowParallelLinear
@@ -90,7 +90,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(size, cfg.hidden_size, False, tp, cfg.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        out: torch.Tensor = self.down_proj(swiglu(self.gate_up_proj, x))
         return out
 
 

@@ -1,6 +1,6 @@
 """The AMX kernel (bfloat16 weights, tile multiplies, float32 sums): error within float32 summation bounds,
 each row's bits independent of the batch and its place in it, weight refresh, compiled graphs, a bf16 model
-as accurate as with dense weights, and the off switch."""
+as accurate as with dense weights, the off switch, and SwiGLU's product and activation in one pass."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import torch
 
 from hawker import LLM
 from hawker.config import MatmulOptions
-from hawker.kernels import amx_linear
+from hawker.kernels import amx_linear, rowwise
 from hawker.layers.matmul_plan import allowed_kernels, rows_invariant
 from hawker.layers.weight_copies import AMX, AmxWeight
-from tests.support.matmul import assert_bf16_model_on_copy_is_as_accurate
+from tests.support.matmul import assert_bf16_model_on_copy_is_as_accurate, count_calls, prompt_logprobs
+from tests.support.parity import make_prompts
 
 needs_kernel = pytest.mark.skipif(not amx_linear.available(), reason="the CPU has no AMX (or no C compiler)")
 
@@ -108,3 +109,56 @@ def test_bf16_model_on_amx_tiles_is_as_accurate(
     tiny_checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert_bf16_model_on_copy_is_as_accurate(str(tiny_checkpoints["llama"]), AMX, AmxWeight, 13, monkeypatch)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("out_features", "in_features"), [(128, 64), (192, 96), (3072, 576)])
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 33, 130, 300, 600])
+def test_swiglu_in_one_pass_gives_the_bits_of_the_product_then_silu(
+    out_features: int, in_features: int, rows: int
+) -> None:
+    """The fused [gate | up] product and SiLU-and-multiply: the bits of amx_linear followed by the row-wise
+    silu_and_mul, across tiles, groups, blocks and panels, rows read in place at a stride."""
+    generator = torch.Generator().manual_seed(out_features + rows)
+    weight = (torch.randn(out_features, in_features, generator=generator) / 4).to(torch.bfloat16)
+    wide = (torch.randn(rows, in_features + 32, generator=generator) * 2).to(torch.bfloat16)
+    x = wide[:, :in_features]
+    packed = amx_linear.pack(weight)
+    assert amx_linear.fuses_silu_mul(x, out_features)
+    expected = rowwise.silu_and_mul(amx_linear.amx_linear(x, packed, out_features))
+    assert torch.equal(amx_linear.silu_mul(x, packed, out_features), expected)
+
+
+@needs_kernel
+def test_a_bf16_model_takes_the_fused_swiglu_with_the_same_bits(
+    tiny_checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eager prompt steps whose gate | up projection multiplies on AMX tiles fuse the SiLU into it: the same
+    prompt logprobs bit for bit as with the fusion off (HAWKER_FUSED_SWIGLU=0), and the fused kernel ran."""
+    from hawker.layers.matmul_plan import ANY_ROWS, LayerPlan, PlanStep
+    from hawker.layers.projection import FUSED_SWIGLU_VARIABLE, ProjectionCopies
+
+    prompts = make_prompts(seed=21)
+    llm = LLM(str(tiny_checkpoints["llama"]), dtype="bfloat16", compile_decode_max_rows=0)
+    for layer in [m for m in llm.engine.runner.model.modules() if isinstance(m, ProjectionCopies)]:
+        layer.set_plan(LayerPlan((PlanStep(ANY_ROWS, AMX),)), {})
+    calls = count_calls(monkeypatch, amx_linear, "silu_mul")
+    fused = prompt_logprobs(llm, prompts)
+    assert calls() > 0
+    monkeypatch.setenv(FUSED_SWIGLU_VARIABLE, "0")
+    before = calls()
+    unfused = prompt_logprobs(llm, prompts)
+    assert calls() == before
+    assert torch.equal(fused, unfused)
+
+
+def test_the_fused_swiglu_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hawker.layers.projection import FUSED_SWIGLU_VARIABLE, fused_swiglu_on
+
+    monkeypatch.delenv(FUSED_SWIGLU_VARIABLE, raising=False)
+    assert fused_swiglu_on()
+    monkeypatch.setenv(FUSED_SWIGLU_VARIABLE, "0")
+    assert not fused_swiglu_on()
+    monkeypatch.setenv(FUSED_SWIGLU_VARIABLE, "yes")
+    with pytest.raises(ValueError, match="expected 1 or 0"):
+        fused_swiglu_on()

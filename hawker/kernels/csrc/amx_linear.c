@@ -35,6 +35,8 @@
 #include <immintrin.h>
 
 #include "amx_tiles.h"
+#include "attention_common.h"
+#include "bf16_vectors.h"
 
 enum { PANEL = 32, TILE_ROWS = AMX_TILE_ROWS, PAIRS_PER_STEP = 16 };
 
@@ -97,6 +99,39 @@ static void panel_rows16(const uint16_t *x, int64_t x_stride, const uint16_t *pa
     _tile_stored(1, sums[1], 64);
 }
 
+/* Rows per block: a multiple of 32 that fits BLOCK_BYTES, at least 32 and at most MAX_BLOCK_ROWS; then the
+ * rows shared evenly between that many blocks (a short last block left one thread idle). */
+static int64_t rows_per_block(int64_t rows, int64_t in_features) {
+    int64_t block_rows = BLOCK_BYTES / (in_features * 2) / (2 * TILE_ROWS) * (2 * TILE_ROWS);
+    block_rows = block_rows < 2 * TILE_ROWS ? 2 * TILE_ROWS : block_rows > MAX_BLOCK_ROWS ? MAX_BLOCK_ROWS : block_rows;
+    const int64_t blocks = (rows + block_rows - 1) / block_rows;
+    return ((rows + blocks - 1) / blocks + 2 * TILE_ROWS - 1) / (2 * TILE_ROWS) * (2 * TILE_ROWS);
+}
+
+/* Up to 32 rows of x from row r (count of them) where the tiles may read 32: in place, or copied once into
+ * `padded` (zero rows after the last) for a short group; *stride is set to the rows' stride. */
+static const uint16_t *group_rows(const uint16_t *x, int64_t x_stride, int64_t r, int64_t count, int64_t in_features,
+                                  uint16_t *padded, int64_t *padded_rows_from, int64_t *stride) {
+    *stride = x_stride;
+    if (count % TILE_ROWS == 0) return x + r * x_stride;
+    if (*padded_rows_from != r) {
+        for (int64_t i = 0; i < count; ++i) memcpy(padded + i * in_features, x + (r + i) * x_stride, (size_t)in_features * 2);
+        memset(padded + count * in_features, 0, (size_t)((2 * TILE_ROWS - count) * in_features) * 2);
+        *padded_rows_from = r;
+    }
+    *stride = in_features;
+    return padded;
+}
+
+/* One panel's products for a group of up to 32 rows (fewer than 17: half the tile multiplies). */
+static void panel_group(const uint16_t *rows, int64_t stride, int64_t count, const uint16_t *panel, int64_t pairs,
+                        float sums[4][256]) {
+    if (count <= TILE_ROWS)
+        panel_rows16(rows, stride, panel, pairs, sums);
+    else
+        panel_rows32(rows, stride, panel, pairs, sums);
+}
+
 /*
  * x: [rows, in] bfloat16, row stride x_stride (elements); packed: [out / 32 (rounded up), in / 2, 32, 2];
  * out: [rows, out_features] bfloat16, row stride out_stride. in must be a multiple of 32.
@@ -106,12 +141,8 @@ int hawker_amx_linear(const uint16_t *x, int64_t x_stride, const uint16_t *packe
                       int64_t rows, int64_t in_features, int64_t out_features, int threads) {
     if (!amx_permitted()) return -1;
     const int64_t pairs = in_features / 2, panels = (out_features + PANEL - 1) / PANEL;
-    /* Rows per block: a multiple of 32 that fits BLOCK_BYTES, at least 32 and at most MAX_BLOCK_ROWS; then
-     * the rows shared evenly between that many blocks (a short last block left one thread idle). */
-    int64_t block_rows = BLOCK_BYTES / (in_features * 2) / (2 * TILE_ROWS) * (2 * TILE_ROWS);
-    block_rows = block_rows < 2 * TILE_ROWS ? 2 * TILE_ROWS : block_rows > MAX_BLOCK_ROWS ? MAX_BLOCK_ROWS : block_rows;
+    const int64_t block_rows = rows_per_block(rows, in_features);
     const int64_t blocks = (rows + block_rows - 1) / block_rows;
-    block_rows = ((rows + blocks - 1) / blocks + 2 * TILE_ROWS - 1) / (2 * TILE_ROWS) * (2 * TILE_ROWS);
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
@@ -133,21 +164,9 @@ int hawker_amx_linear(const uint16_t *x, int64_t x_stride, const uint16_t *packe
             const __mmask16 low = lane_mask(out_features - j * PANEL), high = lane_mask(out_features - j * PANEL - 16);
             for (int64_t r = first_row; r < end_row; r += 2 * TILE_ROWS) {
                 const int64_t count = end_row - r < 2 * TILE_ROWS ? end_row - r : 2 * TILE_ROWS;
-                const uint16_t *source = x + r * x_stride;
-                int64_t stride = x_stride;
-                if (count % TILE_ROWS) {
-                    if (padded_rows_from != r) {
-                        for (int64_t i = 0; i < count; ++i)
-                            memcpy(padded + i * in_features, x + (r + i) * x_stride, (size_t)in_features * 2);
-                        memset(padded + count * in_features, 0, (size_t)((2 * TILE_ROWS - count) * in_features) * 2);
-                        padded_rows_from = r;
-                    }
-                    source = padded, stride = in_features;
-                }
-                if (count <= TILE_ROWS)
-                    panel_rows16(source, stride, panel, pairs, sums);
-                else
-                    panel_rows32(source, stride, panel, pairs, sums);
+                int64_t stride;
+                const uint16_t *source = group_rows(x, x_stride, r, count, in_features, padded, &padded_rows_from, &stride);
+                panel_group(source, stride, count, panel, pairs, sums);
                 uint16_t *target = out + r * out_stride + j * PANEL;
                 const int64_t upper = count < TILE_ROWS ? count : TILE_ROWS, lower = count - upper;
                 store_tile(sums[0], target, out_stride, upper, low);
@@ -162,12 +181,86 @@ int hawker_amx_linear(const uint16_t *x, int64_t x_stride, const uint16_t *packe
     return failed ? -1 : 0;
 }
 
+/* The float32 sums of tile (rows 16h.., outputs 16c..) of a group as bfloat16 values, row i of it. */
+static inline __m512 sums_row(float sums[4][256], int64_t i, int c) {
+    return round16_bf16(_mm512_loadu_ps(sums[(i / TILE_ROWS) * 2 + c] + (i % TILE_ROWS) * 16));
+}
+
+/*
+ * SwiGLU's projection and activation in one pass: out = silu(gate) * up where [gate | up] = x @ W^T, W the
+ * fused [gate; up] weight packed as for hawker_amx_linear (out_features = 2 * size, size a multiple of 32).
+ * A work item is a block of rows and one panel of 32 gate outputs with the matching panel of up outputs:
+ * the gate panel's products for the block's groups of rows are rounded to bfloat16 into a thread's buffer,
+ * then the up panel's, and each group's silu(gate) * up is written out; the [rows, 2 * size] product never
+ * goes to memory. Its bits are hawker_amx_linear's followed by hawker_silu_and_mul's (the same tile
+ * multiplies and roundings, bf16_vectors.h's SiLU). out: [rows, size] bfloat16, row stride out_stride.
+ * Returns 0; -1 if this process may not use AMX, scratch memory was short, or size is not a multiple of 32.
+ */
+int hawker_amx_linear_silu_mul(const uint16_t *x, int64_t x_stride, const uint16_t *packed, uint16_t *out,
+                               int64_t out_stride, int64_t rows, int64_t in_features, int64_t out_features,
+                               int threads) {
+    const int64_t size = out_features / 2;
+    if (out_features % (2 * PANEL) || !amx_permitted()) return -1;
+    const int64_t pairs = in_features / 2, panel_pairs = size / PANEL;
+    const int64_t block_rows = rows_per_block(rows, in_features);
+    const int64_t blocks = (rows + block_rows - 1) / block_rows;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        uint16_t *padded = calloc((size_t)(2 * TILE_ROWS * in_features), sizeof(uint16_t));
+        uint16_t *gates = malloc((size_t)(block_rows * PANEL) * sizeof(uint16_t)); /* a block's gate panel */
+        int64_t padded_rows_from = -1;
+        float sums[4][256];
+        const int ready = padded != NULL && gates != NULL;
+        if (ready) amx_configure_tiles();
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < blocks * panel_pairs; ++item) {
+            if (!ready) {
+                failed = 1;
+                continue;
+            }
+            const int64_t block = item / panel_pairs, j = item % panel_pairs;
+            const int64_t first_row = block * block_rows;
+            const int64_t end_row = first_row + block_rows < rows ? first_row + block_rows : rows;
+            const uint16_t *gate_panel = packed + j * pairs * 2 * PANEL;
+            const uint16_t *up_panel = packed + (j + panel_pairs) * pairs * 2 * PANEL;
+            for (int pass = 0; pass < 2; ++pass)
+                for (int64_t r = first_row; r < end_row; r += 2 * TILE_ROWS) {
+                    const int64_t count = end_row - r < 2 * TILE_ROWS ? end_row - r : 2 * TILE_ROWS;
+                    int64_t stride;
+                    const uint16_t *source = group_rows(x, x_stride, r, count, in_features, padded, &padded_rows_from, &stride);
+                    panel_group(source, stride, count, pass == 0 ? gate_panel : up_panel, pairs, sums);
+                    for (int64_t i = 0; i < count; ++i)
+                        for (int c = 0; c < 2; ++c) {
+                            uint16_t *gate = gates + (r - first_row + i) * PANEL + c * 16;
+                            if (pass == 0)
+                                store16_bf16(gate, sums_row(sums, i, c), 0xFFFF);
+                            else
+                                store16_bf16(out + (r + i) * out_stride + j * PANEL + c * 16,
+                                             silu_mul16(load16_bf16(gate, 0xFFFF), sums_row(sums, i, c)), 0xFFFF);
+                        }
+                }
+        }
+        if (ready) _tile_release();
+        free(padded), free(gates);
+    }
+    return failed ? -1 : 0;
+}
+
 int hawker_amx_linear_built(void) { return amx_permitted(); }
 
 #else
 
 int hawker_amx_linear(const uint16_t *x, int64_t x_stride, const uint16_t *packed, uint16_t *out, int64_t out_stride,
                       int64_t rows, int64_t in_features, int64_t out_features, int threads) {
+    (void)x, (void)x_stride, (void)packed, (void)out, (void)out_stride, (void)rows, (void)in_features,
+        (void)out_features, (void)threads;
+    return -1;
+}
+
+int hawker_amx_linear_silu_mul(const uint16_t *x, int64_t x_stride, const uint16_t *packed, uint16_t *out,
+                               int64_t out_stride, int64_t rows, int64_t in_features, int64_t out_features,
+                               int threads) {
     (void)x, (void)x_stride, (void)packed, (void)out, (void)out_stride, (void)rows, (void)in_features,
         (void)out_features, (void)threads;
     return -1;

@@ -21,20 +21,7 @@
 #endif
 
 #if HAVE_VECTORS
-static inline __m512 load16_bf16(const uint16_t *src, __mmask16 lanes) {
-    const __m256i bits = _mm256_maskz_loadu_epi16(lanes, src);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-
-/* Round to bfloat16, to nearest even (vcvtneps2bf16, as float_to_bf16 and torch round). */
-static inline __m512 round16_bf16(__m512 value) {
-    const __m256i bits = (__m256i)_mm512_cvtneps_pbh(value);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-
-static inline void store16_bf16(uint16_t *dst, __m512 value, __mmask16 lanes) {
-    _mm256_mask_storeu_epi16(dst, lanes, (__m256i)_mm512_cvtneps_pbh(value));
-}
+#include "bf16_vectors.h"
 
 static void rms_norm_row(const uint16_t *x, const uint16_t *weight, uint16_t *out, int64_t size, float eps) {
     __m512 squares = _mm512_setzero_ps();
@@ -51,16 +38,10 @@ static void rms_norm_row(const uint16_t *x, const uint16_t *weight, uint16_t *ou
     }
 }
 
-/* silu(g) = g * sigmoid(g), sigmoid from exp(-|g|) <= 1 (exp16_nonpositive's range). */
 static void silu_and_mul_row(const uint16_t *gate, const uint16_t *up, uint16_t *out, int64_t size) {
-    const __m512 one = _mm512_set1_ps(1.0f);
     for (int64_t i = 0; i < size; i += 16) {
         const __mmask16 lanes = lanes_below(size - i);
-        const __m512 g = load16_bf16(gate + i, lanes);
-        const __m512 e = exp16_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
-        const __m512 numerator = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_GE_OQ), e, one);
-        const __m512 silu = round16_bf16(_mm512_mul_ps(g, _mm512_div_ps(numerator, _mm512_add_ps(one, e))));
-        store16_bf16(out + i, _mm512_mul_ps(silu, load16_bf16(up + i, lanes)), lanes);
+        store16_bf16(out + i, silu_mul16(load16_bf16(gate + i, lanes), load16_bf16(up + i, lanes)), lanes);
     }
 }
 
