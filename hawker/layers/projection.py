@@ -67,7 +67,9 @@ class ProjectionCopies:
         projection followed by hawker/layers/activation.py's ``silu_and_mul``, without the [rows, 2 x size]
         product going to memory: hawker/kernels/amx_linear.py); None elsewhere, or with
         ``HAWKER_FUSED_SWIGLU=0`` (the off switch)."""
-        if self.plan is None or x.dim() != 2 or not fused_swiglu_on() or not rowwise.switched_on():
+        if torch.compiler.is_compiling() or self.plan is None or x.dim() != 2:
+            return None  # a compiled step fuses its own, without the plan's branches traced twice
+        if not fused_swiglu_on() or not rowwise.switched_on():
             return None
         step = self.plan.choose(x.shape[0])
         copy = self.copies.get(step.kernel)
