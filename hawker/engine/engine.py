@@ -27,7 +27,7 @@ from hawker.config import EngineConfig, ParallelConfig
 from hawker.engine.configure import engine_config, resolve_device
 from hawker.engine.constraints import Constraints
 from hawker.engine.errors import EngineFatalError
-from hawker.engine.kv_cache import KVCacheManager
+from hawker.engine.kv_cache import KVCacheManager, kv_runs_on
 from hawker.engine.loading import build_model, eos_id, num_kv_blocks, start_driver, warm_up_blocks
 from hawker.engine.model_runner import ModelRunner
 from hawker.engine.output_processor import OutputProcessor
@@ -113,7 +113,9 @@ class Engine:
         reserved = warm_up_blocks(config)
         if num_blocks <= reserved:
             raise ValueError(f"the KV pool has {num_blocks} blocks; the background compile needs {reserved} more")
-        self.kv = KVCacheManager(num_blocks - reserved, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.kv = KVCacheManager(
+            num_blocks - reserved, config.cache.block_size, config.cache.enable_prefix_caching, kv_runs_on()
+        )
         self.eos_token_id = eos_id(config.model, tokenizer)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.eos_token_id)
         self.outputs = OutputProcessor(tokenizer, self.scheduler)

@@ -4,10 +4,20 @@ This module never touches tensors: it hands out block ids; the model runner
 owns the storage. Full blocks are keyed by a hash chain over their tokens so
 that a new request can reuse every cached full block of its prefix. Blocks
 nobody references stay cached in an LRU free queue until the pool needs them.
+
+Placement: a request's blocks are handed out in runs of consecutive ids
+where the pool allows, and the free blocks after its last one are softly
+reserved for its growth, because the CPU attention kernels read a
+sequence's blocks in table order and read them ~17 % faster when they lie
+next to each other in memory (benchmarks/NOTES.md, session 19). A
+reservation never refuses an allocation: when nothing else is free, any
+request may take a reserved block. ``HAWKER_KV_RUNS=0`` turns placement
+off (blocks then come from the free queue's front, as before).
 """
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +29,24 @@ from hawker.engine.request import Request
 # a 64-bit collision in the chained parent hash could alias two prefixes.
 BlockKey = tuple[int, tuple[int, ...]]
 _ROOT_HASH = 0
+
+# At most this many free blocks past a request's last one are kept for its
+# growth (512 tokens at the default block size): enough for most outputs in
+# one run, few enough that many requests' reservations fit in the pool.
+MAX_RESERVED_BLOCKS = 32
+# Reservations together stay under 1/8 of the pool. Where the pool is full of
+# cached prefixes a reservation is made by evicting the oldest ones early, so
+# this bounds what placement costs the prefix cache.
+RESERVED_POOL_FRACTION = 8
+KV_RUNS_VARIABLE = "HAWKER_KV_RUNS"
+
+
+def kv_runs_on() -> bool:
+    """``HAWKER_KV_RUNS``: 1 (the default) or 0; another value is a ValueError."""
+    value = os.environ.get(KV_RUNS_VARIABLE, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{KV_RUNS_VARIABLE}={value!r}: expected 1 or 0")
+    return value == "1"
 
 
 def _chain_keys(
@@ -61,8 +89,12 @@ def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, place_in_runs: bool = True
+    ) -> None:
+        """``place_in_runs``: a request's blocks in runs of consecutive ids (module docstring); else any free."""
         self.num_blocks = num_blocks
+        self.place_in_runs = place_in_runs
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
@@ -71,6 +103,12 @@ class KVCacheManager:
         # Blocks with ref count 0, least recently used first. Cached blocks
         # stay here (reusable) until popped for a new allocation.
         self.free_queue: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        # 1 where a block is free, caches nothing and is reserved for nobody:
+        # where new runs are placed (bytes.find finds a run in C).
+        self.open_blocks = bytearray(b"\x01") * num_blocks
+        # Free blocks kept for a request's growth, and each request's, in order.
+        self.reserved_for: dict[int, str] = {}
+        self.reservations: dict[str, list[int]] = {}
         self.block_tables: dict[str, list[int]] = {}
         self.stats = PrefixCacheStats()
         # Parent hash of every chain's first block; changes when cached KV goes stale.
@@ -176,13 +214,115 @@ class KVCacheManager:
             return False
         for block in computed_blocks:
             self._take(block)
-        new_blocks = [self._pop_free() for _ in range(max(0, need))]
-        self.block_tables[request.request_id] = [*table, *computed_blocks, *new_blocks]
+        table = [*table, *computed_blocks]
+        if need > 0:
+            table.extend(self._place(request.request_id, table, need, self._growth_blocks(request, len(table) + need)))
+        self.block_tables[request.request_id] = table
         return True
+
+    def _growth_blocks(self, request: Request, have: int) -> int:
+        """Blocks worth reserving past ``have``: the request's longest possible length, capped."""
+        longest = self.blocks_needed(request.num_prompt_tokens + request.max_tokens)
+        budget = self.num_blocks // RESERVED_POOL_FRACTION
+        share = budget // (len(self.block_tables) + 1)
+        unclaimed = budget - len(self.reserved_for) + len(self.reservations.get(request.request_id, ()))
+        return max(0, min(longest - have, MAX_RESERVED_BLOCKS, share, unclaimed))
+
+    def _place(self, request_id: str, table: list[int], count: int, growth: int) -> list[int]:
+        """``count`` free blocks for the request whose table is ``table``, each after the last where possible."""
+        blocks: list[int] = []
+        last = table[-1] if table else None
+        while len(blocks) < count:
+            if not self.place_in_runs:
+                block = next(iter(self.free_queue))  # uncached blocks first, then the LRU cached one
+            elif last is not None and self._is_successor_free(last + 1, request_id):
+                block = last + 1
+            else:
+                # A new run: what was reserved after the old tail no longer follows the table.
+                self._release_reservations(request_id)
+                start = self._find_run(count - len(blocks), growth)
+                if start is None:  # too little open space: the oldest cached blocks were next to go anyway
+                    self._evict_oldest(count - len(blocks) + growth - self.open_blocks.count(1))
+                    start = self._find_run(count - len(blocks), growth)
+                block = start if start is not None else self._fallback_block()
+            key = self.block_keys[block]
+            if key is not None:  # evict the least recently used cached block
+                del self.cached[key]
+                self.block_keys[block] = None
+            self._claim(block)
+            blocks.append(block)
+            last = block
+        if self.place_in_runs:
+            self._reserve_after(request_id, last, growth)
+        return blocks
+
+    def _is_successor_free(self, block: int, request_id: str) -> bool:
+        """Whether ``block`` is free, caches nothing and is reserved for nobody else."""
+        if block >= self.num_blocks or self.ref_counts[block] or self.block_keys[block] is not None:
+            return False
+        return self.reserved_for.get(block, request_id) == request_id
+
+    def _find_run(self, count: int, growth: int) -> int | None:
+        """Start of the first open run of ``count + growth`` blocks, else of ``count``, else None."""
+        for length in dict.fromkeys((count + growth, count)):
+            start = self.open_blocks.find(b"\x01" * length)
+            if start >= 0:
+                return start
+        return None
+
+    def _evict_oldest(self, count: int) -> None:
+        """Drop the ``count`` least recently used free cached blocks from the cache, leaving them open.
+
+        Evicted in LRU order, as allocation would evict them block by block,
+        but at once, so that a finished request's blocks come back as a run.
+        """
+        victims: list[int] = []
+        for block in self.free_queue:
+            if len(victims) >= count:
+                break
+            if self.block_keys[block] is not None:
+                victims.append(block)
+        for block in victims:
+            key = self.block_keys[block]
+            assert key is not None
+            del self.cached[key]
+            self.block_keys[block] = None
+            self.open_blocks[block] = 1
+
+    def _fallback_block(self) -> int:
+        """Any free block: an open one, then another request's reserved one, then the LRU cached one."""
+        block = self.open_blocks.find(1)
+        if block >= 0:
+            return block
+        if self.reserved_for:
+            return next(iter(self.reserved_for))
+        return next(iter(self.free_queue))
+
+    def _reserve_after(self, request_id: str, last: int | None, growth: int) -> None:
+        """Reserve the open blocks right after ``last`` for the request, up to ``growth`` of them."""
+        if last is None:
+            return
+        reserved = self.reservations.setdefault(request_id, [])
+        for block in range(last + 1, min(last + 1 + growth, self.num_blocks)):
+            if self.reserved_for.get(block) == request_id:
+                continue
+            if not self.open_blocks[block]:
+                break
+            self.open_blocks[block] = 0
+            self.reserved_for[block] = request_id
+            reserved.append(block)
+
+    def _release_reservations(self, request_id: str) -> None:
+        """Hand the request's reserved blocks back to everyone."""
+        for block in self.reservations.pop(request_id, ()):
+            if self.reserved_for.get(block) == request_id:
+                del self.reserved_for[block]
+                self.open_blocks[block] = 1
 
     def free(self, request: Request) -> None:
         """Return every block of the request; tail blocks are evicted first."""
         table = self.block_tables.pop(request.request_id, [])
+        self._release_reservations(request.request_id)
         for block in reversed(table):
             self.ref_counts[block] -= 1
             if self.ref_counts[block] < 0:
@@ -192,12 +332,14 @@ class KVCacheManager:
                 if self.block_keys[block] is None:
                     # Uncached blocks hold nothing reusable: hand them out first.
                     self.free_queue.move_to_end(block, last=False)
+                    self.open_blocks[block] = 1
 
     def reset_prefix_cache(self) -> None:
         for key, block in list(self.cached.items()):
             if self.ref_counts[block] == 0:
                 del self.cached[key]
                 self.block_keys[block] = None
+                self.open_blocks[block] = 1
 
     def invalidate_prefix_cache(self) -> None:
         """Never match any block cached so far again (the KV it holds was computed with old weights).
@@ -211,17 +353,18 @@ class KVCacheManager:
 
     def _take(self, block: int) -> None:
         if self.ref_counts[block] == 0:
-            del self.free_queue[block]
-        self.ref_counts[block] += 1
+            self._claim(block)
+        else:
+            self.ref_counts[block] += 1
 
-    def _pop_free(self) -> int:
-        block, _ = self.free_queue.popitem(last=False)
-        key = self.block_keys[block]
-        if key is not None:  # evict the least recently used cached block
-            del self.cached[key]
-            self.block_keys[block] = None
+    def _claim(self, block: int) -> None:
+        """Take a free block for one owner: out of the free queue, the prefix cache and any reservation."""
+        del self.free_queue[block]
         self.ref_counts[block] = 1
-        return block
+        self.open_blocks[block] = 0
+        owner = self.reserved_for.pop(block, None)
+        if owner is not None:
+            self.reservations[owner].remove(block)
 
     # --------------------------------------------------------------- checking
     def check_invariants(self) -> None:
@@ -237,3 +380,12 @@ class KVCacheManager:
             assert (block in free) == (self.ref_counts[block] == 0), f"block {block} free-list mismatch"
         for key, block in self.cached.items():
             assert self.block_keys[block] == key, f"cached block {block} key mismatch"
+        for block in range(self.num_blocks):
+            clean_free = block in free and self.block_keys[block] is None
+            reserved = block in self.reserved_for
+            assert not reserved or clean_free, f"reserved block {block} is in use or cached"
+            assert self.open_blocks[block] == (clean_free and not reserved), f"block {block} open-map mismatch"
+        for owner, blocks in self.reservations.items():
+            assert owner in self.block_tables, f"request {owner} holds reservations but no blocks"
+            assert all(self.reserved_for.get(block) == owner for block in blocks), f"{owner}'s reservations disagree"
+        assert sum(len(blocks) for blocks in self.reservations.values()) == len(self.reserved_for)
