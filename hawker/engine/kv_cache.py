@@ -17,12 +17,12 @@ off (blocks then come from the free queue's front, as before).
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from hawker.engine.request import Request
+from hawker.switches import switch_on
 
 # A block's identity in the prefix cache: the previous block's key hash and
 # this block's tokens. The dict compares the token tuples exactly, so only
@@ -43,10 +43,7 @@ KV_RUNS_VARIABLE = "HAWKER_KV_RUNS"
 
 def kv_runs_on() -> bool:
     """``HAWKER_KV_RUNS``: 1 (the default) or 0; another value is a ValueError."""
-    value = os.environ.get(KV_RUNS_VARIABLE, "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"{KV_RUNS_VARIABLE}={value!r}: expected 1 or 0")
-    return value == "1"
+    return switch_on(KV_RUNS_VARIABLE)
 
 
 def _chain_keys(

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 
 import torch
 
@@ -35,6 +34,7 @@ from hawker.kernels.native import (
     int64_arrays,
     load_kernel_library,
 )
+from hawker.switches import switch_on
 
 AMX_VARIABLE = "HAWKER_PREFILL_ATTENTION_AMX"
 
@@ -42,10 +42,7 @@ AMX_VARIABLE = "HAWKER_PREFILL_ATTENTION_AMX"
 def amx_requested() -> bool:
     """Whether ``HAWKER_PREFILL_ATTENTION_AMX`` (1, the default, or 0) asks for AMX tile multiplies where
     the CPU has them; another value is a ValueError."""
-    value = os.environ.get(AMX_VARIABLE, "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"{AMX_VARIABLE}={value!r}: expected 1 or 0")
-    return value == "1"
+    return switch_on(AMX_VARIABLE)
 
 
 def amx_available() -> bool:

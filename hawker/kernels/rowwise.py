@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from typing import NamedTuple
 
 import torch
 
 from hawker.kernels.native import CFunction, load_kernel_library
+from hawker.switches import switch_on
 
 SWITCH_VARIABLE = "HAWKER_ROWWISE_KERNELS"
 
@@ -55,10 +55,7 @@ def _kernels() -> _Kernels | None:
 
 def switched_on() -> bool:
     """``HAWKER_ROWWISE_KERNELS``: 1 (the default) or 0; another value is a ValueError."""
-    value = os.environ.get(SWITCH_VARIABLE, "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"{SWITCH_VARIABLE}={value!r}: expected 1 or 0")
-    return value == "1"
+    return switch_on(SWITCH_VARIABLE)
 
 
 def serves(x: torch.Tensor) -> bool:

@@ -10,7 +10,6 @@ Without a plan (a GPU, batch-invariant mode) a projection is ``F.linear``.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +29,7 @@ from hawker.layers.matmul_plan import (
     speed_plan,
 )
 from hawker.layers.weight_copies import BUILDERS, FP32, INT4, INT8DOT, INT8PAIR, AmxWeight, DenseWeight, WeightCopy
+from hawker.switches import switch_on
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +39,7 @@ FUSED_SWIGLU_VARIABLE = "HAWKER_FUSED_SWIGLU"
 
 def fused_swiglu_on() -> bool:
     """``HAWKER_FUSED_SWIGLU``: 1 (the default) or 0; another value is a ValueError."""
-    value = os.environ.get(FUSED_SWIGLU_VARIABLE, "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"{FUSED_SWIGLU_VARIABLE}={value!r}: expected 1 or 0")
-    return value == "1"
+    return switch_on(FUSED_SWIGLU_VARIABLE)
 
 
 class ProjectionCopies:
