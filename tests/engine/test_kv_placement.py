@@ -10,9 +10,7 @@ from __future__ import annotations
 import itertools
 import random
 
-import pytest
-
-from hawker.engine.kv_cache import KV_RUNS_VARIABLE, MAX_RESERVED_BLOCKS, KVCacheManager, kv_runs_on
+from hawker.engine.kv_cache import MAX_RESERVED_BLOCKS, KVCacheManager
 from hawker.engine.request import Request
 from hawker.sampling_params import SamplingParams
 
@@ -146,13 +144,3 @@ def test_a_pool_full_of_cached_prefixes_still_hands_out_runs_oldest_evicted_firs
     for i in range(8):
         probe = request(f"probe{i}", prompt_len=8 * BLOCK + 1, max_tokens=1, first_token=100 * i)
         assert len(kv.find_cached_prefix(probe)) == (4 if i == 0 else 8), i  # the tail goes first
-
-
-def test_the_switch_reads_one_or_zero_and_refuses_anything_else(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(KV_RUNS_VARIABLE, raising=False)
-    assert kv_runs_on()
-    monkeypatch.setenv(KV_RUNS_VARIABLE, "0")
-    assert not kv_runs_on()
-    monkeypatch.setenv(KV_RUNS_VARIABLE, "off")
-    with pytest.raises(ValueError, match="expected 1 or 0"):
-        kv_runs_on()

@@ -150,15 +150,3 @@ def test_a_bf16_model_takes_the_fused_swiglu_with_the_same_bits(
     unfused = prompt_logprobs(llm, prompts)
     assert calls() == before
     assert torch.equal(fused, unfused)
-
-
-def test_the_fused_swiglu_switch(monkeypatch: pytest.MonkeyPatch) -> None:
-    from hawker.layers.projection import FUSED_SWIGLU_VARIABLE, fused_swiglu_on
-
-    monkeypatch.delenv(FUSED_SWIGLU_VARIABLE, raising=False)
-    assert fused_swiglu_on()
-    monkeypatch.setenv(FUSED_SWIGLU_VARIABLE, "0")
-    assert not fused_swiglu_on()
-    monkeypatch.setenv(FUSED_SWIGLU_VARIABLE, "yes")
-    with pytest.raises(ValueError, match="expected 1 or 0"):
-        fused_swiglu_on()
