@@ -311,10 +311,9 @@ class KVCacheManager:
 
     def _release_reservations(self, request_id: str) -> None:
         """Hand the request's reserved blocks back to everyone."""
-        for block in self.reservations.pop(request_id, ()):
-            if self.reserved_for.get(block) == request_id:
-                del self.reserved_for[block]
-                self.open_blocks[block] = 1
+        for block in self.reservations.pop(request_id, ()):  # a taken block left its owner's list (_claim)
+            del self.reserved_for[block]
+            self.open_blocks[block] = 1
 
     def free(self, request: Request) -> None:
         """Return every block of the request; tail blocks are evicted first."""

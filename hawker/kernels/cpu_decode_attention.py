@@ -36,6 +36,7 @@ from hawker.kernels.native import (
     load_kernel_library,
     load_op_library,
 )
+from hawker.switches import switch_on
 
 _LIBRARY = "paged_decode_attention"
 
@@ -58,8 +59,9 @@ AMX_VARIABLE = "HAWKER_DECODE_ATTENTION_AMX"
 
 def amx_tiles() -> bool:
     """Whether whole-sequence items of 64-dim heads multiply on AMX tiles where the CPU has them (the default;
-    ``HAWKER_DECODE_ATTENTION_AMX=0`` builds the vector loops alone, the off switch)."""
-    return os.environ.get(AMX_VARIABLE, "1") != "0"
+    ``HAWKER_DECODE_ATTENTION_AMX=0`` builds the vector loops alone, the off switch; another value is a
+    ValueError)."""
+    return switch_on(AMX_VARIABLE)
 
 
 def _kernel(
@@ -68,8 +70,15 @@ def _kernel(
     """The kernel built for ``group`` query heads per KV head of ``head_dim`` dims (its vector loops' shape), its
     work items as ``HAWKER_DECODE_ATTENTION_ITEMS`` says unless ``whole_sequences`` is given, AMX tiles as
     ``HAWKER_DECODE_ATTENTION_AMX`` says unless ``amx`` is given."""
+    return _build_kernel(*_build_settings(group, head_dim, whole_sequences, amx))
+
+
+def _build_settings(
+    group: int, head_dim: int, whole_sequences: bool | None = None, amx: bool | None = None
+) -> tuple[int, int, bool, bool]:
+    """A build's shape and choices: those given, the environment's settings for the rest."""
     items = whole_sequence_items() if whole_sequences is None else whole_sequences
-    return _build_kernel(group, head_dim, items, amx_tiles() if amx is None else amx)
+    return group, head_dim, items, amx_tiles() if amx is None else amx
 
 
 def _defines(group: int, head_dim: int, whole_sequences: bool, amx: bool) -> tuple[tuple[str, int], ...]:
@@ -100,7 +109,7 @@ def multiplies_on_tiles(
 ) -> bool:
     """Whether bfloat16 decodes with these heads and cache blocks take the kernel's AMX path on this machine
     (as the settings build it)."""
-    library = load_kernel_library(_LIBRARY, _defines(heads // kv_heads, head_dim, whole_sequence_items(), amx_tiles()))
+    library = load_kernel_library(_LIBRARY, _defines(*_build_settings(heads // kv_heads, head_dim)))
     code = FLOAT8_CACHE_CODES.get(cache_dtype, DTYPE_CODES.get(cache_dtype))
     if library is None or code is None:
         return False
