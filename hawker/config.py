@@ -249,6 +249,9 @@ class MatmulOptions:
     # bfloat16 weights by AMX tile multiplies in a C kernel (hawker/kernels/amx_linear.py): None = measured
     # where the CPU has AMX; False = never.
     amx: bool | None = None
+    # Weights on GGUF Q4_1's grid kept as 4-bit codes for the AMX kernel, dequantised into the same bfloat16
+    # tiles (hawker/kernels/amx_linear.py, the same bits): None = measured where the AMX copy may be; False = never.
+    amx_q4: bool | None = None
     # 4/8-bit checkpoint weights by 8-bit integer dot products, activations quantised per group of 32
     # (hawker/kernels/int8_dot_linear.py): None = measured for half-precision models on a CPU with
     # AVX512-VNNI; True = float32 models too; False = never.

@@ -95,6 +95,12 @@ class EngineOptions:
         "(each row's sums in a fixed order: consistent numerics uses it untiled; hawker/kernels/amx_linear.py) "
         "(default: on CPUs with AMX, wherever the measured plan finds it faster)",
     )
+    amx_q4_matmul: bool | None = option(
+        None,
+        "keep weights that lie on GGUF Q4_1's 4-bit grid as their codes for the AMX kernel, which dequantises "
+        "them into the same bfloat16 tiles (the bits of amx_matmul, a third of the bytes to read; "
+        "hawker/kernels/amx_linear.py) (default: with amx_matmul, wherever the measured plan finds it faster)",
+    )
     int8_dot_matmul: bool | None = option(
         None,
         "multiply weights that are 4/8-bit in the checkpoint (GGUF Q4_1, Q8_0) by 8-bit integer dot "

@@ -84,6 +84,10 @@ def _matmul_options(options: EngineOptions, dtype: torch.dtype, consistent: bool
         raise ValueError(f"amx_matmul is a CPU path; it must be off on device {options.device!r}")
     if options.amx_matmul and not (dtype == torch.bfloat16 and amx_linear.available()):
         raise ValueError("amx_matmul needs bfloat16 weights and a CPU with AMX (and a C compiler)")
+    if options.amx_q4_matmul and (options.amx_matmul is False or not on_cpu):
+        raise ValueError("amx_q4_matmul runs on the AMX kernel: it needs a CPU and amx_matmul not off")
+    if options.amx_q4_matmul and not (dtype == torch.bfloat16 and amx_linear.available()):
+        raise ValueError("amx_q4_matmul needs bfloat16 weights and a CPU with AMX (and a C compiler)")
     if options.int8_dot_matmul and not on_cpu:
         raise ValueError(f"int8_dot_matmul is a CPU path; it must be off on device {options.device!r}")
     if options.int8_dot_matmul and not int8_dot_linear.supports(dtype, explicit=True):
@@ -98,6 +102,7 @@ def _matmul_options(options: EngineOptions, dtype: torch.dtype, consistent: bool
         packed=options.packed_matmul,
         panel=options.panel_matmul,
         amx=options.amx_matmul,
+        amx_q4=options.amx_q4_matmul,
         int8_dot=options.int8_dot_matmul,
         consistent=consistent,
         max_rows=options.max_num_batched_tokens,
@@ -234,6 +239,7 @@ _SHAPE_DEPENDENT_OPTIONS = (
     "packed_matmul",
     "panel_matmul",
     "amx_matmul",
+    "amx_q4_matmul",
     "int8_dot_matmul",
     "compile_decode_max_rows",
     "cuda_graph_max_batch_size",

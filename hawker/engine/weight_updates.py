@@ -53,6 +53,7 @@ def check_updatable(model: CheckpointWeights, targets: Sequence[nn.Parameter]) -
         if isinstance(module, ProjectionCopies) and module.quantized_copy and id(module.weight) in ids:
             raise ValueError(
                 f"{name} keeps a 4/8-bit copy of its quantised checkpoint weight, which new values would "
-                "not match; start the engine with int4_decode_max_rows=0 and int8_dot_matmul=False to take "
+                "not match; start the engine with int4_decode_max_rows=0, int8_dot_matmul=False and "
+                "amx_q4_matmul=False to take "
                 "weight updates"
             )

@@ -50,6 +50,7 @@ from hawker.config import MatmulOptions
 from hawker.kernels import amx_linear, int8_dot_linear, panel_linear
 from hawker.layers.weight_copies import (
     AMX,
+    AMXQ4,
     BUILDERS,
     DENSE,
     FP32,
@@ -63,19 +64,27 @@ from hawker.layers.weight_copies import (
 
 logger = logging.getLogger(__name__)
 
-# Row counts timed; a step of n rows takes the choice of the smallest of these >= n.
-ROW_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-# Below this many rows a step's cost is reading the weights: timed over all the
-# group's layers in turn, so that they come from memory, not from the caches.
-COLD_ROWS = 16
+# Row counts timed; a step of n rows takes the choice of the smallest of these >= n. Prompt steps of up to the
+# token budget (2,048 by default) are timed too: the 4-bit AMX copy wins at 512 rows and loses 6 % at 2,048
+# (benchmarks/NOTES.md, session 20).
+ROW_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 2048)
+# Up to this many rows (a decode step's), a step reads every weight from memory: the whole model and the KV
+# cache pass through the caches between two uses of a layer. Such rows are timed over all the group's layers
+# (float32's: a few) with the last-level cache emptied before each pass; one group's layers alone (33 MB of
+# the default model's 960 x 576 projections) stay in a large L3 from pass to pass. Timed warm, the 4-bit AMX
+# copy lost at 32-128 rows where it wins from memory by 10-27 % (benchmarks/NOTES.md, session 20).
+COLD_ROWS = 256
 # Above it, two layers suffice (the product, not the read, is the cost).
 WARM_LAYERS = 2
 # Consistent numerics: a decode token gets the same numbers in any step of up to this many rows.
 CONSISTENT_DECODE_ROWS = 16
 # Tile sizes of the tiled (consistent by construction) candidates.
 TILES = (16, 32, 64, 128)
+# Copies whose products have the same bits (the 4-bit AMX copy dequantises into the bfloat16 one's tiles):
+# consistent numerics may switch between them by row count.
+SAME_BITS = ((AMX, AMXQ4),)
 # Ties and near-ties go to the first of these that the layer has.
-PREFERENCE = (PACKED, DENSE, PANEL, AMX, INT4, INT8PAIR, INT8DOT, FP32)
+PREFERENCE = (PACKED, DENSE, PANEL, AMX, AMXQ4, INT4, INT8PAIR, INT8DOT, FP32)
 # Another copy replaces the preferred one only when at least this much faster.
 MIN_GAIN = 0.05
 # Copies worth timing at few rows only (they lose to the dense forms beyond) and many rows only.
@@ -209,13 +218,18 @@ def measure(
     ``read_once``: a step reads this weight once, long after its previous step (``COLD_WEIGHT_BYTES``)."""
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(max(ROW_COUNTS), weight.shape[1], generator=generator).to(weight.dtype)
-    cold = read_once and weight.numel() * weight.element_size() >= COLD_WEIGHT_BYTES
-    evict = torch.ones(_last_level_cache_bytes() // 4).sum if cold else None
+    weight_bytes = weight.numel() * weight.element_size()
+    cold = read_once and weight_bytes >= COLD_WEIGHT_BYTES
+    layers = max(len(layer_copies) for layer_copies in copies.values())
+    # A group small enough for the caches (a test's tiny model) is timed as it lies: flushing costs more.
+    flush = torch.ones(_last_level_cache_bytes() // 4) if cold or layers * weight_bytes >= COLD_WEIGHT_BYTES else None
     seconds: dict[str, dict[int, float]] = {}
     for kernel, layer_copies in copies.items():
         seconds[kernel] = {}
         for rows in _row_counts(kernel, limit):
-            used = layer_copies if rows <= COLD_ROWS else layer_copies[:WARM_LAYERS]
+            from_memory = rows <= COLD_ROWS
+            used = layer_copies if from_memory else layer_copies[:WARM_LAYERS]
+            evict = flush.sum if flush is not None and (cold or from_memory) else None
             seconds[kernel][rows] = _time_products(used, inputs[:rows], repeats, evict)
     return Timings(seconds)
 
@@ -332,9 +346,45 @@ def consistent_plan(
     large_kernels = [FP32] if options.fp32_min_rows and FP32 in kernels else kernels
     small = _consistent_choice(weight, timings, small_kernels, 1, CONSISTENT_DECODE_ROWS, probe)
     large = _consistent_choice(weight, timings, large_kernels, CONSISTENT_DECODE_ROWS + 1, limit, probe)
-    if small == large:
-        return LayerPlan((PlanStep(ANY_ROWS, *small),))
-    return LayerPlan((PlanStep(CONSISTENT_DECODE_ROWS, *small), PlanStep(ANY_ROWS, *large)))
+    steps = [
+        *_same_bits_by_speed(small, timings, small_kernels, 1, CONSISTENT_DECODE_ROWS),
+        *_same_bits_by_speed(large, timings, large_kernels, CONSISTENT_DECODE_ROWS + 1, ANY_ROWS),
+    ]
+    merged: list[PlanStep] = []
+    for step in steps:
+        if merged and (merged[-1].kernel, merged[-1].tile) == (step.kernel, step.tile):
+            merged[-1] = step
+        else:
+            merged.append(step)
+    return LayerPlan(tuple(merged))
+
+
+def _same_bits_by_speed(
+    choice: tuple[str, int], timings: Timings, kernels: list[str], first: int, last: int
+) -> list[PlanStep]:
+    """Steps covering rows [first, last] with ``choice``, or, for an untiled copy with a twin of the same bits
+    (``SAME_BITS``), with whichever of the two is the faster at each timed row count: the products do not
+    change, so consistent numerics may switch between them."""
+    kernel, tile = choice
+    twins = next((group for group in SAME_BITS if kernel in group), ()) if not tile else ()
+    others = [k for k in _preferred(twins) if k != kernel and k in kernels and k in timings.seconds]
+    # A step of n rows takes the choice at the smallest timed count >= n; rows past the last count, the last's.
+    counts = [rows for rows in ROW_COUNTS if first <= rows <= last and rows in timings.seconds.get(kernel, {})]
+    steps: list[PlanStep] = []
+    for rows in counts:
+
+        def cost(candidate: tuple[str, int], rows: int = rows) -> float:
+            return timings.at(candidate[0], rows)
+
+        fastest, _ = _fastest([choice, *((k, 0) for k in others)], cost)
+        if steps and steps[-1].kernel == fastest:
+            steps[-1] = PlanStep(rows, fastest, tile)
+        else:
+            steps.append(PlanStep(rows, fastest, tile))
+    if not steps:
+        return [PlanStep(last, kernel, tile)]
+    steps[-1] = PlanStep(last, steps[-1].kernel, tile)
+    return steps
 
 
 def allowed_kernels(dtype: torch.dtype, options: MatmulOptions) -> list[str]:
@@ -346,6 +396,8 @@ def allowed_kernels(dtype: torch.dtype, options: MatmulOptions) -> list[str]:
         kernels.append(PANEL)
     if options.amx is not False and dtype == torch.bfloat16 and amx_linear.available():
         kernels.append(AMX)
+        if options.amx_q4 is not False:
+            kernels.append(AMXQ4)
     if options.int4_max_rows != 0 and (dtype != torch.float32 or options.int4_max_rows):
         # torch's int4 kernel is 30-50x slower with float32 activations: only when asked for.
         kernels += [INT4, INT8PAIR]

@@ -28,7 +28,18 @@ from hawker.layers.matmul_plan import (
     measure,
     speed_plan,
 )
-from hawker.layers.weight_copies import BUILDERS, FP32, INT4, INT8DOT, INT8PAIR, AmxWeight, DenseWeight, WeightCopy
+from hawker.layers.weight_copies import (
+    AMXQ4,
+    BUILDERS,
+    FP32,
+    INT4,
+    INT8DOT,
+    INT8PAIR,
+    AmxQ4Weight,
+    AmxWeight,
+    DenseWeight,
+    WeightCopy,
+)
 from hawker.switches import switch_on
 
 logger = logging.getLogger(__name__)
@@ -70,8 +81,12 @@ class ProjectionCopies:
             return None
         step = self.plan.choose(x.shape[0])
         copy = self.copies.get(step.kernel)
-        if step.tile or not isinstance(copy, AmxWeight) or not amx_linear.fuses_silu_mul(x, copy.out_features):
+        if step.tile or not isinstance(copy, AmxWeight | AmxQ4Weight):
             return None
+        if not amx_linear.fuses_silu_mul(x, copy.out_features):
+            return None
+        if isinstance(copy, AmxQ4Weight):
+            return amx_linear.q4_silu_mul(x, copy.packed, copy.out_features)
         return amx_linear.silu_mul(x, copy.panel, copy.out_features)
 
     def set_plan(self, plan: LayerPlan, built: dict[str, WeightCopy]) -> None:
@@ -108,7 +123,7 @@ class ProjectionCopies:
     @property
     def quantized_copy(self) -> bool:
         """It multiplies through a 4/8-bit copy, which new weight values could not be written into."""
-        return self.plan is not None and bool(self.plan.kernels & {INT4, INT8PAIR, INT8DOT})
+        return self.plan is not None and bool(self.plan.kernels & {INT4, INT8PAIR, INT8DOT, AMXQ4})
 
 
 def _tiled(copy: WeightCopy, x: torch.Tensor, tile: int) -> torch.Tensor:

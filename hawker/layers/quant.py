@@ -99,6 +99,69 @@ def int4_grid(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> Grid |
     return Grid(codes.view(out_features, in_features), scale, low)
 
 
+# Float16 steps (in units of its last place) tried around a group's estimated offset and scale when the estimate
+# does not give back its values.
+_OFFSET_NEIGHBOURS = range(-4, 5)
+_SCALE_NEIGHBOURS = range(-6, 7)
+
+
+def exact_float16_int4_grid(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> Grid | None:
+    """``weight``'s 4-bit grid with float16 scales and offsets that give back its very values: each
+    ``scale * code + offset`` in float32 (the product is exact: 11 significant bits times 4, so one rounding,
+    as GGUF's Q4_1 is dequantised at load: hawker/loader/gguf.py) rounded to ``weight``'s dtype equals the
+    weight's value, else None.
+
+    A Q4_1 block's float16 minimum and scale are near the grid's least value and step rounded to float16
+    (exact for all 3.3 million groups of the default model, whose minima are bfloat16 values); a group they
+    do not give back is searched among the float16 values a few places around them. Values below float32's
+    normal range are refused (the AMX kernel's bfloat16 conversion flushes them to zero)."""
+    grid = int4_grid(weight, group_size)
+    if grid is None:
+        return None
+    groups = grid.codes.view(weight.shape[0], -1, group_size)
+    target = weight.view(groups.shape)
+    scale, offset = grid.scale.half(), grid.offset.half()
+    wrong = ~_gives_back(scale, offset, groups, target)
+    if bool(wrong.any()):
+        _search_neighbours(scale, offset, groups, target, wrong)
+        if bool(wrong.any()):
+            return None
+    if not (bool(scale.isfinite().all()) and bool(offset.isfinite().all())):
+        return None
+    tiny = torch.finfo(torch.float32).tiny
+    if bool(((weight != 0) & (weight.float().abs() < tiny)).any()):
+        return None
+    return Grid(grid.codes, scale.float(), offset.float())
+
+
+def _gives_back(scale: torch.Tensor, offset: torch.Tensor, codes: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per group [..., 1]: ``(scale * codes) + offset`` rounded to the target's dtype is the target."""
+    values = (scale.float() * codes + offset.float()).to(target.dtype)
+    return (values == target).all(-1, keepdim=True)
+
+
+def _search_neighbours(
+    scale: torch.Tensor, offset: torch.Tensor, codes: torch.Tensor, target: torch.Tensor, wrong: torch.Tensor
+) -> None:
+    """For the ``wrong`` groups, float16 neighbours of their scale and offset that give their values back,
+    written in place (``wrong`` cleared where found)."""
+    index = wrong.squeeze(-1).nonzero(as_tuple=True)
+    base_scale, base_offset = scale[index].view(torch.int16), offset[index].view(torch.int16)
+    group_codes, group_target = codes[index], target[index]
+    found = torch.zeros_like(base_scale, dtype=torch.bool)
+    for offset_step in _OFFSET_NEIGHBOURS:
+        for scale_step in _SCALE_NEIGHBOURS:
+            trial_scale = (base_scale + scale_step).view(torch.float16)
+            trial_offset = (base_offset + offset_step).view(torch.float16)
+            fits = _gives_back(trial_scale, trial_offset, group_codes, group_target) & ~found
+            if bool(fits.any()):
+                rows = tuple(part[fits.squeeze(-1)] for part in index)
+                scale[rows] = trial_scale[fits.squeeze(-1)]
+                offset[rows] = trial_offset[fits.squeeze(-1)]
+                found |= fits
+    wrong[index] = ~found
+
+
 @dataclass(frozen=True)
 class Int8PairWeight:
     """An 8-bit weight (GGUF Q8_0's grid) as two int4 weights: its codes' high and low nibbles.

@@ -15,6 +15,10 @@ step, so a layer keeps the copies its measured plan uses
   (hawker/kernels/amx_linear.py): near oneDNN's bfloat16 speed on many rows,
   with each row's bits independent of the other rows, so consistent numerics
   can use it untiled;
+- ``amxq4``: a weight on GGUF Q4_1's grid kept as its 4-bit codes with float16
+  scales and offsets, dequantised inside the AMX kernel into exactly the
+  ``amx`` copy's panels: the same bits from a third of the bytes, for steps
+  whose weights come from memory;
 - ``fp32``: a float32 copy of a half-precision weight, for CPUs whose
   half-precision matmul is slower than float32's (no AVX512-BF16, no AMX):
   inputs widen exactly, and the product is rounded back once, which is what a
@@ -40,10 +44,17 @@ import torch
 import torch.nn.functional as F
 
 from hawker.kernels import amx_linear, int8_dot_linear, packed_linear, panel_linear
-from hawker.layers.quant import Grid, int4_grid, int8_grid, quantize_int4, quantize_int8_as_int4_pair
+from hawker.layers.quant import (
+    Grid,
+    exact_float16_int4_grid,
+    int4_grid,
+    int8_grid,
+    quantize_int4,
+    quantize_int8_as_int4_pair,
+)
 
 DENSE, PACKED, PANEL, FP32, INT4, INT8PAIR, INT8DOT = "dense", "packed", "panel", "fp32", "int4", "int8pair", "int8dot"
-AMX = "amx"
+AMX, AMXQ4 = "amx", "amxq4"
 # float16 (the kernel's scales) keeps 11 significant bits: a scale it moves by more than this is out of its range.
 _FLOAT16_RELATIVE_TOLERANCE = 2**-10
 
@@ -138,6 +149,31 @@ class AmxWeight(PanelWeight):
 
 
 @dataclass(frozen=True)
+class AmxQ4Weight:
+    packed: torch.Tensor  # uint8 [ceil(out / 32), in / 32, 640] (hawker/kernels/amx_linear.py's pack_q4)
+    out_features: int
+
+    @staticmethod
+    def build(weight: torch.Tensor) -> AmxQ4Weight | None:
+        """The weight's exact 4-bit grid (never re-quantised), where the AMX kernel is built."""
+        grid = exact_float16_int4_grid(weight) if amx_linear.supports(weight) else None
+        if grid is None:
+            return None
+        return AmxQ4Weight(
+            amx_linear.pack_q4(grid.codes, grid.scale.squeeze(-1), grid.offset.squeeze(-1)), weight.shape[0]
+        )
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return amx_linear.amx_q4_linear(x, self.packed, self.out_features)
+
+    def refresh(self, weight: torch.Tensor) -> None:
+        raise ValueError("an amxq4 copy holds the checkpoint's 4-bit codes; new weights cannot be written into it")
+
+    def nbytes(self) -> int:
+        return self.packed.numel()
+
+
+@dataclass(frozen=True)
 class Fp32Weight:
     weight: torch.Tensor  # float32 [out, in]
 
@@ -213,6 +249,7 @@ BUILDERS: dict[str, Callable[[torch.Tensor], WeightCopy | None]] = {
     PACKED: PackedWeight.build,
     PANEL: PanelWeight.build,
     AMX: AmxWeight.build,
+    AMXQ4: AmxQ4Weight.build,
     FP32: Fp32Weight.build,
     INT4: _int4,
     INT8PAIR: _int8pair,

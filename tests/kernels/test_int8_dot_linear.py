@@ -199,7 +199,7 @@ def test_weight_updates_are_refused_through_codes_and_taken_with_the_switches_of
     with pytest.raises(ValueError, match="int8_dot_matmul=False"):
         llm.update_weights([(name, update)])
     assert llm.weight_version == 0 and not bool((layer.weight == 0).all())
-    plain = LLM(checkpoint, dtype="bfloat16", int8_dot_matmul=False, int4_decode_max_rows=0)
+    plain = LLM(checkpoint, dtype="bfloat16", int8_dot_matmul=False, int4_decode_max_rows=0, amx_q4_matmul=False)
     assert plain.update_weights([(name, update)]) == 1
 
 

@@ -25,7 +25,7 @@ from hawker.layers.matmul_plan import (
     speed_plan,
 )
 from hawker.layers.projection import plan_projections
-from hawker.layers.weight_copies import DENSE, FP32, INT4, PACKED
+from hawker.layers.weight_copies import AMX, AMXQ4, DENSE, FP32, INT4, PACKED
 from tests.support.matmul import TwoProjections
 
 
@@ -121,6 +121,30 @@ def test_consistent_plan_takes_a_few_row_copy_up_to_the_decode_range_only(monkey
     assert plan.steps == (PlanStep(CONSISTENT_DECODE_ROWS, INT4), PlanStep(ANY_ROWS, DENSE))
 
 
+def test_consistent_plans_switch_between_copies_of_the_same_bits_by_speed() -> None:
+    # The 4-bit AMX copy has the bfloat16 AMX copy's bits: a consistent range may take whichever is faster at
+    # each row count (here the 4-bit one from 17 to 256 rows, the bfloat16 one beyond); a copy without such
+    # a twin, or a tiled one, keeps its whole range.
+    fast_small = {rows: 0.5 * rows if rows <= 256 else 2.0 * rows for rows in ROW_COUNTS}
+    timings = _timings({AMX: _flat(1.0), AMXQ4: fast_small, DENSE: _flat(1.0)})
+    kernels = [DENSE, AMX, AMXQ4]
+    first = CONSISTENT_DECODE_ROWS + 1
+    assert matmul_plan._same_bits_by_speed((AMX, 0), timings, kernels, first, ANY_ROWS) == [
+        PlanStep(256, AMXQ4),
+        PlanStep(ANY_ROWS, AMX),
+    ]
+    assert matmul_plan._same_bits_by_speed((AMXQ4, 0), timings, kernels, 1, CONSISTENT_DECODE_ROWS) == [
+        PlanStep(CONSISTENT_DECODE_ROWS, AMXQ4)
+    ]
+    assert matmul_plan._same_bits_by_speed((AMX, 0), timings, [DENSE, AMX], first, ANY_ROWS) == [
+        PlanStep(ANY_ROWS, AMX)
+    ]  # the twin not allowed
+    assert matmul_plan._same_bits_by_speed((DENSE, 0), timings, kernels, first, ANY_ROWS) == [PlanStep(ANY_ROWS, DENSE)]
+    assert matmul_plan._same_bits_by_speed((AMX, 32), timings, kernels, first, ANY_ROWS) == [
+        PlanStep(ANY_ROWS, AMX, 32)
+    ]
+
+
 @pytest.mark.parametrize("consistent", [False, True])
 def test_measured_plans_compute_the_same_products(consistent: bool) -> None:
     model = TwoProjections()
@@ -134,9 +158,10 @@ def test_measured_plans_compute_the_same_products(consistent: bool) -> None:
             torch.testing.assert_close(layer.project(x).float(), expected, atol=0.1, rtol=0.02)
 
 
-def test_a_weight_read_once_a_step_is_timed_with_the_caches_emptied(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The LM head (read once a step, after everything else): every timed pass reads a last-level-cache-sized
-    # buffer first; the layers' weights, and a head smaller than COLD_WEIGHT_BYTES, are timed without.
+def test_weights_a_step_reads_from_memory_are_timed_with_the_caches_emptied(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every timed pass reads a last-level-cache-sized buffer first: at every row count for the LM head (read
+    # once a step, after everything else), at decode-sized row counts (<= COLD_ROWS) for a group of layers;
+    # never for weights that all together stay under COLD_WEIGHT_BYTES (they would stay in the caches anyway).
     reads: list[int] = []
     real_sum = torch.Tensor.sum
 
@@ -145,16 +170,21 @@ def test_a_weight_read_once_a_step_is_timed_with_the_caches_emptied(monkeypatch:
         return real_sum(self, *args, **kwargs)
 
     monkeypatch.setattr(matmul_plan, "_last_level_cache_bytes", lambda: 2**20)
+    monkeypatch.setattr(matmul_plan, "COLD_ROWS", 2)
     monkeypatch.setattr(torch.Tensor, "sum", counting_sum)
     weight = torch.randn(64, 32)
-    copies = {DENSE: [matmul_plan.BUILDERS[DENSE](weight)]}
-    monkeypatch.setattr(matmul_plan, "COLD_WEIGHT_BYTES", weight.numel() * weight.element_size())
-    timings = matmul_plan.measure(weight, copies, 4, repeats=2, read_once=True)
-    assert reads == [2**20] * 2 * 3 and set(timings.seconds[DENSE]) == {1, 2, 4}  # 2 passes x 3 row counts
+    copies = {DENSE: [matmul_plan.BUILDERS[DENSE](weight)] * 2}
+    monkeypatch.setattr(matmul_plan, "COLD_WEIGHT_BYTES", 2 * weight.numel() * weight.element_size())
+    timings = matmul_plan.measure(weight, copies, 4, repeats=2, read_once=False)
+    assert reads == [2**20] * 2 * 2 and set(timings.seconds[DENSE]) == {1, 2, 4}  # 2 passes x rows 1, 2
     reads.clear()
+    monkeypatch.setattr(matmul_plan, "COLD_WEIGHT_BYTES", weight.numel() * weight.element_size())
+    matmul_plan.measure(weight, {DENSE: copies[DENSE][:1]}, 4, repeats=2, read_once=True)
+    assert reads == [2**20] * 2 * 3  # 2 passes x 3 row counts
+    reads.clear()
+    monkeypatch.setattr(matmul_plan, "COLD_WEIGHT_BYTES", 2 * weight.numel() * weight.element_size() + 1)
     matmul_plan.measure(weight, copies, 4, repeats=2, read_once=False)
-    monkeypatch.setattr(matmul_plan, "COLD_WEIGHT_BYTES", weight.numel() * weight.element_size() + 1)
-    matmul_plan.measure(weight, copies, 4, repeats=2, read_once=True)
+    matmul_plan.measure(weight, {DENSE: copies[DENSE][:1]}, 4, repeats=2, read_once=True)
     assert reads == []
 
 
