@@ -183,9 +183,12 @@ def amx_q4_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> t
     return torch.ops.hawker.amx_q4_linear.default(x, packed, out_features)
 
 
-def _q4_inputs(x: torch.Tensor, packed: torch.Tensor) -> int:
+def _q4_inputs(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> int:
+    """The inputs of ``pack_q4``'s panels, checked against the rows (2-D bfloat16) and the outputs."""
     in_features = packed.shape[1] * Q4_GROUP
-    if x.dim() != 2 or x.shape[1] != in_features or packed.shape[2] != Q4_STEP_BYTES:
+    fits = packed.dim() == 3 and packed.dtype == torch.uint8 and packed.is_contiguous()
+    fits = fits and packed.shape[2] == Q4_STEP_BYTES and packed.shape[0] * PANEL >= out_features
+    if not fits or x.dim() != 2 or x.dtype != torch.bfloat16 or x.shape[1] != in_features:
         raise ValueError(f"rows {tuple(x.shape)} do not fit 4-bit panels {tuple(packed.shape)}")
     return in_features
 
@@ -194,7 +197,7 @@ def _run_q4(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.T
     kernel = _library_function("hawker_amx_q4_linear")
     if kernel is None:
         raise RuntimeError("the AMX linear kernel is not built; check available() first")
-    in_features = _q4_inputs(x, packed)
+    in_features = _q4_inputs(x, packed, out_features)
     x = x if x.stride(1) == 1 else x.contiguous()
     out = torch.empty((x.shape[0], out_features), dtype=torch.bfloat16)
     if x.shape[0]:
@@ -211,7 +214,7 @@ def q4_silu_mul(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> tor
     """``silu_mul`` over ``pack_q4``'s panels: the same bits. Check ``fuses_silu_mul`` first."""
     kernel = _library_function("hawker_amx_q4_linear_silu_mul")
     assert kernel is not None
-    in_features = _q4_inputs(x, packed)
+    in_features = _q4_inputs(x, packed, out_features)
     out = torch.empty((x.shape[0], out_features // 2), dtype=torch.bfloat16)
     if x.shape[0]:
         status = kernel(

@@ -4,8 +4,9 @@
  * compiled decode step makes 121 such calls with the default model.
  *
  * They only check their arguments and call hawker_amx_linear or hawker_amx_q4_linear (csrc/amx_linear.c,
- * linked in at build time); the schemas and the fakes are defined from Python (hawker/kernels/amx_linear.py), which builds this file
- * with torch's headers (hawker/kernels/native.py) and falls back to its own ctypes kernel where it cannot.
+ * linked in at build time); the schemas and the fakes are defined from Python (hawker/kernels/amx_linear.py),
+ * which builds this file with torch's headers (hawker/kernels/native.py) and falls back to its own ctypes
+ * kernels where it cannot.
  */
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
