@@ -231,7 +231,10 @@ def test_absurd_requests_are_refused_at_once_without_growing_the_server(server: 
     for _ in range(2):
         _refuse_all_at_once(server)
     grown = _rss_bytes(server.process.pid) - before
-    assert grown < 32 * 2**20, f"the server grew by {grown / 2**20:.0f} MiB over two more rounds"
+    # What the allocator keeps of the multi-MB parse buffers varies between runs (33 MiB seen once in a full
+    # suite, under 32 in isolation); anything kept per refused request (a 10 MB body each, 28 requests) would be
+    # hundreds of MiB.
+    assert grown < 64 * 2**20, f"the server grew by {grown / 2**20:.0f} MiB over two more rounds"
     assert httpx.get(f"{server.base_url}/health").status_code == 200
     assert _post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2}).status_code == 200
 
