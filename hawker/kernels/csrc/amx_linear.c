@@ -166,10 +166,10 @@ static int64_t rows_per_block(int64_t rows, int64_t in_features) {
     return ((rows + blocks - 1) / blocks + 2 * TILE_ROWS - 1) / (2 * TILE_ROWS) * (2 * TILE_ROWS);
 }
 
-/* Rows per block over 4-bit panels: all of them while they fit Q4_BLOCK_BYTES (each panel is then dequantised
- * once, beside the tile multiplies of the panel before it), else as for bfloat16 panels. */
-static int64_t q4_rows_per_block(int64_t rows, int64_t in_features) {
-    return rows * in_features * 2 <= Q4_BLOCK_BYTES ? rows : rows_per_block(rows, in_features);
+/* Rows per block over bfloat16 panels (rows_per_block) or 4-bit ones: all the rows while they fit
+ * Q4_BLOCK_BYTES (each panel is then dequantised once, beside the tile multiplies of the panel before it). */
+static int64_t block_rows_for(int64_t rows, int64_t in_features, const uint8_t *q4) {
+    return q4 != NULL && rows * in_features * 2 <= Q4_BLOCK_BYTES ? rows : rows_per_block(rows, in_features);
 }
 
 /* Up to 32 rows of x from row r (count of them) where the tiles may read 32: in place, or copied once into
@@ -269,7 +269,7 @@ static int linear(const uint16_t *x, int64_t x_stride, const uint16_t *bf16, con
                   int64_t out_stride, int64_t rows, int64_t in_features, int64_t out_features, int threads) {
     if (!amx_permitted()) return -1;
     const int64_t pairs = in_features / 2, panels = (out_features + PANEL - 1) / PANEL;
-    const int64_t block_rows = q4 ? q4_rows_per_block(rows, in_features) : rows_per_block(rows, in_features);
+    const int64_t block_rows = block_rows_for(rows, in_features, q4);
     const int64_t blocks = (rows + block_rows - 1) / block_rows;
     if (q4 != NULL && blocks > 1) {
         uint16_t *weight = dequantized_weight(q4, panels, pairs, threads);
@@ -348,7 +348,7 @@ static int silu_mul(const uint16_t *x, int64_t x_stride, const uint16_t *bf16, c
     const int64_t size = out_features / 2;
     if (out_features % (2 * PANEL) || !amx_permitted()) return -1;
     const int64_t pairs = in_features / 2, panel_pairs = size / PANEL;
-    const int64_t block_rows = q4 ? q4_rows_per_block(rows, in_features) : rows_per_block(rows, in_features);
+    const int64_t block_rows = block_rows_for(rows, in_features, q4);
     const int64_t blocks = (rows + block_rows - 1) / block_rows;
     if (q4 != NULL && blocks > 1) {
         uint16_t *weight = dequantized_weight(q4, 2 * panel_pairs, pairs, threads);
