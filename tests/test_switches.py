@@ -7,6 +7,7 @@ from collections.abc import Callable
 import pytest
 
 from hawker.engine.kv_cache import KV_RUNS_VARIABLE, kv_runs_on
+from hawker.huge_pages import HUGE_PAGES_VARIABLE, huge_pages_on
 from hawker.kernels import cpu_decode_attention
 from hawker.kernels.cpu_prefill_attention import AMX_VARIABLE, amx_requested
 from hawker.kernels.rowwise import SWITCH_VARIABLE, switched_on
@@ -18,6 +19,7 @@ SWITCHES = [
     (SWITCH_VARIABLE, switched_on),
     (FUSED_SWIGLU_VARIABLE, fused_swiglu_on),
     (cpu_decode_attention.AMX_VARIABLE, cpu_decode_attention.amx_tiles),
+    (HUGE_PAGES_VARIABLE, huge_pages_on),
 ]
 
 

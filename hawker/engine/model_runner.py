@@ -32,6 +32,7 @@ from hawker.engine.sampler import (
 from hawker.engine.step_kinds import forward_groups, is_decode
 from hawker.engine.weight_updates import check_updatable, check_weights, write_weights
 from hawker.host_transfer import HostCopy, upload
+from hawker.huge_pages import advise_huge_pages, zeros_on_huge_pages
 from hawker.layers.projection import ProjectionCopies, consistent_prefill_rows
 from hawker.loader.checkpoint import open_checkpoint
 from hawker.models.base import CausalLM
@@ -198,6 +199,8 @@ class ModelRunner:
         for tensor in self._sleeping_tensors(weights):
             tensor.untyped_storage().resize_(tensor.numel() * tensor.element_size())
         for k_cache, v_cache in self.kv_caches:
+            advise_huge_pages(k_cache)
+            advise_huge_pages(v_cache)
             k_cache.zero_()
             v_cache.zero_()
         if checkpoint_path is not None:
@@ -221,10 +224,7 @@ class ModelRunner:
         shape = (num_blocks, self.block_size, self.kv_heads, cfg.head_dim)
         dtype = self.config.cache.torch_dtype(cfg)
         return [
-            (
-                torch.zeros(shape, dtype=dtype, device=self.device),
-                torch.zeros(shape, dtype=dtype, device=self.device),
-            )
+            (zeros_on_huge_pages(shape, dtype, self.device), zeros_on_huge_pages(shape, dtype, self.device))
             for _ in range(self.model.num_local_layers)
         ]
 

@@ -28,6 +28,7 @@ from hawker.layers.matmul_plan import (
     measure,
     speed_plan,
 )
+from hawker.layers.quant import WeightGrids
 from hawker.layers.weight_copies import (
     AMXQ4,
     BUILDERS,
@@ -35,9 +36,11 @@ from hawker.layers.weight_copies import (
     INT4,
     INT8DOT,
     INT8PAIR,
+    RECIPES,
     AmxQ4Weight,
     AmxWeight,
     DenseWeight,
+    Recipe,
     WeightCopy,
 )
 from hawker.switches import switch_on
@@ -152,21 +155,28 @@ class _Group:
     is_head: bool
     layers: list[ProjectionCopies]
     kernels: list[str]
-    built: list[dict[str, WeightCopy]]  # per layer, the copies made while finding out what it has
+    recipes: list[dict[str, Recipe]]  # per layer, how to make each copy it has
+    built: list[dict[str, WeightCopy]]  # per layer, the copies made so far (for timing)
+
+    def copy(self, layer: int, kernel: str) -> WeightCopy:
+        """Layer ``layer``'s ``kernel`` copy, made now unless made before."""
+        built = self.built[layer]
+        if kernel not in built:
+            built[kernel] = self.recipes[layer][kernel]()
+        return built[kernel]
 
 
-def _available(weight: torch.Tensor, kernels: list[str]) -> dict[str, WeightCopy | None]:
-    """The copies of ``weight`` worth making to find out whether it has that form (None: made on demand)."""
-    found: dict[str, WeightCopy | None] = {}
+def _available(weight: torch.Tensor, kernels: list[str]) -> dict[str, Recipe]:
+    """The forms among ``kernels`` that ``weight`` has, each with how to make its copy (made only where a
+    plan uses it or it is timed: at start-up most are not)."""
+    grids = WeightGrids(weight)  # found once, shared by every form below
+    found: dict[str, Recipe] = {}
     for kernel in kernels:
-        if kernel == FP32:
-            found[kernel] = None  # any half-precision weight has one; made only where timed or used
-        elif kernel == INT8PAIR and found.get(INT4) is not None:
+        if kernel == INT8PAIR and INT4 in found:
             continue  # a 4-bit weight is not taken as 8-bit too
-        else:
-            copy = BUILDERS[kernel](weight)
-            if copy is not None:
-                found[kernel] = copy
+        recipe = RECIPES[kernel](weight, grids)
+        if recipe is not None:
+            found[kernel] = recipe
     return found
 
 
@@ -180,9 +190,10 @@ def _groups(model: nn.Module, options: MatmulOptions) -> list[_Group]:
         kernels = allowed_kernels(weight.dtype, options)
         found = _available(weight, kernels)
         key = (is_head, tuple(weight.shape), weight.dtype, tuple(found))
-        group = groups.setdefault(key, _Group(is_head, [], list(found), []))
+        group = groups.setdefault(key, _Group(is_head, [], list(found), [], []))
         group.layers.append(module)
-        group.built.append({k: c for k, c in found.items() if c is not None})
+        group.recipes.append(found)
+        group.built.append({})
     return list(groups.values())
 
 
@@ -191,13 +202,7 @@ def _timed_copies(group: _Group) -> dict[str, list[WeightCopy]]:
     timed: dict[str, list[WeightCopy]] = {}
     for kernel in group.kernels:
         count = len(group.layers) if kernel != FP32 else min(WARM_LAYERS, len(group.layers))
-        copies = []
-        for layer, built in zip(group.layers[:count], group.built[:count], strict=True):
-            copy = built.get(kernel) or BUILDERS[kernel](layer.weight.data)
-            assert copy is not None
-            built[kernel] = copy
-            copies.append(copy)
-        timed[kernel] = copies
+        timed[kernel] = [group.copy(layer, kernel) for layer in range(count)]
     return timed
 
 
@@ -233,8 +238,10 @@ def plan_projections(model: nn.Module, options: MatmulOptions) -> dict[str, str]
             # lost to the half-precision copies at every projection's shape it would lose here too.
             group.kernels = [k for k in group.kernels if k != FP32]
         plan = _cached_or_measured_plan(group, options, limit)
-        for layer, built in zip(group.layers, group.built, strict=True):
-            layer.set_plan(plan, built)
+        for index, layer in enumerate(group.layers):
+            layer.set_plan(plan, {kernel: group.copy(index, kernel) for kernel in plan.kernels})
+        group.recipes.clear()  # they hold the weights' grids
+        group.built.clear()
         float32_won = float32_won or FP32 in plan.kernels
         name = "lm_head" if group.is_head else "x".join(map(str, weight.shape))
         described[f"{name} ({len(group.layers)} layers)"] = plan.describe()

@@ -19,6 +19,7 @@ head and any unquantized checkpoint do not.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -67,17 +68,20 @@ def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> In
     moves a grid value by a few hundredths of a step at most.
     """
     grid = int4_grid(weight, group_size)
-    if grid is None:
-        return None
+    return None if grid is None else int4_from_grid(grid, weight.dtype)
+
+
+def int4_from_grid(grid: Grid, dtype: torch.dtype) -> Int4Weight:
+    """The int4 copy of a weight of ``dtype`` on ``grid`` (``int4_grid``'s)."""
     # The kernel computes (q - 8) * scale + zero, so zero = min + 8 * scale.
-    return _pack(grid.codes, grid.scale, grid.offset + 8 * grid.scale, weight.dtype)
+    return _pack(grid.codes, grid.scale, grid.offset + 8 * grid.scale, dtype)
 
 
 @dataclass(frozen=True)
 class Grid:
     """A weight [out, in] as ``scale * codes + offset`` per group of inputs (scale, offset [out, groups, 1])."""
 
-    codes: torch.Tensor  # float32 [out, in], whole numbers
+    codes: torch.Tensor  # uint8 [out, in]
     scale: torch.Tensor
     offset: torch.Tensor
 
@@ -96,7 +100,7 @@ def int4_grid(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> Grid |
     off_grid = (codes * scale + low - groups).abs() > GRID_TOLERANCE * scale
     if bool(off_grid.any()):
         return None
-    return Grid(codes.view(out_features, in_features), scale, low)
+    return Grid(codes.to(torch.uint8).view(out_features, in_features), scale, low)
 
 
 # Float16 steps (in units of its last place) tried around a group's estimated offset and scale when the estimate
@@ -116,9 +120,12 @@ def exact_float16_int4_grid(weight: torch.Tensor, group_size: int = INT4_GROUP_S
     do not give back is searched among the float16 values a few places around them. Values below float32's
     normal range are refused (the AMX kernel's bfloat16 conversion flushes them to zero)."""
     grid = int4_grid(weight, group_size)
-    if grid is None:
-        return None
-    groups = grid.codes.view(weight.shape[0], -1, group_size)
+    return None if grid is None else exact_float16_of(weight, grid)
+
+
+def exact_float16_of(weight: torch.Tensor, grid: Grid) -> Grid | None:
+    """``exact_float16_int4_grid`` given ``weight``'s ``int4_grid``."""
+    groups = grid.codes.view(weight.shape[0], -1, grid.codes.shape[1] // grid.scale.shape[1])
     target = weight.view(groups.shape)
     scale, offset = grid.scale.half(), grid.offset.half()
     wrong = ~_gives_back(scale, offset, groups, target)
@@ -197,10 +204,13 @@ def quantize_int8_as_int4_pair(weight: torch.Tensor, group_size: int = INT4_GROU
     percent, away from the grid).
     """
     grid = int8_grid(weight, group_size)
-    if grid is None:
-        return None
-    high = _pack(grid.codes // 16, 16 * grid.scale, torch.zeros_like(grid.scale), weight.dtype)
-    low = _pack(grid.codes % 16, grid.scale, 8 * grid.scale, weight.dtype)
+    return None if grid is None else int8_pair_from_grid(grid, weight.dtype)
+
+
+def int8_pair_from_grid(grid: Grid, dtype: torch.dtype) -> Int8PairWeight:
+    """The ``Int8PairWeight`` of a weight of ``dtype`` on ``grid`` (``int8_grid``'s)."""
+    high = _pack(grid.codes // 16, 16 * grid.scale, torch.zeros_like(grid.scale), dtype)
+    low = _pack(grid.codes % 16, grid.scale, 8 * grid.scale, dtype)
     return Int8PairWeight(high, low)
 
 
@@ -216,7 +226,7 @@ def int8_grid(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> Grid |
     off_grid = (codes * scale - groups).abs() > Q8_RELATIVE_TOLERANCE * groups.abs()
     if bool(off_grid.any()):
         return None
-    return Grid((codes + 128).view(out_features, in_features), scale, -128 * scale)
+    return Grid((codes + 128).to(torch.uint8).view(out_features, in_features), scale, -128 * scale)
 
 
 def _pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> Int4Weight:
@@ -225,3 +235,24 @@ def _pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: t
     scale, zero = scale.squeeze(-1), zero.squeeze(-1)
     scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()
     return Int4Weight(packed, scales_and_zeros, codes.shape[1] // scale.shape[1])
+
+
+class WeightGrids:
+    """The 4- and 8-bit grids one weight lies on, each found at most once: finding one reads the whole weight
+    a dozen times over in float32 (~15 ms for a 960 x 576 weight), and the weight's copies share them
+    (hawker/layers/weight_copies.py: the int4, int8dot and amxq4 copies all start from the 4-bit grid)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+
+    @cached_property
+    def int4(self) -> Grid | None:
+        return int4_grid(self.weight)
+
+    @cached_property
+    def int8(self) -> Grid | None:
+        return int8_grid(self.weight)
+
+    @cached_property
+    def exact_float16_int4(self) -> Grid | None:
+        return None if self.int4 is None else exact_float16_of(self.weight, self.int4)

@@ -38,20 +38,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from hawker.kernels import amx_linear, int8_dot_linear, packed_linear, panel_linear
-from hawker.layers.quant import (
-    Grid,
-    exact_float16_int4_grid,
-    int4_grid,
-    int8_grid,
-    quantize_int4,
-    quantize_int8_as_int4_pair,
-)
+from hawker.layers.quant import Grid, WeightGrids, int4_from_grid, int8_pair_from_grid
 
 DENSE, PACKED, PANEL, FP32, INT4, INT8PAIR, INT8DOT = "dense", "packed", "panel", "fp32", "int4", "int8pair", "int8dot"
 AMX, AMXQ4 = "amx", "amxq4"
@@ -71,6 +65,12 @@ class WeightCopy(Protocol):
     def nbytes(self) -> int:
         """Bytes a product reads."""
         ...
+
+
+# Makes one copy of a weight (see RECIPES).
+Recipe = Callable[[], WeightCopy]
+# Whether a weight (with its grids) has a form: None if not, else how to make that copy.
+RecipeFinder = Callable[[torch.Tensor, WeightGrids], Recipe | None]
 
 
 @dataclass(frozen=True)
@@ -98,10 +98,10 @@ class PackedWeight:
     weight_bytes: int
 
     @staticmethod
-    def build(weight: torch.Tensor) -> PackedWeight | None:
+    def recipe(weight: torch.Tensor, grids: WeightGrids) -> Recipe | None:
         if weight.device.type != "cpu" or not packed_linear.available(weight.dtype):
             return None
-        return PackedWeight(packed_linear.pack(weight), weight.shape[0], weight.numel() * weight.element_size())
+        return lambda: PackedWeight(packed_linear.pack(weight), weight.shape[0], weight.numel() * weight.element_size())
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return packed_linear.packed_linear(x, self.packed, self.out_features)
@@ -119,10 +119,10 @@ class PanelWeight:
     out_features: int
 
     @staticmethod
-    def build(weight: torch.Tensor) -> PanelWeight | None:
+    def recipe(weight: torch.Tensor, grids: WeightGrids) -> Recipe | None:
         if not panel_linear.supports(weight):
             return None
-        return PanelWeight(panel_linear.pack(weight), weight.shape[0])
+        return lambda: PanelWeight(panel_linear.pack(weight), weight.shape[0])
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return panel_linear.panel_linear(x, self.panel, self.out_features)
@@ -139,10 +139,10 @@ class AmxWeight(PanelWeight):
     """The same panels (refreshed and sized alike), multiplied by AMX tiles."""
 
     @staticmethod
-    def build(weight: torch.Tensor) -> AmxWeight | None:
+    def recipe(weight: torch.Tensor, grids: WeightGrids) -> Recipe | None:
         if not amx_linear.supports(weight):
             return None
-        return AmxWeight(amx_linear.pack(weight), weight.shape[0])
+        return lambda: AmxWeight(amx_linear.pack(weight), weight.shape[0])
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return amx_linear.amx_linear(x, self.panel, self.out_features)
@@ -154,14 +154,13 @@ class AmxQ4Weight:
     out_features: int
 
     @staticmethod
-    def build(weight: torch.Tensor) -> AmxQ4Weight | None:
+    def recipe(weight: torch.Tensor, grids: WeightGrids) -> Recipe | None:
         """The weight's exact 4-bit grid (never re-quantised), where the AMX kernel is built."""
-        grid = exact_float16_int4_grid(weight) if amx_linear.supports(weight) else None
+        grid = grids.exact_float16_int4 if amx_linear.supports(weight) else None
         if grid is None:
             return None
-        return AmxQ4Weight(
-            amx_linear.pack_q4(grid.codes, grid.scale.squeeze(-1), grid.offset.squeeze(-1)), weight.shape[0]
-        )
+        scale, offset = grid.scale.squeeze(-1), grid.offset.squeeze(-1)
+        return lambda: AmxQ4Weight(amx_linear.pack_q4(grid.codes, scale, offset), weight.shape[0])
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return amx_linear.amx_q4_linear(x, self.packed, self.out_features)
@@ -178,10 +177,10 @@ class Fp32Weight:
     weight: torch.Tensor  # float32 [out, in]
 
     @staticmethod
-    def build(weight: torch.Tensor) -> Fp32Weight | None:
+    def recipe(weight: torch.Tensor, grids: WeightGrids) -> Recipe | None:
         if weight.dtype not in (torch.bfloat16, torch.float16):
             return None
-        return Fp32Weight(weight.float())
+        return lambda: Fp32Weight(weight.float())
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.float(), self.weight).to(x.dtype)
@@ -200,15 +199,14 @@ class IntDotWeight:
     out_features: int
 
     @staticmethod
-    def build(weight: torch.Tensor) -> IntDotWeight | None:
+    def recipe(weight: torch.Tensor, grids: WeightGrids) -> Recipe | None:
         """The weight's 4-bit codes, else its 8-bit ones, when it lies on such a grid (never re-quantised)."""
         if weight.device.type != "cpu" or not int8_dot_linear.available():
             return None
-        for bits, find_grid in ((4, int4_grid), (8, int8_grid)):
-            grid = find_grid(weight)
-            if grid is not None:
-                return IntDotWeight._from_grid(grid, bits) if _fits_float16(grid) else None
-        return None
+        bits, grid = (4, grids.int4) if grids.int4 is not None else (8, grids.int8)
+        if grid is None or not _fits_float16(grid):
+            return None
+        return lambda: IntDotWeight._from_grid(grid, bits)
 
     @staticmethod
     def _from_grid(grid: Grid, bits: int) -> IntDotWeight:
@@ -235,23 +233,43 @@ def _fits_float16(grid: Grid) -> bool:
     return True
 
 
-def _int4(weight: torch.Tensor) -> WeightCopy | None:
-    return quantize_int4(weight)
+def _dense(weight: torch.Tensor, grids: WeightGrids) -> Recipe | None:
+    return lambda: DenseWeight(weight)
 
 
-def _int8pair(weight: torch.Tensor) -> WeightCopy | None:
-    return quantize_int8_as_int4_pair(weight)
+def _int4(weight: torch.Tensor, grids: WeightGrids) -> Recipe | None:
+    grid = grids.int4
+    return None if grid is None else lambda: int4_from_grid(grid, weight.dtype)
 
 
-# How each copy is made from a loaded weight (None: this weight has no such form).
-BUILDERS: dict[str, Callable[[torch.Tensor], WeightCopy | None]] = {
-    DENSE: DenseWeight,
-    PACKED: PackedWeight.build,
-    PANEL: PanelWeight.build,
-    AMX: AmxWeight.build,
-    AMXQ4: AmxQ4Weight.build,
-    FP32: Fp32Weight.build,
+def _int8pair(weight: torch.Tensor, grids: WeightGrids) -> Recipe | None:
+    grid = grids.int8
+    return None if grid is None else lambda: int8_pair_from_grid(grid, weight.dtype)
+
+
+# Whether a loaded weight has each form (None: it has not) and, if so, how to make that copy. Asking is cheap
+# once the weight's grids are found (shared by every form of one weight); making a copy is not, so a layer
+# makes only the copies its plan uses or that are timed (hawker/layers/projection.py).
+RECIPES: dict[str, RecipeFinder] = {
+    DENSE: _dense,
+    PACKED: PackedWeight.recipe,
+    PANEL: PanelWeight.recipe,
+    AMX: AmxWeight.recipe,
+    AMXQ4: AmxQ4Weight.recipe,
+    FP32: Fp32Weight.recipe,
     INT4: _int4,
     INT8PAIR: _int8pair,
-    INT8DOT: IntDotWeight.build,
+    INT8DOT: IntDotWeight.recipe,
+}
+
+
+def build_copy(kernel: str, weight: torch.Tensor, grids: WeightGrids | None = None) -> WeightCopy | None:
+    """``kernel``'s copy of ``weight`` (its grids found now unless given), None where it has no such form."""
+    recipe = RECIPES[kernel](weight, grids or WeightGrids(weight))
+    return None if recipe is None else recipe()
+
+
+# The same as one call per kernel, for callers that make a single copy of a weight.
+BUILDERS: dict[str, Callable[[torch.Tensor], WeightCopy | None]] = {
+    kernel: partial(build_copy, kernel) for kernel in RECIPES
 }

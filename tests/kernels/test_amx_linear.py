@@ -13,7 +13,7 @@ from hawker import LLM
 from hawker.config import MatmulOptions
 from hawker.kernels import amx_linear, rowwise
 from hawker.layers.matmul_plan import allowed_kernels, rows_invariant
-from hawker.layers.weight_copies import AMX, AmxWeight
+from hawker.layers.weight_copies import AMX, AmxWeight, build_copy
 from tests.support.matmul import assert_bf16_model_on_copy_is_as_accurate, count_calls, prompt_logprobs
 from tests.support.parity import make_prompts
 
@@ -54,7 +54,7 @@ def test_a_rows_bits_do_not_depend_on_the_other_rows_or_its_place() -> None:
     strided[:, :192] = x  # rows with a stride: the kernel reads each row where it is
     assert torch.equal(amx_linear.amx_linear(strided[:, :192], packed, 200), alone)
     # The plan's own probe, which lets consistent numerics use the copy untiled.
-    copy = AmxWeight.build(weight)
+    copy = build_copy(AMX, weight)
     assert copy is not None and rows_invariant(copy, x, [1, 17, 40, 128, 300])
 
 
@@ -62,14 +62,14 @@ def test_a_rows_bits_do_not_depend_on_the_other_rows_or_its_place() -> None:
 def test_refresh_rewrites_the_panels_in_place() -> None:
     generator = torch.Generator().manual_seed(4)
     weight = torch.randn(64, 64, generator=generator).to(torch.bfloat16)
-    copy = AmxWeight.build(weight)
+    copy = build_copy(AMX, weight)
     assert copy is not None
     held = copy.panel
     new_weight = torch.randn(64, 64, generator=generator).to(torch.bfloat16)
     copy.refresh(new_weight)
     assert copy.panel is held
     x = torch.randn(5, 64, generator=generator).to(torch.bfloat16)
-    fresh = AmxWeight.build(new_weight)
+    fresh = build_copy(AMX, new_weight)
     assert fresh is not None and torch.equal(copy.matmul(x), fresh.matmul(x))
 
 
@@ -77,7 +77,7 @@ def test_refresh_rewrites_the_panels_in_place() -> None:
 def test_a_compiled_graph_calls_the_kernel_as_one_operator() -> None:
     generator = torch.Generator().manual_seed(5)
     weight = torch.randn(48, 64, generator=generator).to(torch.bfloat16)
-    copy = AmxWeight.build(weight)
+    copy = build_copy(AMX, weight)
     assert copy is not None
 
     def step(x: torch.Tensor) -> torch.Tensor:

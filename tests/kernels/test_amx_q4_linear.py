@@ -19,7 +19,7 @@ from hawker.kernels import amx_linear
 from hawker.layers.matmul_plan import ANY_ROWS, LayerPlan, PlanStep, allowed_kernels
 from hawker.layers.projection import ProjectionCopies
 from hawker.layers.quant import INT4_GROUP_SIZE, exact_float16_int4_grid
-from hawker.layers.weight_copies import AMX, AMXQ4, AmxQ4Weight, AmxWeight
+from hawker.layers.weight_copies import AMX, AMXQ4, AmxQ4Weight, build_copy
 from hawker.loader.checkpoint import default_model_path
 from hawker.loader.gguf import _dequantize, open_gguf
 from tests.support.matmul import count_calls, prompt_logprobs
@@ -72,7 +72,7 @@ def test_products_have_the_bfloat16_kernels_bits(out_features: int, in_features:
     """Panels dequantised beside the previous panel's tile multiplies, on demand, and (600 rows of 1,536 or
     2,048 inputs: more than one block) the whole weight at once; rows read in place at a stride."""
     weight = q4_weight(out_features, in_features, seed=out_features + in_features)
-    q4, bf16 = AmxQ4Weight.build(weight), AmxWeight.build(weight)
+    q4, bf16 = build_copy(AMXQ4, weight), build_copy(AMX, weight)
     assert q4 is not None and bf16 is not None
     assert q4.nbytes() * 3 < bf16.nbytes()
     generator = torch.Generator().manual_seed(rows)
@@ -87,7 +87,7 @@ def test_products_have_the_bfloat16_kernels_bits(out_features: int, in_features:
 @pytest.mark.parametrize("rows", [1, 17, 33, 300, 600])
 def test_swiglu_in_one_pass_has_the_bfloat16_kernels_bits(out_features: int, in_features: int, rows: int) -> None:
     weight = q4_weight(out_features, in_features, seed=rows)
-    q4, bf16 = AmxQ4Weight.build(weight), AmxWeight.build(weight)
+    q4, bf16 = build_copy(AMXQ4, weight), build_copy(AMX, weight)
     assert q4 is not None and bf16 is not None
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     assert torch.equal(
@@ -97,7 +97,7 @@ def test_swiglu_in_one_pass_has_the_bfloat16_kernels_bits(out_features: int, in_
 
 @needs_kernel
 def test_a_compiled_graph_calls_the_kernel_as_one_operator() -> None:
-    copy = AmxQ4Weight.build(q4_weight(48, 64, seed=5))
+    copy = build_copy(AMXQ4, q4_weight(48, 64, seed=5))
     assert copy is not None
 
     def step(x: torch.Tensor) -> torch.Tensor:
@@ -112,8 +112,8 @@ def test_a_compiled_graph_calls_the_kernel_as_one_operator() -> None:
 
 
 def test_weights_it_cannot_take_and_the_off_switch() -> None:
-    assert AmxQ4Weight.build(torch.randn(64, 64).to(torch.bfloat16)) is None  # not on a grid
-    assert AmxQ4Weight.build(q4_weight(64, 64, seed=2).float()) is None  # float32 weights: not the AMX kernel
+    assert build_copy(AMXQ4, torch.randn(64, 64).to(torch.bfloat16)) is None  # not on a grid
+    assert build_copy(AMXQ4, q4_weight(64, 64, seed=2).float()) is None  # float32 weights: not the AMX kernel
     assert AMXQ4 not in allowed_kernels(torch.bfloat16, MatmulOptions(amx_q4=False))
     assert AMXQ4 not in allowed_kernels(torch.bfloat16, MatmulOptions(amx=False))
     assert AMXQ4 not in allowed_kernels(torch.float16, MatmulOptions())

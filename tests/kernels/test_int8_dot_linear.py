@@ -14,7 +14,7 @@ from hawker.config import MatmulOptions
 from hawker.kernels import int8_dot_linear
 from hawker.layers.matmul_plan import ANY_ROWS, LayerPlan, PlanStep, allowed_kernels
 from hawker.layers.projection import ProjectionCopies
-from hawker.layers.weight_copies import BUILDERS, INT8DOT, IntDotWeight
+from hawker.layers.weight_copies import BUILDERS, INT8DOT, IntDotWeight, build_copy
 from tests.support.matmul import count_calls, grid_weight, prompt_logprobs, snap_to_q8_grid
 from tests.support.parity import make_prompts
 from tests.support.tiny_models import rewritten_copy, snap_to_grid
@@ -91,12 +91,12 @@ def test_copies_only_of_weights_on_a_grid() -> None:
     generator = torch.Generator().manual_seed(6)
     q4 = grid_weight(48, 64, generator)
     q8 = snap_to_q8_grid(torch.randn(48, 64, generator=generator)).to(torch.bfloat16)
-    copy4, copy8 = IntDotWeight.build(q4), IntDotWeight.build(q8)
+    copy4, copy8 = build_copy(INT8DOT, q4), build_copy(INT8DOT, q8)
     assert copy4 is not None and copy4.bits == 4
     assert copy8 is not None and copy8.bits == 8
-    assert IntDotWeight.build(torch.randn(48, 64, generator=generator).to(torch.bfloat16)) is None
-    assert IntDotWeight.build(q4[:, :48]) is None  # inputs not a whole number of groups
-    assert IntDotWeight.build(q8 * 2.0**-20) is None  # scales below float16's range
+    assert build_copy(INT8DOT, torch.randn(48, 64, generator=generator).to(torch.bfloat16)) is None
+    assert build_copy(INT8DOT, q4[:, :48]) is None  # inputs not a whole number of groups
+    assert build_copy(INT8DOT, q8 * 2.0**-20) is None  # scales below float16's range
     x = torch.randn(3, 64, generator=generator).to(torch.bfloat16)
     for copy, weight in ((copy4, q4), (copy8, q8)):
         exact = x.double() @ weight.double().t()

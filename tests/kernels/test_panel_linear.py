@@ -12,7 +12,7 @@ from hawker import LLM
 from hawker.config import MatmulOptions
 from hawker.kernels import panel_linear
 from hawker.layers.matmul_plan import allowed_kernels
-from hawker.layers.weight_copies import BUILDERS, PACKED, PANEL, PanelWeight
+from hawker.layers.weight_copies import BUILDERS, PACKED, PANEL, PanelWeight, build_copy
 from tests.support.matmul import assert_bf16_model_on_copy_is_as_accurate
 
 needs_kernel = pytest.mark.skipif(not panel_linear.available(), reason="the CPU has no AVX512-BF16")
@@ -56,14 +56,14 @@ def test_a_rows_bits_do_not_depend_on_the_other_rows() -> None:
 def test_refresh_rewrites_the_panels_in_place() -> None:
     generator = torch.Generator().manual_seed(4)
     weight = torch.randn(64, 64, generator=generator).to(torch.bfloat16)
-    copy = PanelWeight.build(weight)
+    copy = build_copy(PANEL, weight)
     assert copy is not None
     held = copy.panel
     new_weight = torch.randn(64, 64, generator=generator).to(torch.bfloat16)
     copy.refresh(new_weight)
     assert copy.panel is held
     x = torch.randn(5, 64, generator=generator).to(torch.bfloat16)
-    fresh = PanelWeight.build(new_weight)
+    fresh = build_copy(PANEL, new_weight)
     assert fresh is not None and torch.equal(copy.matmul(x), fresh.matmul(x))
 
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from hawker.config import MatmulOptions
-from hawker.layers import plan_cache, projection
+from hawker.layers import plan_cache, projection, quant, weight_copies
 from hawker.layers.matmul_plan import ANY_ROWS, LayerPlan, PlanStep
 from hawker.layers.projection import plan_projections
-from hawker.layers.weight_copies import DENSE, INT4
-from tests.support.matmul import TwoProjections  # two projections of different shapes: two groups
+from hawker.layers.weight_copies import DENSE, INT4, Recipe, RecipeFinder, WeightCopy
+from tests.support.matmul import TwoProjections, grid_weight  # two projections of different shapes: two groups
 
 OPTIONS = MatmulOptions(max_rows=64, repeats=1)
 
@@ -145,3 +145,44 @@ def test_prepare_measures_what_a_later_start_reuses(
     llm = LLM(checkpoint, dtype="bfloat16", kv_cache_memory_gb=0.05, compile_decode_max_rows=0, max_num_seqs=128)
     assert len(measurements) == prepared
     llm.close()
+
+
+def test_a_start_from_kept_plans_makes_only_the_copies_they_use(
+    measurements: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding which forms a weight has makes none of them: a start whose plans are on disk makes the copies
+    those plans use, and each weight's 4-bit grid is found once whatever number of forms start from it."""
+    generator = torch.Generator().manual_seed(5)
+    grid_model = TwoProjections()
+    grid_model.up.load("weight", grid_weight(96, 64, generator))
+    grid_model.down.load("weight", grid_weight(64, 96, generator))
+    plan_projections(grid_model, OPTIONS)
+    made: list[str] = []
+    for kernel, recipe in list(weight_copies.RECIPES.items()):
+        monkeypatch.setitem(weight_copies.RECIPES, kernel, _counting(kernel, recipe, made))
+    grids_found: list[int] = []
+    find_grid = quant.int4_grid
+    monkeypatch.setattr(quant, "int4_grid", lambda weight: grids_found.append(1) or find_grid(weight))
+    second = TwoProjections()
+    second.up.load("weight", grid_model.up.weight.data.float())
+    second.down.load("weight", grid_model.down.weight.data.float())
+    plan_projections(second, OPTIONS)
+    assert len(measurements) == 2  # from the cache
+    used = sorted(kernel for layer in (second.up, second.down) for kernel in layer.copies)
+    assert sorted(made) == used
+    assert len(grids_found) == 2  # one per weight
+
+
+def _counting(kernel: str, recipe: RecipeFinder, made: list[str]) -> RecipeFinder:
+    def finder(weight: torch.Tensor, grids: quant.WeightGrids) -> Recipe | None:
+        found = recipe(weight, grids)
+        if found is None:
+            return None
+
+        def make() -> WeightCopy:
+            made.append(kernel)
+            return found()
+
+        return make
+
+    return finder

@@ -17,7 +17,7 @@ from torch import nn
 from hawker.layers.batch_invariant import tiled_rows
 from hawker.layers.matmul_plan import ANY_ROWS, LayerPlan, PlanStep
 from hawker.layers.projection import ProjectionCopies
-from hawker.layers.weight_copies import DENSE, PACKED, PackedWeight
+from hawker.layers.weight_copies import DENSE, PACKED, build_copy
 
 TILE = 32
 
@@ -44,7 +44,7 @@ def test_in_place_tiles_give_the_bits_of_separate_tiles(dtype: torch.dtype, rows
     assert torch.equal(layer.project(x, bias), expected)
 
 
-@pytest.mark.skipif(PackedWeight.build(torch.ones(2, 2)) is None, reason="oneDNN cannot prepack here")
+@pytest.mark.skipif(build_copy(PACKED, torch.ones(2, 2)) is None, reason="oneDNN cannot prepack here")
 def test_the_plan_picks_the_copy_by_rows_and_packed_weights_follow_updates() -> None:
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(96, 64, generator=generator)
