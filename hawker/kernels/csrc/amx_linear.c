@@ -110,10 +110,49 @@ static inline void fill_step(const Fill *fill, int64_t p) {
     if (fill->steps) dequantize_step(fill->steps + p / PAIRS_PER_STEP * Q4_STEP_BYTES, fill->target + p * PANEL * 2);
 }
 
+/* The float32 sums of tile (rows 16h.., outputs 16c..) of a group as bfloat16 values, row i of it. */
+static inline __m512 sums_row(float sums[4][256], int64_t i, int c) {
+    return round16_bf16(_mm512_loadu_ps(sums[(i / TILE_ROWS) * 2 + c] + (i % TILE_ROWS) * 16));
+}
+
+/* A SwiGLU group's products not yet written: rounded to bfloat16 into the block's gate buffer (out NULL: the
+ * gate panel's pass), or as silu(gate) * up into out (the up panel's). Written a few rows per tile step of the
+ * next group's multiplies, so that the vector units work while the tile unit does; without that the tile
+ * unit waited on the SiLU's vector work, a quarter of the fused kernel's time (benchmarks/NOTES.md, session
+ * 21). The same values whenever they are written. */
+typedef struct {
+    float (*sums)[256]; /* the group's sums; NULL: nothing pending */
+    int64_t done, count; /* rows written, rows of the group */
+    uint16_t *gate;      /* the group's first row in the gate buffer (rows PANEL apart) */
+    uint16_t *out;       /* the group's first output row, or NULL */
+    int64_t out_stride;
+} Pending;
+
+static inline void write_pending(Pending *w, int64_t upto) {
+    if (w == NULL || w->sums == NULL) return;
+    upto = upto < w->count ? upto : w->count;
+    for (int64_t i = w->done; i < upto; ++i)
+        for (int c = 0; c < 2; ++c) {
+            uint16_t *gate = w->gate + i * PANEL + c * 16;
+            if (w->out == NULL)
+                store16_bf16(gate, sums_row(w->sums, i, c), 0xFFFF);
+            else
+                store16_bf16(w->out + i * w->out_stride + c * 16,
+                             silu_mul16(load16_bf16(gate, 0xFFFF), sums_row(w->sums, i, c)), 0xFFFF);
+        }
+    w->done = upto > w->done ? upto : w->done;
+}
+
+/* Rows of a pending group to write after tile step `step` (of pairs / 16): all of them by the last step. */
+static inline int64_t pending_upto(const Pending *w, int64_t step, int64_t pairs) {
+    const int64_t steps = pairs / PAIRS_PER_STEP;
+    return w == NULL ? 0 : ((step + 1) * w->count + steps - 1) / steps;
+}
+
 /* One panel for 32 rows of x (row stride x_stride elements; the caller pads a short group): tmm0-3 the sums
  * (rows 0-15 / 16-31 by outputs 0-15 / 16-31), tmm4-5 the rows, tmm6-7 the panel's two halves. */
 static void panel_rows32(const uint16_t *x, int64_t x_stride, const uint16_t *panel, int64_t pairs, float sums[4][256],
-                         const Fill *fill) {
+                         const Fill *fill, Pending *pending) {
     const int64_t x_bytes = x_stride * 2, panel_bytes = PANEL * 2 * 2; /* a pair row of the panel: 128 bytes */
     _tile_zero(0);
     _tile_zero(1);
@@ -130,6 +169,7 @@ static void panel_rows32(const uint16_t *x, int64_t x_stride, const uint16_t *pa
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
         fill_step(fill, p);
+        write_pending(pending, pending_upto(pending, p / PAIRS_PER_STEP, pairs));
     }
     _tile_stored(0, sums[0], 64);
     _tile_stored(1, sums[1], 64);
@@ -140,7 +180,7 @@ static void panel_rows32(const uint16_t *x, int64_t x_stride, const uint16_t *pa
 /* The same for 16 rows (tmm0-1 the sums): a group of up to 16 rows does half the tile multiplies. Each
  * output gets the same sequence of tdpbf16ps over the same inputs as in panel_rows32, so the same bits. */
 static void panel_rows16(const uint16_t *x, int64_t x_stride, const uint16_t *panel, int64_t pairs, float sums[4][256],
-                         const Fill *fill) {
+                         const Fill *fill, Pending *pending) {
     const int64_t x_bytes = x_stride * 2, panel_bytes = PANEL * 2 * 2;
     _tile_zero(0);
     _tile_zero(1);
@@ -152,6 +192,7 @@ static void panel_rows16(const uint16_t *x, int64_t x_stride, const uint16_t *pa
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(1, 4, 7);
         fill_step(fill, p);
+        write_pending(pending, pending_upto(pending, p / PAIRS_PER_STEP, pairs));
     }
     _tile_stored(0, sums[0], 64);
     _tile_stored(1, sums[1], 64);
@@ -187,13 +228,14 @@ static const uint16_t *group_rows(const uint16_t *x, int64_t x_stride, int64_t r
     return padded;
 }
 
-/* One panel's products for a group of up to 32 rows (fewer than 17: half the tile multiplies). */
+/* One panel's products for a group of up to 32 rows (fewer than 17: half the tile multiplies); a pending
+ * group's rows (or NULL) are written beside its tile multiplies, all of them by its end. */
 static void panel_group(const uint16_t *rows, int64_t stride, int64_t count, const uint16_t *panel, int64_t pairs,
-                        float sums[4][256], const Fill *fill) {
+                        float sums[4][256], const Fill *fill, Pending *pending) {
     if (count <= TILE_ROWS)
-        panel_rows16(rows, stride, panel, pairs, sums, fill);
+        panel_rows16(rows, stride, panel, pairs, sums, fill, pending);
     else
-        panel_rows32(rows, stride, panel, pairs, sums, fill);
+        panel_rows32(rows, stride, panel, pairs, sums, fill, pending);
 }
 
 /* Where a thread's panels come from: the packed bfloat16 panels as they lie, or 4-bit steps dequantised into
@@ -300,7 +342,7 @@ static int linear(const uint16_t *x, int64_t x_stride, const uint16_t *bf16, con
                 const int64_t count = end_row - r < 2 * TILE_ROWS ? end_row - r : 2 * TILE_ROWS;
                 int64_t stride;
                 const uint16_t *group = group_rows(x, x_stride, r, count, in_features, padded, &padded_rows_from, &stride);
-                panel_group(group, stride, count, panel, pairs, sums, r == first_row ? &fill : &none);
+                panel_group(group, stride, count, panel, pairs, sums, r == first_row ? &fill : &none, NULL);
                 uint16_t *target = out + r * out_stride + j * PANEL;
                 const int64_t upper = count < TILE_ROWS ? count : TILE_ROWS, lower = count - upper;
                 store_tile(sums[0], target, out_stride, upper, low);
@@ -337,11 +379,6 @@ int hawker_amx_q4_linear(const uint16_t *x, int64_t x_stride, const uint8_t *q4,
     return linear(x, x_stride, NULL, q4, out, out_stride, rows, in_features, out_features, threads);
 }
 
-/* The float32 sums of tile (rows 16h.., outputs 16c..) of a group as bfloat16 values, row i of it. */
-static inline __m512 sums_row(float sums[4][256], int64_t i, int c) {
-    return round16_bf16(_mm512_loadu_ps(sums[(i / TILE_ROWS) * 2 + c] + (i % TILE_ROWS) * 16));
-}
-
 /* hawker_amx_linear_silu_mul over bfloat16 panels (bf16) or 4-bit ones (q4). */
 static int silu_mul(const uint16_t *x, int64_t x_stride, const uint16_t *bf16, const uint8_t *q4, uint16_t *out,
                     int64_t out_stride, int64_t rows, int64_t in_features, int64_t out_features, int threads) {
@@ -362,7 +399,9 @@ static int silu_mul(const uint16_t *x, int64_t x_stride, const uint16_t *bf16, c
         uint16_t *padded = calloc((size_t)(2 * TILE_ROWS * in_features), sizeof(uint16_t));
         uint16_t *gates = malloc((size_t)(block_rows * PANEL) * sizeof(uint16_t)); /* a block's gate panel */
         int64_t padded_rows_from = -1;
-        float sums[4][256];
+        float sums[2][4][256]; /* a group's tiles, and the group before it while that one is written out */
+        int current = 0;
+        Pending pending = {0};
         Panels source;
         const int ready = panels_open(&source, bf16, q4, pairs) && padded != NULL && gates != NULL;
         int64_t begin, end;
@@ -381,19 +420,18 @@ static int silu_mul(const uint16_t *x, int64_t x_stride, const uint16_t *bf16, c
                     const int64_t count = end_row - r < 2 * TILE_ROWS ? end_row - r : 2 * TILE_ROWS;
                     int64_t stride;
                     const uint16_t *group = group_rows(x, x_stride, r, count, in_features, padded, &padded_rows_from, &stride);
-                    panel_group(group, stride, count, panel, pairs, sums, r == first_row ? &fill : &none);
-                    for (int64_t i = 0; i < count; ++i)
-                        for (int c = 0; c < 2; ++c) {
-                            uint16_t *gate = gates + (r - first_row + i) * PANEL + c * 16;
-                            if (pass == 0)
-                                store16_bf16(gate, sums_row(sums, i, c), 0xFFFF);
-                            else
-                                store16_bf16(out + (r + i) * out_stride + j * PANEL + c * 16,
-                                             silu_mul16(load16_bf16(gate, 0xFFFF), sums_row(sums, i, c)), 0xFFFF);
-                        }
+                    panel_group(group, stride, count, panel, pairs, sums[current], r == first_row ? &fill : &none,
+                                &pending);
+                    /* Pending rows are written in order, each before the next pending group (even across
+                     * passes and items), so a gate row is written before its up pass reads it and read
+                     * before the next item's gate pass writes over it. */
+                    pending = (Pending){sums[current], 0, count, gates + (r - first_row) * PANEL,
+                                        pass == 0 ? NULL : out + r * out_stride + j * PANEL, out_stride};
+                    current = 1 - current;
                 }
             }
         }
+        write_pending(&pending, pending.count);
         if (ready) _tile_release();
         failed = !ready;
         free(padded), free(gates);
