@@ -445,8 +445,8 @@ static int silu_mul(const uint16_t *x, int64_t x_stride, const uint16_t *bf16, c
  * fused [gate; up] weight packed as for hawker_amx_linear (out_features = 2 * size, size a multiple of 32).
  * A work item is a block of rows and one panel of 32 gate outputs with the matching panel of up outputs:
  * the gate panel's products for the block's groups of rows are rounded to bfloat16 into a thread's buffer,
- * then the up panel's, and each group's silu(gate) * up is written out; the [rows, 2 * size] product never
- * goes to memory. Its bits are hawker_amx_linear's followed by hawker_silu_and_mul's (the same tile
+ * then the up panel's, and each group's silu(gate) * up is written out (both beside the next group's tile
+ * multiplies: Pending); the [rows, 2 * size] product never goes to memory. Its bits are hawker_amx_linear's followed by hawker_silu_and_mul's (the same tile
  * multiplies and roundings, bf16_vectors.h's SiLU). out: [rows, size] bfloat16, row stride out_stride.
  * Returns 0; -1 if this process may not use AMX, scratch memory was short, or size is not a multiple of 32.
  */
