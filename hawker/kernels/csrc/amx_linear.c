@@ -61,12 +61,6 @@ static __mmask16 lane_mask(int64_t valid) {
     return valid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1);
 }
 
-/* 16 x 16 float32 sums into `rows` output rows of bfloat16 (the first `valid` outputs of each). */
-static void store_tile(const float *sums, uint16_t *out, int64_t out_stride, int64_t rows, __mmask16 valid) {
-    for (int64_t r = 0; r < rows; ++r)
-        _mm256_mask_storeu_epi16(out + r * out_stride, valid, (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(sums + r * 16)));
-}
-
 /* One 4-bit step into the bfloat16 panel's 16 pair rows from `pairs` (a pair row: 32 outputs x 2 inputs).
  * scale * code is exact in float32 (a float16 scale's 11 significant bits times 4), so scale * code + offset
  * is rounded once whether fused or not, as the checkpoint's dequantisation (hawker/loader/gguf.py) rounds it,
@@ -115,17 +109,19 @@ static inline __m512 sums_row(float sums[4][256], int64_t i, int c) {
     return round16_bf16(_mm512_loadu_ps(sums[(i / TILE_ROWS) * 2 + c] + (i % TILE_ROWS) * 16));
 }
 
-/* A SwiGLU group's products not yet written: rounded to bfloat16 into the block's gate buffer (out NULL: the
- * gate panel's pass), or as silu(gate) * up into out (the up panel's). Written a few rows per tile step of the
- * next group's multiplies, so that the vector units work while the tile unit does; without that the tile
- * unit waited on the SiLU's vector work, a quarter of the fused kernel's time (benchmarks/NOTES.md, session
- * 21). The same values whenever they are written. */
+/* A group's products not yet written: rounded to bfloat16 into out (gate NULL: a plain product, the first
+ * lanes[c] outputs of each half), or for SwiGLU into the block's gate buffer (out NULL: the gate panel's
+ * pass) or as silu(gate) * up into out (the up panel's). Written a few rows per tile step of the next group's
+ * multiplies, so that the vector units work while the tile unit does; without that the tile unit waited on
+ * the SiLU's vector work, a quarter of the fused kernel's time (benchmarks/NOTES.md, session 21). The same
+ * values whenever they are written. */
 typedef struct {
     float (*sums)[256]; /* the group's sums; NULL: nothing pending */
     int64_t done, count; /* rows written, rows of the group */
-    uint16_t *gate;      /* the group's first row in the gate buffer (rows PANEL apart) */
+    uint16_t *gate;      /* the group's first row in the gate buffer (rows PANEL apart), or NULL */
     uint16_t *out;       /* the group's first output row, or NULL */
     int64_t out_stride;
+    __mmask16 lanes[2]; /* a plain product's valid outputs in each half of the panel */
 } Pending;
 
 static inline void write_pending(Pending *w, int64_t upto) {
@@ -134,7 +130,11 @@ static inline void write_pending(Pending *w, int64_t upto) {
     for (int64_t i = w->done; i < upto; ++i)
         for (int c = 0; c < 2; ++c) {
             uint16_t *gate = w->gate + i * PANEL + c * 16;
-            if (w->out == NULL)
+            if (w->gate == NULL)
+                _mm256_mask_storeu_epi16(w->out + i * w->out_stride + c * 16, w->lanes[c],
+                                         (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(w->sums[(i / TILE_ROWS) * 2 + c] +
+                                                                                     (i % TILE_ROWS) * 16)));
+            else if (w->out == NULL)
                 store16_bf16(gate, sums_row(w->sums, i, c), 0xFFFF);
             else
                 store16_bf16(w->out + i * w->out_stride + c * 16,
@@ -325,7 +325,9 @@ static int linear(const uint16_t *x, int64_t x_stride, const uint16_t *bf16, con
         /* 32 zero-padded rows for a block's last, short group of rows, copied once per block a thread meets. */
         uint16_t *padded = calloc((size_t)(2 * TILE_ROWS * in_features), sizeof(uint16_t));
         int64_t padded_rows_from = -1; /* the first row of the group now in `padded` */
-        float sums[4][256];
+        float sums[2][4][256]; /* a group's tiles, and the group before it while that one is written out */
+        int current = 0;
+        Pending pending = {0};
         Panels source;
         const int ready = panels_open(&source, bf16, q4, pairs) && padded != NULL;
         int64_t begin, end;
@@ -342,15 +344,14 @@ static int linear(const uint16_t *x, int64_t x_stride, const uint16_t *bf16, con
                 const int64_t count = end_row - r < 2 * TILE_ROWS ? end_row - r : 2 * TILE_ROWS;
                 int64_t stride;
                 const uint16_t *group = group_rows(x, x_stride, r, count, in_features, padded, &padded_rows_from, &stride);
-                panel_group(group, stride, count, panel, pairs, sums, r == first_row ? &fill : &none, NULL);
-                uint16_t *target = out + r * out_stride + j * PANEL;
-                const int64_t upper = count < TILE_ROWS ? count : TILE_ROWS, lower = count - upper;
-                store_tile(sums[0], target, out_stride, upper, low);
-                store_tile(sums[1], target + 16, out_stride, upper, high);
-                store_tile(sums[2], target + TILE_ROWS * out_stride, out_stride, lower, low);
-                store_tile(sums[3], target + TILE_ROWS * out_stride + 16, out_stride, lower, high);
+                panel_group(group, stride, count, panel, pairs, sums[current], r == first_row ? &fill : &none,
+                            &pending);
+                pending = (Pending){sums[current], 0, count, NULL, out + r * out_stride + j * PANEL, out_stride,
+                                    {low, high}};
+                current = 1 - current;
             }
         }
+        write_pending(&pending, pending.count);
         if (ready) _tile_release();
         failed = !ready;
         free(padded);
