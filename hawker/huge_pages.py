@@ -12,7 +12,9 @@ huge pages (or "never") the advice is refused and nothing changes.
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -39,13 +41,23 @@ def advise_huge_pages(tensor: torch.Tensor) -> bool:
     last = end // _HUGE_PAGE_BYTES * _HUGE_PAGE_BYTES
     if last <= first:
         return False
+    return _madvise()(first, last - first, _MADV_HUGEPAGE) == 0
+
+
+@functools.cache
+def _madvise() -> Callable[[int, int, int], int]:
     madvise = ctypes.CDLL(None, use_errno=True).madvise
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return madvise(first, last - first, _MADV_HUGEPAGE) == 0
+    madvise.restype = ctypes.c_int
+    return madvise
+
+
+def zero_on_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor.zero_()``, its memory first advised onto huge pages (for memory not yet touched)."""
+    advise_huge_pages(tensor)
+    return tensor.zero_()
 
 
 def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``torch.zeros(shape)``, on huge pages where a CPU tensor may have them."""
-    tensor = torch.empty(shape, dtype=dtype, device=device)
-    advise_huge_pages(tensor)
-    return tensor.zero_()
+    return zero_on_huge_pages(torch.empty(shape, dtype=dtype, device=device))

@@ -32,7 +32,7 @@ from hawker.engine.sampler import (
 from hawker.engine.step_kinds import forward_groups, is_decode
 from hawker.engine.weight_updates import check_updatable, check_weights, write_weights
 from hawker.host_transfer import HostCopy, upload
-from hawker.huge_pages import advise_huge_pages, zeros_on_huge_pages
+from hawker.huge_pages import zero_on_huge_pages, zeros_on_huge_pages
 from hawker.layers.projection import ProjectionCopies, consistent_prefill_rows
 from hawker.loader.checkpoint import open_checkpoint
 from hawker.models.base import CausalLM
@@ -199,10 +199,8 @@ class ModelRunner:
         for tensor in self._sleeping_tensors(weights):
             tensor.untyped_storage().resize_(tensor.numel() * tensor.element_size())
         for k_cache, v_cache in self.kv_caches:
-            advise_huge_pages(k_cache)
-            advise_huge_pages(v_cache)
-            k_cache.zero_()
-            v_cache.zero_()
+            zero_on_huge_pages(k_cache)
+            zero_on_huge_pages(v_cache)
         if checkpoint_path is not None:
             self.model.load_weights(open_checkpoint(checkpoint_path).weights())
             for module in self._projections():

@@ -104,10 +104,13 @@ static inline void fill_step(const Fill *fill, int64_t p) {
     if (fill->steps) dequantize_step(fill->steps + p / PAIRS_PER_STEP * Q4_STEP_BYTES, fill->target + p * PANEL * 2);
 }
 
-/* The float32 sums of tile (rows 16h.., outputs 16c..) of a group as bfloat16 values, row i of it. */
-static inline __m512 sums_row(float sums[4][256], int64_t i, int c) {
-    return round16_bf16(_mm512_loadu_ps(sums[(i / TILE_ROWS) * 2 + c] + (i % TILE_ROWS) * 16));
+/* Row i of a group's float32 sums for outputs 16c.. (tile (i / 16, c)). */
+static inline __m512 sums_at(float sums[4][256], int64_t i, int c) {
+    return _mm512_loadu_ps(sums[(i / TILE_ROWS) * 2 + c] + (i % TILE_ROWS) * 16);
 }
+
+/* The same rounded to bfloat16 values (as floats). */
+static inline __m512 sums_row(float sums[4][256], int64_t i, int c) { return round16_bf16(sums_at(sums, i, c)); }
 
 /* A group's products not yet written: rounded to bfloat16 into out (gate NULL: a plain product, the first
  * lanes[c] outputs of each half), or for SwiGLU into the block's gate buffer (out NULL: the gate panel's
@@ -129,16 +132,16 @@ static inline void write_pending(Pending *w, int64_t upto) {
     upto = upto < w->count ? upto : w->count;
     for (int64_t i = w->done; i < upto; ++i)
         for (int c = 0; c < 2; ++c) {
+            uint16_t *out = w->out ? w->out + i * w->out_stride + c * 16 : NULL;
+            if (w->gate == NULL) {
+                store16_bf16(out, sums_at(w->sums, i, c), w->lanes[c]); /* rounds once, as a plain store */
+                continue;
+            }
             uint16_t *gate = w->gate + i * PANEL + c * 16;
-            if (w->gate == NULL)
-                _mm256_mask_storeu_epi16(w->out + i * w->out_stride + c * 16, w->lanes[c],
-                                         (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(w->sums[(i / TILE_ROWS) * 2 + c] +
-                                                                                     (i % TILE_ROWS) * 16)));
-            else if (w->out == NULL)
+            if (out == NULL)
                 store16_bf16(gate, sums_row(w->sums, i, c), 0xFFFF);
             else
-                store16_bf16(w->out + i * w->out_stride + c * 16,
-                             silu_mul16(load16_bf16(gate, 0xFFFF), sums_row(w->sums, i, c)), 0xFFFF);
+                store16_bf16(out, silu_mul16(load16_bf16(gate, 0xFFFF), sums_row(w->sums, i, c)), 0xFFFF);
         }
     w->done = upto > w->done ? upto : w->done;
 }
@@ -447,8 +450,8 @@ static int silu_mul(const uint16_t *x, int64_t x_stride, const uint16_t *bf16, c
  * A work item is a block of rows and one panel of 32 gate outputs with the matching panel of up outputs:
  * the gate panel's products for the block's groups of rows are rounded to bfloat16 into a thread's buffer,
  * then the up panel's, and each group's silu(gate) * up is written out (both beside the next group's tile
- * multiplies: Pending); the [rows, 2 * size] product never goes to memory. Its bits are hawker_amx_linear's followed by hawker_silu_and_mul's (the same tile
- * multiplies and roundings, bf16_vectors.h's SiLU). out: [rows, size] bfloat16, row stride out_stride.
+ * multiplies: Pending); the [rows, 2 * size] product never goes to memory. Its bits are hawker_amx_linear's
+ * followed by hawker_silu_and_mul's (the same tile multiplies and roundings, bf16_vectors.h's SiLU). out: [rows, size] bfloat16, row stride out_stride.
  * Returns 0; -1 if this process may not use AMX, scratch memory was short, or size is not a multiple of 32.
  */
 int hawker_amx_linear_silu_mul(const uint16_t *x, int64_t x_stride, const uint16_t *packed, uint16_t *out,
