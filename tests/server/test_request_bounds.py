@@ -31,6 +31,7 @@ MAX_WAITING = 128
 MAX_TOKENS_DEFAULT = 6
 PROMPT = [5, 6, 7, 8]
 CHAT = [{"role": "user", "content": "hi"}]
+REFUSAL_SECONDS = 5.0
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +216,10 @@ def _refuse_all_at_once(server: ServerProcess) -> None:
         response = _post(server, path, content)
         elapsed = time.monotonic() - start
         _error(response)
-        assert elapsed < 1.0, f"{path} {list(body)} took {elapsed:.2f} s"
+        # Refused before any work that scales with the absurd size (10^9 choices, 10^12 tokens would take hours);
+        # parsing the largest body (10 MB of JSON) alone took 1.65 s once on a loaded 2-vCPU CI machine, so the
+        # bound leaves room for that and still fails any request that was acted on.
+        assert elapsed < REFUSAL_SECONDS, f"{path} {list(body)} took {elapsed:.2f} s"
 
 
 def test_absurd_requests_are_refused_at_once_without_growing_the_server(server: ServerProcess) -> None:
