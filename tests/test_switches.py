@@ -10,6 +10,7 @@ from hawker.engine.kv_cache import KV_RUNS_VARIABLE, kv_runs_on
 from hawker.huge_pages import HUGE_PAGES_VARIABLE, huge_pages_on
 from hawker.kernels import cpu_decode_attention
 from hawker.kernels.cpu_prefill_attention import AMX_VARIABLE, amx_requested
+from hawker.kernels import sampling
 from hawker.kernels.rowwise import SWITCH_VARIABLE, switched_on
 from hawker.layers.projection import FUSED_SWIGLU_VARIABLE, fused_swiglu_on
 
@@ -20,6 +21,7 @@ SWITCHES = [
     (FUSED_SWIGLU_VARIABLE, fused_swiglu_on),
     (cpu_decode_attention.AMX_VARIABLE, cpu_decode_attention.amx_tiles),
     (HUGE_PAGES_VARIABLE, huge_pages_on),
+    (sampling.SWITCH_VARIABLE, sampling.switched_on),
 ]
 
 

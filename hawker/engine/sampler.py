@@ -10,7 +10,9 @@ found in the row's running sum of probabilities. It replaced the
 exponential race (argmax(p / E), E ~ Exp(1)), which needs a random number
 for every vocabulary entry: on a CPU torch's generator draws them one after
 another, 36 ms for 24 rows of a 49,152-token vocabulary against 1 ms for
-the running sums (benchmarks/NOTES.md).
+the running sums (benchmarks/NOTES.md). On a CPU the random rows are drawn by
+a C kernel (hawker/kernels/sampling.py) that finds top-k / top-p sets
+without sorting; rows wanting logprobs keep the torch code.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from hawker.host_transfer import HostCopy, upload
-from hawker.kernels import rowwise
+from hawker.kernels import rowwise, sampling
 from hawker.outputs import Logprob, PositionLogprobs
 from hawker.sampling_params import SamplingParams
 
@@ -113,6 +115,10 @@ class Sampler:
     def _launch_rows(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> PendingSample:
         if all(self._argmax_only(row) for row in rows):
             return PendingSample(greedy_tokens(logits), ())
+        if not any(row.params.logprobs is not None for row in rows) and sampling.serves(logits):
+            token_ids = self._sample_in_kernel(logits, rows)
+            if token_ids is not None:
+                return PendingSample(token_ids, ())
         logits = logits.float()
         wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         raw = any(rows[i].params.logprobs_mode == "raw" for i in wanted)
@@ -141,7 +147,7 @@ class Sampler:
             and params.logprobs is None
             and not params.uses_penalties
             and not params.logit_bias
-            and not (row.output_index < params.min_tokens and self._stop_ids(params))
+            and not self._min_tokens_block(row)
         )
 
     # ------------------------------------------------------------ processors
@@ -223,6 +229,49 @@ class Sampler:
             # min_p zeroed some probabilities without renormalising: renormalise here.
             sampled_logprobs[random_index] = torch.log(probs / probs.sum(dim=-1, keepdim=True))
         return greedy_tokens, sampled_logprobs
+
+    def _sample_in_kernel(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor | None:
+        """Every row's token with the random rows drawn by the C kernel (hawker/kernels/sampling.py), in place
+        of _sample's sorts and float64 passes over the vocabulary; None where the kernel declines (a NaN).
+        Penalties of random rows are applied in the kernel; a logit bias, min_tokens or a penalised greedy row
+        has the torch code process the logits first (in its order: penalties, bias, min_tokens)."""
+        random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+        in_torch = any(
+            r.params.logit_bias or self._min_tokens_block(r) or (r.params.greedy and r.params.uses_penalties)
+            for r in rows
+        )
+        if in_torch:
+            logits = self._apply_min_tokens(_apply_logit_bias(self._apply_penalties(logits.float(), rows), rows), rows)
+        params = [rows[i].params for i in random_rows]
+        penalties = None
+        if not in_torch and any(p.uses_penalties for p in params):
+            penalties = sampling.Penalties(
+                [rows[i].history for i in random_rows],
+                [rows[i].num_prompt_tokens for i in random_rows],
+                [p.repetition_penalty for p in params],
+                [p.frequency_penalty for p in params],
+                [p.presence_penalty for p in params],
+            )
+        everyone = len(random_rows) == len(rows)
+        random_index = None if everyone else upload(random_rows, torch.long, logits.device)
+        drawn = sampling.sample(
+            logits if random_index is None else logits[random_index],
+            [p.temperature for p in params],
+            [p.top_k for p in params],
+            [p.top_p for p in params],
+            [p.min_p for p in params],
+            self._uniforms([rows[i] for i in random_rows]),
+            penalties,
+        )
+        if drawn is None or random_index is None:
+            return drawn
+        token_ids = greedy_tokens(logits)
+        token_ids[random_index] = drawn
+        return token_ids
+
+    def _min_tokens_block(self, row: SampleRow) -> bool:
+        """Whether min_tokens still blocks the row's stop tokens."""
+        return bool(row.output_index < row.params.min_tokens and self._stop_ids(row.params))
 
     def _uniforms(self, rows: Sequence[SampleRow]) -> torch.Tensor:
         """One number in [0, 1) a row, float64 [rows, 1]; a seeded row's from its own generator."""

@@ -1,0 +1,128 @@
+"""Temperature, top-k, top-p and min-p sampling of CPU logit rows without a sort (``csrc/sampling.c``).
+
+The torch sampler sorts a whole row wherever its top-p set does not end
+among the row's 256 largest logits, which a flat distribution makes the
+common case: ~200 ms a step of 128 rows of the default model's 49,152
+logits (top-p 0.95, temperature 0.8), against ~0.5 ms for greedy rows, and
+plain temperature sampling ~40 ms for its float64 cumulative sums
+(benchmarks/NOTES.md, session 22). The kernel finds each row's kept set by
+a radix select over the logits' bits and draws from it in a few passes, one
+row per thread at a time, with the same definitions (the C file's header);
+each row's result depends on that row alone. Repetition, frequency and
+presence penalties are applied in the same pass over a row's history (the
+torch code built two [rows, vocabulary] scatter tables a step for them).
+
+``HAWKER_SAMPLING_KERNEL=0`` keeps the torch sampler, the off switch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hawker.kernels.native import CFunction, load_kernel_library
+from hawker.switches import switch_on
+
+SWITCH_VARIABLE = "HAWKER_SAMPLING_KERNEL"
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # attention_common.h's codes
+
+
+@functools.cache
+def _kernel() -> CFunction | None:
+    library = load_kernel_library("sampling")
+    if library is None:
+        return None
+    kernel = library.hawker_sample_rows
+    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
+    # logits, dtype, stride, rows, vocab; inverse temperatures, top-ks, top-ps, min-ps, uniforms; history, its
+    # starts, prompt lengths, repetition, frequency, presence penalties; out; threads
+    kernel.argtypes = [pointer, ctypes.c_int, i64, i64, i64, *[pointer] * 12, ctypes.c_int]
+    kernel.restype = ctypes.c_int
+    return kernel
+
+
+@dataclass(frozen=True)
+class Penalties:
+    """Each row's tokens so far (prompt, then outputs) and its penalties, as SamplingParams names them."""
+
+    histories: Sequence[Sequence[int]]
+    prompt_lengths: list[int]
+    repetition: list[float]
+    frequency: list[float]
+    presence: list[float]
+
+
+def switched_on() -> bool:
+    """``HAWKER_SAMPLING_KERNEL``: 1 (the default) or 0; another value is a ValueError."""
+    return switch_on(SWITCH_VARIABLE)
+
+
+def serves(logits: torch.Tensor) -> bool:
+    """Whether the kernel takes ``logits``: 2-D float32 or bfloat16 CPU rows, built and switched on."""
+    return (
+        logits.dim() == 2
+        and logits.dtype in _DTYPES
+        and logits.device.type == "cpu"
+        and logits.shape[1] > 0
+        and switched_on()
+        and _kernel() is not None
+    )
+
+
+def sample(
+    logits: torch.Tensor,
+    temperatures: list[float],
+    top_ks: list[int],
+    top_ps: list[float],
+    min_ps: list[float],
+    uniforms: torch.Tensor,
+    penalties: Penalties | None = None,
+) -> torch.Tensor | None:
+    """One token a row of ``logits`` [rows, vocab] (``serves(logits)`` first): each row's logits, after
+    ``penalties`` if given, over its temperature (> 0), cut to its top-k (-1: off), top-p (1: off) and min-p
+    (0: off) sets, drawn by inverse CDF in token order at its number of ``uniforms`` [rows, 1] (float64, in
+    [0, 1)). None where a row holds NaN or an infinite largest logit, or scratch memory ran out: the caller
+    samples another way."""
+    kernel = _kernel()
+    assert kernel is not None
+    rows = logits if logits.stride(-1) == 1 else logits.contiguous()
+    count, vocab = rows.shape
+    if count == 0:
+        return torch.empty(0, dtype=torch.long)
+    inverse_temperatures = torch.tensor([1.0 / t for t in temperatures], dtype=torch.float32)
+    ks = torch.tensor([vocab if k == -1 else min(k, vocab) for k in top_ks], dtype=torch.int64)
+    ps = torch.tensor(top_ps, dtype=torch.float32)
+    mins = torch.tensor(min_ps, dtype=torch.float32)
+    draws = uniforms.to(torch.float64).contiguous()
+    history = _history_arrays(penalties) if penalties is not None else None
+    pointers = [array.ctypes.data for array in history] if history is not None else [None] * 6
+    out = torch.empty(count, dtype=torch.long)
+    failed = kernel(
+        rows.data_ptr(), _DTYPES[rows.dtype], rows.stride(0), count, vocab, inverse_temperatures.data_ptr(),
+        ks.data_ptr(), ps.data_ptr(), mins.data_ptr(), draws.data_ptr(), *pointers, out.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return None if failed else out
+
+
+def _history_arrays(penalties: Penalties) -> tuple[np.ndarray, ...]:
+    """The kernel's history arguments: every row's tokens end to end, where each row's start, then per row
+    its prompt length and three penalties."""
+    lengths = np.fromiter((len(tokens) for tokens in penalties.histories), dtype=np.int64)
+    starts = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    tokens = np.fromiter(itertools.chain.from_iterable(penalties.histories), dtype=np.int32, count=int(starts[-1]))
+    return (
+        tokens,
+        starts,
+        np.asarray(penalties.prompt_lengths, dtype=np.int64),
+        np.asarray(penalties.repetition, dtype=np.float32),
+        np.asarray(penalties.frequency, dtype=np.float32),
+        np.asarray(penalties.presence, dtype=np.float32),
+    )
