@@ -1,4 +1,4 @@
-"""Offline throughput with sampling on: greedy against temperature, top-p, top-k and penalties.
+"""Offline throughput with sampling on: greedy against temperature, top-p, top-k, penalties and logprobs.
 
 The comparison's workloads are greedy; a user's requests mostly are not. This runs the standard and
 fits-at-once workloads (``hawker.bench.workload.WORKLOADS``, the same token ids for every engine) once
@@ -32,6 +32,8 @@ SETTINGS: dict[str, dict[str, float]] = {
     "t0.8 top-p 0.95": {"temperature": 0.8, "top_p": 0.95},
     "t1 top-k 50": {"temperature": 1.0, "top_k": 50},
     "t0.7 top-p 0.9 top-k 40 rep 1.1": {"temperature": 0.7, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.1},
+    "t1 logprobs 1 (RL rollouts)": {"temperature": 1.0, "logprobs": 1},
+    "greedy logprobs 5": {"temperature": 0.0, "logprobs": 5},
 }
 
 

@@ -8,9 +8,8 @@ import pytest
 
 from hawker.engine.kv_cache import KV_RUNS_VARIABLE, kv_runs_on
 from hawker.huge_pages import HUGE_PAGES_VARIABLE, huge_pages_on
-from hawker.kernels import cpu_decode_attention
+from hawker.kernels import cpu_decode_attention, sampling
 from hawker.kernels.cpu_prefill_attention import AMX_VARIABLE, amx_requested
-from hawker.kernels import sampling
 from hawker.kernels.rowwise import SWITCH_VARIABLE, switched_on
 from hawker.layers.projection import FUSED_SWIGLU_VARIABLE, fused_swiglu_on
 

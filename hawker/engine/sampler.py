@@ -115,10 +115,10 @@ class Sampler:
     def _launch_rows(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> PendingSample:
         if all(self._argmax_only(row) for row in rows):
             return PendingSample(greedy_tokens(logits), ())
-        if not any(row.params.logprobs is not None for row in rows) and sampling.serves(logits):
-            token_ids = self._sample_in_kernel(logits, rows)
-            if token_ids is not None:
-                return PendingSample(token_ids, ())
+        if sampling.serves(logits) and all(self._kernel_logprobs(row) for row in rows):
+            pending = self._sample_in_kernel(logits, rows)
+            if pending is not None:
+                return pending
         logits = logits.float()
         wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         raw = any(rows[i].params.logprobs_mode == "raw" for i in wanted)
@@ -230,44 +230,70 @@ class Sampler:
             sampled_logprobs[random_index] = torch.log(probs / probs.sum(dim=-1, keepdim=True))
         return greedy_tokens, sampled_logprobs
 
-    def _sample_in_kernel(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor | None:
+    def _kernel_logprobs(self, row: SampleRow) -> bool:
+        """Whether the kernel gives what the row asks of logprobs: none, or the processed ones."""
+        return row.params.logprobs is None or row.params.logprobs_mode == "processed"
+
+    def _sample_in_kernel(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> PendingSample | None:
         """Every row's token with the random rows drawn by the C kernel (hawker/kernels/sampling.py), in place
-        of _sample's sorts and float64 passes over the vocabulary; None where the kernel declines (a NaN).
-        Penalties of random rows are applied in the kernel; a logit bias, min_tokens or a penalised greedy row
-        has the torch code process the logits first (in its order: penalties, bias, min_tokens)."""
-        random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
-        in_torch = any(
-            r.params.logit_bias or self._min_tokens_block(r) or (r.params.greedy and r.params.uses_penalties)
-            for r in rows
-        )
+        of _sample's sorts and float64 passes over the vocabulary, with their processed logprobs where asked
+        for (greedy rows that want them or have penalties go to the kernel too); None where the kernel declines
+        (a NaN). Penalties are applied in the kernel; a logit bias or min_tokens has the torch code process the
+        logits first (in its order: penalties, bias, min_tokens)."""
+        # The kernel's rows: sampled ones, and greedy ones whose penalties or logprobs it computes.
+        kernel_rows = [
+            i
+            for i, r in enumerate(rows)
+            if not r.params.greedy or r.params.uses_penalties or r.params.logprobs is not None
+        ]
+        in_torch = any(r.params.logit_bias or self._min_tokens_block(r) for r in rows)
         if in_torch:
             logits = self._apply_min_tokens(_apply_logit_bias(self._apply_penalties(logits.float(), rows), rows), rows)
-        params = [rows[i].params for i in random_rows]
+        params = [rows[i].params for i in kernel_rows]
         penalties = None
         if not in_torch and any(p.uses_penalties for p in params):
             penalties = sampling.Penalties(
-                [rows[i].history for i in random_rows],
-                [rows[i].num_prompt_tokens for i in random_rows],
+                [rows[i].history for i in kernel_rows],
+                [rows[i].num_prompt_tokens for i in kernel_rows],
                 [p.repetition_penalty for p in params],
                 [p.frequency_penalty for p in params],
                 [p.presence_penalty for p in params],
             )
-        everyone = len(random_rows) == len(rows)
-        random_index = None if everyone else upload(random_rows, torch.long, logits.device)
+        wanted = [j for j, p in enumerate(params) if p.logprobs is not None]
+        kernel_index = None if len(kernel_rows) == len(rows) else upload(kernel_rows, torch.long, logits.device)
         drawn = sampling.sample(
-            logits if random_index is None else logits[random_index],
-            [p.temperature for p in params],
+            logits if kernel_index is None else logits[kernel_index],
+            [0.0 if p.greedy else p.temperature for p in params],
             [p.top_k for p in params],
             [p.top_p for p in params],
             [p.min_p for p in params],
-            self._uniforms([rows[i] for i in random_rows]),
+            self._kernel_uniforms([rows[i] for i in kernel_rows]),
             penalties,
+            max((params[j].logprobs or 0 for j in wanted), default=0) if wanted else None,
         )
-        if drawn is None or random_index is None:
-            return drawn
+        if drawn is None:
+            return None
+        groups: tuple[_LogprobGroup, ...] = ()
+        if drawn.logprobs is not None:
+            index = upload(wanted, torch.long, logits.device)
+            group_rows = tuple(kernel_rows[j] for j in wanted)
+            group_tops = tuple(params[j].logprobs or 0 for j in wanted)
+            groups = (_LogprobGroup(group_rows, group_tops, tuple(t[index] for t in drawn.logprobs)),)
+        if kernel_index is None:
+            return PendingSample(drawn.token_ids, groups)
         token_ids = greedy_tokens(logits)
-        token_ids[random_index] = drawn
-        return token_ids
+        token_ids[kernel_index] = drawn.token_ids
+        return PendingSample(token_ids, groups)
+
+    def _kernel_uniforms(self, rows: Sequence[SampleRow]) -> torch.Tensor:
+        """_uniforms of the sampled rows, 0 for greedy ones: the generator advances as the torch code's does."""
+        sampled = [j for j, row in enumerate(rows) if not row.params.greedy]
+        if len(sampled) == len(rows):
+            return self._uniforms(rows)
+        uniforms = torch.zeros((len(rows), 1), dtype=torch.float64, device=self.device)
+        if sampled:
+            uniforms[sampled] = self._uniforms([rows[j] for j in sampled])
+        return uniforms
 
     def _min_tokens_block(self, row: SampleRow) -> bool:
         """Whether min_tokens still blocks the row's stop tokens."""

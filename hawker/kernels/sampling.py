@@ -22,6 +22,7 @@ import functools
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,8 +42,9 @@ def _kernel() -> CFunction | None:
     kernel = library.hawker_sample_rows
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     # logits, dtype, stride, rows, vocab; inverse temperatures, top-ks, top-ps, min-ps, uniforms; history, its
-    # starts, prompt lengths, repetition, frequency, presence penalties; out; threads
-    kernel.argtypes = [pointer, ctypes.c_int, i64, i64, i64, *[pointer] * 12, ctypes.c_int]
+    # starts, prompt lengths, repetition, frequency, presence penalties; out; chosen logprobs, ranks, top ids,
+    # top logprobs, top count; threads
+    kernel.argtypes = [pointer, ctypes.c_int, i64, i64, i64, *[pointer] * 16, i64, ctypes.c_int]
     kernel.restype = ctypes.c_int
     return kernel
 
@@ -56,6 +58,14 @@ class Penalties:
     repetition: list[float]
     frequency: list[float]
     presence: list[float]
+
+
+class Drawn(NamedTuple):
+    """Each row's token and, where asked for, logprob_tensors' five (hawker/engine/sampler.py): the token, its
+    log-probability and rank, and the top ids and log-probabilities, of the distribution it was drawn from."""
+
+    token_ids: torch.Tensor
+    logprobs: tuple[torch.Tensor, ...] | None
 
 
 def switched_on() -> bool:
@@ -83,32 +93,48 @@ def sample(
     min_ps: list[float],
     uniforms: torch.Tensor,
     penalties: Penalties | None = None,
-) -> torch.Tensor | None:
-    """One token a row of ``logits`` [rows, vocab] (``serves(logits)`` first): each row's logits, after
-    ``penalties`` if given, over its temperature (> 0), cut to its top-k (-1: off), top-p (1: off) and min-p
-    (0: off) sets, drawn by inverse CDF in token order at its number of ``uniforms`` [rows, 1] (float64, in
-    [0, 1)). None where a row holds NaN or an infinite largest logit, or scratch memory ran out: the caller
-    samples another way."""
+    top_logprobs: int | None = None,
+) -> Drawn | None:
+    """One token a row of ``logits`` [rows, vocab] (``serves(logits)`` first).
+
+    Each row's logits, after ``penalties`` if given, over its temperature (0: greedy, the first largest), cut
+    to its top-k (-1: off), top-p (1: off) and min-p (0: off) sets, drawn by inverse CDF in token order at its
+    number of ``uniforms`` [rows, 1] (float64, in [0, 1)); with ``top_logprobs`` (>= 0) also each token's
+    log-probability and rank and the row's ``top_logprobs`` most likely tokens, of the distribution drawn from.
+    None where a row holds NaN or an infinite largest logit, or scratch memory ran out: the caller samples
+    another way.
+    """
     kernel = _kernel()
     assert kernel is not None
     rows = logits if logits.stride(-1) == 1 else logits.contiguous()
     count, vocab = rows.shape
     if count == 0:
-        return torch.empty(0, dtype=torch.long)
-    inverse_temperatures = torch.tensor([1.0 / t for t in temperatures], dtype=torch.float32)
+        return Drawn(torch.empty(0, dtype=torch.long), None)
+    # 0 marks a greedy row (temperature 0): the first largest logit, logprobs at temperature 1.
+    inverse_temperatures = torch.tensor([1.0 / t if t > 0 else 0.0 for t in temperatures], dtype=torch.float32)
     ks = torch.tensor([vocab if k == -1 else min(k, vocab) for k in top_ks], dtype=torch.int64)
     ps = torch.tensor(top_ps, dtype=torch.float32)
     mins = torch.tensor(min_ps, dtype=torch.float32)
     draws = uniforms.to(torch.float64).contiguous()
     history = _history_arrays(penalties) if penalties is not None else None
-    pointers = [array.ctypes.data for array in history] if history is not None else [None] * 6
+    history_pointers = [array.ctypes.data for array in history] if history is not None else [None] * 6
     out = torch.empty(count, dtype=torch.long)
+    top = top_logprobs if top_logprobs is not None else 0
+    logprobs = (
+        torch.empty(count),
+        torch.empty(count, dtype=torch.long),
+        torch.empty((count, top), dtype=torch.long),
+        torch.empty((count, top)),
+    )
+    logprob_pointers = [t.data_ptr() for t in logprobs] if top_logprobs is not None else [None] * 4
     failed = kernel(
         rows.data_ptr(), _DTYPES[rows.dtype], rows.stride(0), count, vocab, inverse_temperatures.data_ptr(),
-        ks.data_ptr(), ps.data_ptr(), mins.data_ptr(), draws.data_ptr(), *pointers, out.data_ptr(),
-        torch.get_num_threads(),
+        ks.data_ptr(), ps.data_ptr(), mins.data_ptr(), draws.data_ptr(), *history_pointers, out.data_ptr(),
+        *logprob_pointers, top, torch.get_num_threads(),
     )  # fmt: skip
-    return None if failed else out
+    if failed:
+        return None
+    return Drawn(out, (out, *logprobs) if top_logprobs is not None else None)
 
 
 def _history_arrays(penalties: Penalties) -> tuple[np.ndarray, ...]:

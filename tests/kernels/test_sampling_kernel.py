@@ -41,9 +41,9 @@ def _reference(row: torch.Tensor, temperature: float, k: int, p: float, min_p: f
 def _draw_grid(row: torch.Tensor, temperature: float, k: int, p: float, min_p: float) -> torch.Tensor:
     uniforms = ((torch.arange(GRID, dtype=torch.float64) + 0.5) / GRID).unsqueeze(1)
     rows = row.unsqueeze(0).expand(GRID, -1)
-    tokens = sampling.sample(rows, [temperature] * GRID, [k] * GRID, [p] * GRID, [min_p] * GRID, uniforms)
-    assert tokens is not None
-    return tokens
+    drawn = sampling.sample(rows, [temperature] * GRID, [k] * GRID, [p] * GRID, [min_p] * GRID, uniforms)
+    assert drawn is not None
+    return drawn.token_ids
 
 
 def _rows() -> dict[str, torch.Tensor]:
@@ -107,7 +107,7 @@ def test_a_row_draws_the_same_alone_and_in_a_batch() -> None:
     for i in range(33):
         alone = sampling.sample(logits[i : i + 1], temperatures[i : i + 1], ks[i : i + 1], ps[i : i + 1],
                                 min_ps[i : i + 1], uniforms[i : i + 1])  # fmt: skip
-        assert alone is not None and int(alone[0]) == int(batch[i])
+        assert alone is not None and int(alone.token_ids[0]) == int(batch.token_ids[i])
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -169,9 +169,9 @@ def test_penalties_in_the_kernel_give_the_torch_codes_logits(dtype: torch.dtype)
     for u in torch.linspace(0.0005, 0.9995, 200).tolist():
         uniforms = torch.full((count, 1), u, dtype=torch.float64)
         plain = ([1.0] * count, [-1] * count, [0.9] * count, [0.0] * count, uniforms)
-        in_kernel = sampling.sample(logits, *plain, penalties)
-        assert in_kernel is not None
-        assert torch.equal(in_kernel, sampling.sample(penalised, *plain))
+        in_kernel, torch_penalised = sampling.sample(logits, *plain, penalties), sampling.sample(penalised, *plain)
+        assert in_kernel is not None and torch_penalised is not None
+        assert torch.equal(in_kernel.token_ids, torch_penalised.token_ids)
 
 
 def test_greedy_rows_among_sampled_ones_keep_their_argmax() -> None:
@@ -195,3 +195,45 @@ def test_greedy_rows_among_sampled_ones_keep_their_argmax() -> None:
     assert tokens[3] == int(Sampler(eos_token_id=None)._apply_penalties(logits[3:4], rows[3:4]).argmax()) != top
     for i in (1, 4, 5):
         assert tokens[i] == Sampler(eos_token_id=None)(logits[i : i + 1], rows[i : i + 1]).token_ids[0]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0, logprobs=1),
+        SamplingParams(temperature=0.8, top_p=0.9, logprobs=5),
+        SamplingParams(temperature=0.7, top_k=3, logprobs=6),  # more logprobs than kept tokens: -inf ones
+        SamplingParams(temperature=1.2, min_p=0.05, repetition_penalty=1.3, presence_penalty=0.4, logprobs=0),
+        SamplingParams(temperature=0.0, logprobs=4),  # greedy rows' logprobs: temperature 1, nothing cut
+        SamplingParams(temperature=0.0, frequency_penalty=1.5, logprobs=2),
+    ],
+)
+def test_processed_logprobs_from_the_kernel_are_the_torch_codes(
+    params: SamplingParams, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seeded rows (with greedy rows between them) through the kernel and through the torch code: the same
+    tokens, ranks and top ids, log-probabilities within float rounding (the order of entries the filters
+    dropped, all -inf, is the torch code's topk's choice and not compared)."""
+    generator = torch.Generator().manual_seed(6)
+    logits = torch.randn(12, 3000, generator=generator) * 2
+    greedy = SamplingParams(temperature=0.0)
+    rows = [
+        SampleRow(greedy if i % 4 == 3 else params.replace(seed=100 + i), 0, 0, tuple(range(i, 40 + i)), 20)
+        for i in range(12)
+    ]
+    with_kernel = Sampler(eos_token_id=None)(logits, rows)
+    monkeypatch.setenv(sampling.SWITCH_VARIABLE, "0")
+    with_torch = Sampler(eos_token_id=None)(logits, rows)
+    assert with_kernel.token_ids == with_torch.token_ids
+    for i, (ours, theirs) in enumerate(zip(with_kernel.logprobs, with_torch.logprobs, strict=True)):
+        if i % 4 == 3:
+            assert ours is None and theirs is None
+            continue
+        assert ours is not None and theirs is not None
+        # Tokens a filter dropped (-inf) have no order between them: only how many there are must agree.
+        finite = [token for token, entry in ours.items() if entry.logprob > float("-inf")]
+        assert finite == [token for token, entry in theirs.items() if entry.logprob > float("-inf")]
+        assert len(ours) == len(theirs)
+        for token in finite:
+            assert ours[token].rank == theirs[token].rank
+            assert ours[token].logprob == pytest.approx(theirs[token].logprob, abs=1e-4)

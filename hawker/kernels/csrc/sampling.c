@@ -377,8 +377,9 @@ static void filter(const Scratch *s, int64_t vocab, const RowParams *p, double t
 
 #define DRAW_CHUNK 256
 
-/* The inverse CDF at `uniform` of the (unnormalised) weights in token order; a token of zero weight never. */
-static int64_t draw(const float *weights, int64_t vocab, double uniform) {
+/* The inverse CDF at `uniform` of the (unnormalised) weights in token order, a token of zero weight never;
+ * *kept_total: the weights' sum. */
+static int64_t draw(const float *weights, int64_t vocab, double uniform, double *kept_total) {
     const int64_t chunks = (vocab + DRAW_CHUNK - 1) / DRAW_CHUNK;
     double sums[chunks];
     double total = 0.0;
@@ -387,6 +388,7 @@ static int64_t draw(const float *weights, int64_t vocab, double uniform) {
         sums[c] = sum_weights(weights + first, vocab - first < DRAW_CHUNK ? vocab - first : DRAW_CHUNK);
         total += sums[c];
     }
+    *kept_total = total;
     const double target = uniform * total;
     double running = 0.0;
     int64_t c = 0;
@@ -436,8 +438,64 @@ __attribute__((optimize("fp-contract=off"))) static void penalise(const Scratch 
         if (h->tokens[t] >= 0 && h->tokens[t] < vocab) s->marks[h->tokens[t]] = 0;
 }
 
+static inline float row_value_of(const void *row, int dtype, int64_t i) {
+    return dtype == DTYPE_BFLOAT16 ? bf16_to_float(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+}
+
+/* Where a row's log-probabilities go (NULL chosen: none wanted): the drawn token's and its rank (1 = the most
+ * likely), and the `top` most likely tokens' ids and log-probabilities, most likely first. */
+typedef struct {
+    float *chosen;
+    int64_t *rank;
+    int64_t *top_ids;
+    float *top_values;
+    int64_t top;
+} LogprobsOut;
+
+/*
+ * The log-probabilities of the distribution the row was drawn from: (x - max) / T - log(sum of the kept
+ * weights) for a kept token (weight > 0), -inf for the others. The top tokens are taken in the row's order
+ * (largest logit first, equal ones by token id), which puts every kept token before every dropped one.
+ */
+static void row_logprobs(const Scratch *s, const void *row, int dtype, int64_t vocab, float top,
+                         float inverse_temperature, double kept_total, int64_t token, const LogprobsOut *out) {
+    const double log_total = log(kept_total);
+#define SCALED(i) ((row_value_of(row, dtype, i) - top) * inverse_temperature)
+    const float chosen = SCALED(token);
+    *out->chosen = (float)((double)chosen - log_total);
+    int64_t above = 0;
+    for (int64_t i = 0; i < vocab; ++i) above += s->weights[i] > 0.0f && SCALED(i) > chosen;
+    *out->rank = above + 1;
+    /* The best `top` by (key, -index), kept sorted; a token joins only if it beats the last. */
+    int64_t filled = 0;
+    for (int64_t i = 0; i < vocab && out->top > 0; ++i) {
+        const uint32_t key = s->keys[i];
+        if (filled == out->top && key <= s->keys[out->top_ids[filled - 1]]) continue;
+        int64_t at = filled < out->top ? filled++ : filled - 1;
+        while (at > 0 && s->keys[out->top_ids[at - 1]] < key) {
+            out->top_ids[at] = out->top_ids[at - 1];
+            --at;
+        }
+        out->top_ids[at] = i;
+    }
+    for (int64_t j = 0; j < filled; ++j) {
+        const int64_t i = out->top_ids[j];
+        out->top_values[j] = s->weights[i] > 0.0f ? (float)((double)SCALED(i) - log_total) : -INFINITY;
+    }
+#undef SCALED
+}
+
+/* The first token holding the row's largest logit (a greedy row's, as torch.max(dim=-1).indices). */
+static int64_t first_largest(const void *row, int dtype, int64_t vocab, float top) {
+    for (int64_t i = 0; i < vocab; ++i)
+        if (row_value_of(row, dtype, i) == top) return i;
+    return -1;
+}
+
+/* A row with an inverse temperature of 0 is greedy: its token is the first largest logit, and its
+ * log-probabilities are those of the (penalised) logits at temperature 1, nothing cut. */
 static int64_t sample_row(const Scratch *s, const void *row, int dtype, int64_t vocab, const RowParams *p,
-                          const History *history, double uniform) {
+                          const History *history, double uniform, const LogprobsOut *logprobs) {
     if (history) {
         penalise(s, row, dtype, vocab, history);
         row = s->penalised;
@@ -445,24 +503,33 @@ static int64_t sample_row(const Scratch *s, const void *row, int dtype, int64_t 
     }
     const float top = load_keys(row, dtype, vocab, s->keys);
     if (top != top) return -1;
-    const double total = exp_weights(row, dtype, vocab, top, p->inverse_temperature, s->weights);
-    if (p->top_k < vocab || p->top_p < 1.0f || p->min_p > 0.0f) filter(s, vocab, p, total);
-    return draw(s->weights, vocab, uniform);
+    const int greedy = p->inverse_temperature <= 0.0f;
+    const float inverse_temperature = greedy ? 1.0f : p->inverse_temperature;
+    if (greedy && !logprobs) return first_largest(row, dtype, vocab, top);
+    const double total = exp_weights(row, dtype, vocab, top, inverse_temperature, s->weights);
+    if (!greedy && (p->top_k < vocab || p->top_p < 1.0f || p->min_p > 0.0f)) filter(s, vocab, p, total);
+    double kept_total = total;
+    const int64_t token = greedy ? first_largest(row, dtype, vocab, top) : draw(s->weights, vocab, uniform, &kept_total);
+    if (logprobs && token >= 0) row_logprobs(s, row, dtype, vocab, top, inverse_temperature, kept_total, token, logprobs);
+    return token;
 }
 
 /*
  * logits: [rows, vocab] float32 or bfloat16 (dtype), rows `stride` elements apart; per row its inverse
- * temperature (> 0), top_k (>= vocab for none), top_p (1 for none), min_p (0 for none) and a uniform number
+ * temperature (> 0; 0 for a greedy row), top_k (>= vocab for none), top_p (1 for none), min_p (0 for none) and a uniform number
  * in [0, 1); out[r]: the token drawn, or -1 where row r holds NaN or an infinite largest logit. Penalties:
  * history NULL for none, else row r's tokens are history[history_starts[r] .. history_starts[r + 1]) (ids
  * below vocab), its outputs from prompt_lengths[r] on, with its repetition, frequency and presence penalties.
+ * Log-probabilities (chosen_logprobs NULL for none): per row the drawn token's, its rank, and the top_n most likely
+ * tokens' ids and log-probabilities ([rows, top_n] each), of the distribution it was drawn from.
  * Returns 1 if any row was -1 or scratch could not be allocated (the caller then samples another way), else 0.
  */
 int hawker_sample_rows(const void *logits, int dtype, int64_t stride, int64_t rows, int64_t vocab,
                        const float *inverse_temperatures, const int64_t *top_ks, const float *top_ps,
                        const float *min_ps, const double *uniforms, const int32_t *history,
                        const int64_t *history_starts, const int64_t *prompt_lengths, const float *repetition,
-                       const float *frequency, const float *presence, int64_t *out, int threads) {
+                       const float *frequency, const float *presence, int64_t *out, float *chosen_logprobs,
+                       int64_t *chosen_ranks, int64_t *top_ids, float *top_logprobs, int64_t top_n, int threads) {
     int failed = 0;
     const size_t element = element_size(dtype);
 #pragma omp parallel num_threads(threads) reduction(| : failed) if (rows > 1)
@@ -488,8 +555,12 @@ int hawker_sample_rows(const void *logits, int dtype, int64_t stride, int64_t ro
             const History h = history ? (History){history + history_starts[r], history_starts[r + 1] - history_starts[r],
                                                   prompt_lengths[r], repetition[r], frequency[r], presence[r]}
                                       : (History){0};
+            LogprobsOut lp = {0};
+            if (chosen_logprobs)
+                lp = (LogprobsOut){chosen_logprobs + r, chosen_ranks + r, top_ids + r * top_n, top_logprobs + r * top_n,
+                                   top_n};
             out[r] = memory ? sample_row(&s, (const char *)logits + (size_t)(r * stride) * element, dtype, vocab, &p,
-                                         history ? &h : NULL, uniforms[r])
+                                         history ? &h : NULL, uniforms[r], chosen_logprobs ? &lp : NULL)
                             : -1;
             failed |= out[r] < 0;
         }
