@@ -231,8 +231,10 @@ class Sampler:
         return greedy_tokens, sampled_logprobs
 
     def _kernel_logprobs(self, row: SampleRow) -> bool:
-        """Whether the kernel gives what the row asks of logprobs: none, or the processed ones."""
-        return row.params.logprobs is None or row.params.logprobs_mode == "processed"
+        """Whether the kernel gives what the row asks of logprobs: none, processed ones, or raw ones of logits
+        it receives as the model gave them (no logit bias or min_tokens processed before)."""
+        params = row.params
+        return params.logprobs is None or params.logprobs_mode == "processed" or not self._changes_before_kernel(row)
 
     def _sample_in_kernel(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> PendingSample | None:
         """Every row's token with the random rows drawn by the C kernel (hawker/kernels/sampling.py), in place
@@ -246,7 +248,9 @@ class Sampler:
             for i, r in enumerate(rows)
             if not r.params.greedy or r.params.uses_penalties or r.params.logprobs is not None
         ]
-        in_torch = any(r.params.logit_bias or self._min_tokens_block(r) for r in rows)
+        in_torch = any(self._changes_before_kernel(r) for r in rows)
+        if in_torch and any(r.params.logprobs is not None and r.params.logprobs_mode == "raw" for r in rows):
+            return None  # raw logprobs need the logits before the bias: the torch code
         if in_torch:
             logits = self._apply_min_tokens(_apply_logit_bias(self._apply_penalties(logits.float(), rows), rows), rows)
         params = [rows[i].params for i in kernel_rows]
@@ -270,6 +274,7 @@ class Sampler:
             self._kernel_uniforms([rows[i] for i in kernel_rows]),
             penalties,
             max((params[j].logprobs or 0 for j in wanted), default=0) if wanted else None,
+            [p.logprobs_mode == "raw" for p in params],
         )
         if drawn is None:
             return None
@@ -294,6 +299,10 @@ class Sampler:
         if sampled:
             uniforms[sampled] = self._uniforms([rows[j] for j in sampled])
         return uniforms
+
+    def _changes_before_kernel(self, row: SampleRow) -> bool:
+        """A logit bias or min_tokens: processed by the torch code before the kernel."""
+        return bool(row.params.logit_bias) or self._min_tokens_block(row)
 
     def _min_tokens_block(self, row: SampleRow) -> bool:
         """Whether min_tokens still blocks the row's stop tokens."""

@@ -43,8 +43,8 @@ def _kernel() -> CFunction | None:
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     # logits, dtype, stride, rows, vocab; inverse temperatures, top-ks, top-ps, min-ps, uniforms; history, its
     # starts, prompt lengths, repetition, frequency, presence penalties; out; chosen logprobs, ranks, top ids,
-    # top logprobs, top count; threads
-    kernel.argtypes = [pointer, ctypes.c_int, i64, i64, i64, *[pointer] * 16, i64, ctypes.c_int]
+    # top logprobs, top count, raw modes; threads
+    kernel.argtypes = [pointer, ctypes.c_int, i64, i64, i64, *[pointer] * 16, i64, pointer, ctypes.c_int]
     kernel.restype = ctypes.c_int
     return kernel
 
@@ -94,13 +94,15 @@ def sample(
     uniforms: torch.Tensor,
     penalties: Penalties | None = None,
     top_logprobs: int | None = None,
+    raw_logprobs: list[bool] | None = None,
 ) -> Drawn | None:
     """One token a row of ``logits`` [rows, vocab] (``serves(logits)`` first).
 
     Each row's logits, after ``penalties`` if given, over its temperature (0: greedy, the first largest), cut
     to its top-k (-1: off), top-p (1: off) and min-p (0: off) sets, drawn by inverse CDF in token order at its
     number of ``uniforms`` [rows, 1] (float64, in [0, 1)); with ``top_logprobs`` (>= 0) also each token's
-    log-probability and rank and the row's ``top_logprobs`` most likely tokens, of the distribution drawn from.
+    log-probability and rank and the row's ``top_logprobs`` most likely tokens, of the distribution drawn from
+    (where ``raw_logprobs`` says so, of the row as given: temperature 1, no penalty, nothing cut).
     None where a row holds NaN or an infinite largest logit, or scratch memory ran out: the caller samples
     another way.
     """
@@ -127,10 +129,11 @@ def sample(
         torch.empty((count, top)),
     )
     logprob_pointers = [t.data_ptr() for t in logprobs] if top_logprobs is not None else [None] * 4
+    raw = torch.tensor(raw_logprobs if raw_logprobs is not None else [False] * count, dtype=torch.uint8)
     failed = kernel(
         rows.data_ptr(), _DTYPES[rows.dtype], rows.stride(0), count, vocab, inverse_temperatures.data_ptr(),
         ks.data_ptr(), ps.data_ptr(), mins.data_ptr(), draws.data_ptr(), *history_pointers, out.data_ptr(),
-        *logprob_pointers, top, torch.get_num_threads(),
+        *logprob_pointers, top, raw.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     if failed:
         return None

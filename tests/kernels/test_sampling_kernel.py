@@ -206,11 +206,13 @@ def test_greedy_rows_among_sampled_ones_keep_their_argmax() -> None:
         SamplingParams(temperature=1.2, min_p=0.05, repetition_penalty=1.3, presence_penalty=0.4, logprobs=0),
         SamplingParams(temperature=0.0, logprobs=4),  # greedy rows' logprobs: temperature 1, nothing cut
         SamplingParams(temperature=0.0, frequency_penalty=1.5, logprobs=2),
+        # raw: the model's own distribution, whatever the penalties and filters drew from
+        SamplingParams(temperature=0.8, top_p=0.9, logprobs=3, logprobs_mode="raw"),
+        SamplingParams(temperature=1.1, top_k=5, repetition_penalty=1.4, logprobs=7, logprobs_mode="raw"),
+        SamplingParams(temperature=0.0, presence_penalty=1.0, logprobs=2, logprobs_mode="raw"),
     ],
 )
-def test_processed_logprobs_from_the_kernel_are_the_torch_codes(
-    params: SamplingParams, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_logprobs_from_the_kernel_are_the_torch_codes(params: SamplingParams, monkeypatch: pytest.MonkeyPatch) -> None:
     """Seeded rows (with greedy rows between them) through the kernel and through the torch code: the same
     tokens, ranks and top ids, log-probabilities within float rounding (the order of entries the filters
     dropped, all -inf, is the torch code's topk's choice and not compared)."""
@@ -237,3 +239,18 @@ def test_processed_logprobs_from_the_kernel_are_the_torch_codes(
         for token in finite:
             assert ours[token].rank == theirs[token].rank
             assert ours[token].logprob == pytest.approx(theirs[token].logprob, abs=1e-4)
+
+
+def test_raw_logprobs_beside_a_logit_bias_are_of_the_unbiased_logits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another row's logit bias has the torch code process the batch's logits: a raw row is then left to the
+    torch code, which takes its logprobs before any processing."""
+    logits = torch.randn(2, 500, generator=torch.Generator().manual_seed(7)) * 2
+    raw = SamplingParams(temperature=1.0, repetition_penalty=1.5, logprobs=2, logprobs_mode="raw", seed=1)
+    biased = SamplingParams(temperature=1.0, logit_bias=((3, 5.0),), seed=2)
+    rows = [SampleRow(raw, 0, 0, tuple(range(50)), 10), SampleRow(biased, 0, 0, (), 0)]
+    ours = Sampler(eos_token_id=None)(logits, rows)
+    expected = torch.log_softmax(logits[0].double(), dim=0)
+    entry = ours.logprobs[0]
+    assert entry is not None
+    for token, logprob in entry.items():
+        assert logprob.logprob == pytest.approx(float(expected[token]), abs=1e-4)

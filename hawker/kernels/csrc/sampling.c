@@ -450,6 +450,7 @@ typedef struct {
     int64_t *top_ids;
     float *top_values;
     int64_t top;
+    int raw; /* of the row as given (temperature 1, no penalty, nothing cut) instead */
 } LogprobsOut;
 
 /*
@@ -496,6 +497,8 @@ static int64_t first_largest(const void *row, int dtype, int64_t vocab, float to
  * log-probabilities are those of the (penalised) logits at temperature 1, nothing cut. */
 static int64_t sample_row(const Scratch *s, const void *row, int dtype, int64_t vocab, const RowParams *p,
                           const History *history, double uniform, const LogprobsOut *logprobs) {
+    const void *given = row;
+    const int given_dtype = dtype;
     if (history) {
         penalise(s, row, dtype, vocab, history);
         row = s->penalised;
@@ -510,7 +513,13 @@ static int64_t sample_row(const Scratch *s, const void *row, int dtype, int64_t 
     if (!greedy && (p->top_k < vocab || p->top_p < 1.0f || p->min_p > 0.0f)) filter(s, vocab, p, total);
     double kept_total = total;
     const int64_t token = greedy ? first_largest(row, dtype, vocab, top) : draw(s->weights, vocab, uniform, &kept_total);
-    if (logprobs && token >= 0) row_logprobs(s, row, dtype, vocab, top, inverse_temperature, kept_total, token, logprobs);
+    if (logprobs && token >= 0 && logprobs->raw) {
+        const float raw_top = load_keys(given, given_dtype, vocab, s->keys);
+        const double raw_total = exp_weights(given, given_dtype, vocab, raw_top, 1.0f, s->weights);
+        row_logprobs(s, given, given_dtype, vocab, raw_top, 1.0f, raw_total, token, logprobs);
+    } else if (logprobs && token >= 0) {
+        row_logprobs(s, row, dtype, vocab, top, inverse_temperature, kept_total, token, logprobs);
+    }
     return token;
 }
 
@@ -521,7 +530,8 @@ static int64_t sample_row(const Scratch *s, const void *row, int dtype, int64_t 
  * history NULL for none, else row r's tokens are history[history_starts[r] .. history_starts[r + 1]) (ids
  * below vocab), its outputs from prompt_lengths[r] on, with its repetition, frequency and presence penalties.
  * Log-probabilities (chosen_logprobs NULL for none): per row the drawn token's, its rank, and the top_n most likely
- * tokens' ids and log-probabilities ([rows, top_n] each), of the distribution it was drawn from.
+ * tokens' ids and log-probabilities ([rows, top_n] each), of the distribution it was drawn from, or where
+ * raw_logprobs[r] is 1 of the row as given (temperature 1, no penalty, nothing cut).
  * Returns 1 if any row was -1 or scratch could not be allocated (the caller then samples another way), else 0.
  */
 int hawker_sample_rows(const void *logits, int dtype, int64_t stride, int64_t rows, int64_t vocab,
@@ -529,7 +539,8 @@ int hawker_sample_rows(const void *logits, int dtype, int64_t stride, int64_t ro
                        const float *min_ps, const double *uniforms, const int32_t *history,
                        const int64_t *history_starts, const int64_t *prompt_lengths, const float *repetition,
                        const float *frequency, const float *presence, int64_t *out, float *chosen_logprobs,
-                       int64_t *chosen_ranks, int64_t *top_ids, float *top_logprobs, int64_t top_n, int threads) {
+                       int64_t *chosen_ranks, int64_t *top_ids, float *top_logprobs, int64_t top_n,
+                       const uint8_t *raw_logprobs, int threads) {
     int failed = 0;
     const size_t element = element_size(dtype);
 #pragma omp parallel num_threads(threads) reduction(| : failed) if (rows > 1)
@@ -558,7 +569,7 @@ int hawker_sample_rows(const void *logits, int dtype, int64_t stride, int64_t ro
             LogprobsOut lp = {0};
             if (chosen_logprobs)
                 lp = (LogprobsOut){chosen_logprobs + r, chosen_ranks + r, top_ids + r * top_n, top_logprobs + r * top_n,
-                                   top_n};
+                                   top_n, raw_logprobs[r]};
             out[r] = memory ? sample_row(&s, (const char *)logits + (size_t)(r * stride) * element, dtype, vocab, &p,
                                          history ? &h : NULL, uniforms[r], chosen_logprobs ? &lp : NULL)
                             : -1;
