@@ -9,8 +9,11 @@ plain temperature sampling ~40 ms for its float64 cumulative sums
 a radix select over the logits' bits and draws from it in a few passes, one
 row per thread at a time, with the same definitions (the C file's header);
 each row's result depends on that row alone. Repetition, frequency and
-presence penalties are applied in the same pass over a row's history (the
-torch code built two [rows, vocabulary] scatter tables a step for them).
+presence penalties are applied in one pass over a row's history (the
+torch code built two [rows, vocabulary] scatter tables a step for them),
+and the logprobs a request asks for (processed or raw, its token's, rank and
+top n) come from the same passes: ~115 ms a 128-row step in torch at
+temperature 1 with logprobs=1, ~7 ms here.
 
 ``HAWKER_SAMPLING_KERNEL=0`` keeps the torch sampler, the off switch.
 """
@@ -27,7 +30,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from hawker.kernels.native import CFunction, load_kernel_library
+from hawker.kernels.native import CFunction, built_kernel
 from hawker.switches import switch_on
 
 SWITCH_VARIABLE = "HAWKER_SAMPLING_KERNEL"
@@ -36,17 +39,11 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # attention_common.h's codes
 
 @functools.cache
 def _kernel() -> CFunction | None:
-    library = load_kernel_library("sampling")
-    if library is None:
-        return None
-    kernel = library.hawker_sample_rows
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     # logits, dtype, stride, rows, vocab; inverse temperatures, top-ks, top-ps, min-ps, uniforms; history, its
     # starts, prompt lengths, repetition, frequency, presence penalties; out; chosen logprobs, ranks, top ids,
     # top logprobs, top count, raw modes; threads
-    kernel.argtypes = [pointer, ctypes.c_int, i64, i64, i64, *[pointer] * 16, i64, pointer, ctypes.c_int]
-    kernel.restype = ctypes.c_int
-    return kernel
+    return built_kernel("sampling", [pointer, ctypes.c_int, i64, i64, i64, *[pointer] * 16, i64, pointer, ctypes.c_int])
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,14 @@
 /*
- * Sampling of logit rows (CPU): temperature, top-k, top-p and min-p, then one draw a row, in a few passes
- * over each row and no sort.
+ * Sampling of logit rows (CPU): penalties, temperature, top-k, top-p and min-p, then one draw a row, in a
+ * few passes over each row and no sort.
  *
  * The torch sampler (hawker/engine/sampler.py) sorts a row whenever its kept set does not end among its 256
  * largest logits: a flat distribution (random-token prompts at temperature 0.8 keep ~5,600 of the default
  * model's 49,152 tokens under top-p 0.95) costs ~1.5 ms a row that way, and even plain temperature sampling
  * runs a float64 cumulative sum over every row (benchmarks/NOTES.md, session 22). Here a row's kept set is
- * found by a radix select: logits as order-preserving 32-bit keys, a histogram of counts and softmax mass
- * over the keys' top 12 bits, then the next 12 and the last 8 within the one bin where the boundary lies;
+ * found by a radix select: a histogram of counts and weight over the weights' float bits (of the tokens
+ * above a floor the boundary cannot lie under), then, among the tokens of the one bin where the boundary
+ * lies, the logits as order-preserving 32-bit keys 12, 12 and 8 bits at a time;
  * equal logits are ordered by token id. The same definitions as the torch sampler's:
  *  - top-k keeps the k largest logits;
  *  - top-p keeps the smallest prefix of those, by falling logit, whose probability (renormalised over the
@@ -19,10 +20,13 @@
  * rounding for rounding: a token anywhere in the row's history (prompt and output) has a positive logit
  * divided by the repetition penalty and a negative one multiplied; then the frequency penalty times its
  * count among the outputs and the presence penalty if it is among them are subtracted.
+ * Log-probabilities, where asked for, are of the distribution drawn from (or of the row as given, "raw"):
+ * the drawn token's, its rank and the top n, for greedy rows (inverse temperature 0) too.
  * A row's result depends on that row alone. Sums run in another order than torch's, so a token at a
  * boundary (of top-p's mass, or of the draw) can come out differently within float rounding.
  *
- * Built at run time by hawker/kernels/native.py (-O3 -march=native -fopenmp); portable C.
+ * Built at run time by hawker/kernels/native.py (-O3 -march=native -fopenmp): AVX-512 loops where the CPU
+ * has them, the same steps in portable C elsewhere.
  */
 #include "attention_common.h"
 
@@ -523,6 +527,9 @@ static int64_t sample_row(const Scratch *s, const void *row, int dtype, int64_t 
     return token;
 }
 
+/* 1: every build runs (the vector loops where the CPU has AVX-512, portable loops elsewhere). */
+int hawker_sampling_built(void) { return 1; }
+
 /*
  * logits: [rows, vocab] float32 or bfloat16 (dtype), rows `stride` elements apart; per row its inverse
  * temperature (> 0; 0 for a greedy row), top_k (>= vocab for none), top_p (1 for none), min_p (0 for none) and a uniform number
@@ -534,7 +541,7 @@ static int64_t sample_row(const Scratch *s, const void *row, int dtype, int64_t 
  * raw_logprobs[r] is 1 of the row as given (temperature 1, no penalty, nothing cut).
  * Returns 1 if any row was -1 or scratch could not be allocated (the caller then samples another way), else 0.
  */
-int hawker_sample_rows(const void *logits, int dtype, int64_t stride, int64_t rows, int64_t vocab,
+int hawker_sampling(const void *logits, int dtype, int64_t stride, int64_t rows, int64_t vocab,
                        const float *inverse_temperatures, const int64_t *top_ks, const float *top_ps,
                        const float *min_ps, const double *uniforms, const int32_t *history,
                        const int64_t *history_starts, const int64_t *prompt_lengths, const float *repetition,
