@@ -65,6 +65,11 @@ typedef struct {
     int64_t index;
 } Boundary;
 
+/* Token i's logit of a float32 or bfloat16 row. */
+static inline float row_value_of(const void *row, int dtype, int64_t i) {
+    return dtype == DTYPE_BFLOAT16 ? bf16_to_float(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+}
+
 static inline uint32_t weight_bin(float weight) {
     uint32_t bits;
     memcpy(&bits, &weight, sizeof bits);
@@ -183,8 +188,7 @@ static inline uint32_t order_key(float value) {
 }
 
 static inline float row_value(const void *row, int dtype, int64_t i) {
-    const float value = dtype == DTYPE_BFLOAT16 ? bf16_to_float(((const uint16_t *)row)[i]) : ((const float *)row)[i];
-    return value + 0.0f; /* -0 + 0 is +0 */
+    return row_value_of(row, dtype, i) + 0.0f; /* -0 + 0 is +0 */
 }
 
 static float load_keys(const void *row, int dtype, int64_t vocab, uint32_t *keys) {
@@ -422,8 +426,7 @@ enum { SEEN = 1, APPLIED = 2, COUNT_STEP = 4 }; /* a token's marks: seen, penali
  * as the torch ops make them (no fused multiply-add). */
 __attribute__((optimize("fp-contract=off"))) static void penalise(const Scratch *s, const void *row, int dtype,
                                                                  int64_t vocab, const History *h) {
-    for (int64_t i = 0; i < vocab; ++i)
-        s->penalised[i] = dtype == DTYPE_BFLOAT16 ? bf16_to_float(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+    for (int64_t i = 0; i < vocab; ++i) s->penalised[i] = row_value_of(row, dtype, i);
     for (int64_t t = 0; t < h->length; ++t)
         if (h->tokens[t] >= 0 && h->tokens[t] < vocab)
             s->marks[h->tokens[t]] = (s->marks[h->tokens[t]] | SEEN) + (t >= h->prompt ? COUNT_STEP : 0);
@@ -442,10 +445,6 @@ __attribute__((optimize("fp-contract=off"))) static void penalise(const Scratch 
         if (h->tokens[t] >= 0 && h->tokens[t] < vocab) s->marks[h->tokens[t]] = 0;
 }
 
-static inline float row_value_of(const void *row, int dtype, int64_t i) {
-    return dtype == DTYPE_BFLOAT16 ? bf16_to_float(((const uint16_t *)row)[i]) : ((const float *)row)[i];
-}
-
 /* Where a row's log-probabilities go (NULL chosen: none wanted): the drawn token's and its rank (1 = the most
  * likely), and the `top` most likely tokens' ids and log-probabilities, most likely first. */
 typedef struct {
@@ -462,14 +461,18 @@ typedef struct {
  * weights) for a kept token (weight > 0), -inf for the others. The top tokens are taken in the row's order
  * (largest logit first, equal ones by token id), which puts every kept token before every dropped one.
  */
+/* (x_i - top) / T: a token's log-weight, the same float the weights were made from. */
+static inline float log_weight(const void *row, int dtype, int64_t i, float top, float inverse_temperature) {
+    return (row_value_of(row, dtype, i) - top) * inverse_temperature;
+}
+
 static void row_logprobs(const Scratch *s, const void *row, int dtype, int64_t vocab, float top,
                          float inverse_temperature, double kept_total, int64_t token, const LogprobsOut *out) {
     const double log_total = log(kept_total);
-#define SCALED(i) ((row_value_of(row, dtype, i) - top) * inverse_temperature)
-    const float chosen = SCALED(token);
+    const float chosen = log_weight(row, dtype, token, top, inverse_temperature);
     *out->chosen = (float)((double)chosen - log_total);
     int64_t above = 0;
-    for (int64_t i = 0; i < vocab; ++i) above += s->weights[i] > 0.0f && SCALED(i) > chosen;
+    for (int64_t i = 0; i < vocab; ++i) above += s->weights[i] > 0.0f && log_weight(row, dtype, i, top, inverse_temperature) > chosen;
     *out->rank = above + 1;
     /* The best `top` by (key, -index), kept sorted; a token joins only if it beats the last. */
     int64_t filled = 0;
@@ -485,9 +488,8 @@ static void row_logprobs(const Scratch *s, const void *row, int dtype, int64_t v
     }
     for (int64_t j = 0; j < filled; ++j) {
         const int64_t i = out->top_ids[j];
-        out->top_values[j] = s->weights[i] > 0.0f ? (float)((double)SCALED(i) - log_total) : -INFINITY;
+        out->top_values[j] = s->weights[i] > 0.0f ? (float)((double)log_weight(row, dtype, i, top, inverse_temperature) - log_total) : -INFINITY;
     }
-#undef SCALED
 }
 
 /* The first token holding the row's largest logit (a greedy row's, as torch.max(dim=-1).indices). */
